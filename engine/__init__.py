@@ -1,0 +1,1 @@
+"""cimhes.engine"""
