@@ -1,0 +1,101 @@
+"""The `cimhes` command: `demo`, `serve` and `simulate`.
+
+Scripts drive these commands, so their output is a contract: once a server accepts requests it
+prints one JSON line on stdout (`{"ready": true, "base_url": ..., ...}`); logs go to stderr.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from cimhes.drivers import DeviceAddress
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="cimhes", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    demo = commands.add_parser(
+        "demo", help="simulated IDIS meters and the head-end in one process, embedded defaults")
+    demo.add_argument("--port", type=int, default=8080, help="HTTP port (default 8080)")
+    demo.add_argument("--host", default="127.0.0.1", help="HTTP interface (default 127.0.0.1)")
+    demo.add_argument("--meters", type=int, default=10, help="simulated meters (default 10)")
+    demo.add_argument("--meter-port", type=int, default=4059,
+                      help="DLMS port of every simulated meter (default 4059)")
+    demo.add_argument("--delay", type=float, default=0.0,
+                      help="simulated meter response delay in seconds (a WAN meter)")
+    demo.add_argument("--db", default="var/cimhes-demo.sqlite", help="SQLite file")
+
+    serve = commands.add_parser("serve", help="the head-end alone, devices from an inventory file")
+    serve.add_argument("--inventory", required=True, help="inventory JSON (from cimhes simulate)")
+    serve.add_argument("--port", type=int, default=8080)
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--db", default="var/cimhes.sqlite",
+                       help="SQLite file, or a SQLAlchemy URL (postgresql+psycopg://...)")
+
+    commands.add_parser("simulate", help="a fleet of simulated IDIS meters (see simulate -h)",
+                        add_help=False)
+
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["simulate"]:
+        from cimhes.fixtures.fleet import simulate_main
+        return simulate_main(argv[1:])
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    if args.command == "demo":
+        return _demo(args)
+    return _serve(args)
+
+
+def _database_url(value: str) -> str:
+    if "://" in value:
+        return value
+    path = Path(value)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    return f"sqlite:///{path}"
+
+
+def _demo(args) -> int:
+    from twisted.internet import reactor
+
+    from cimhes.endpoints.site import HeadEnd, HeadEndSettings
+    from cimhes.fixtures.fleet import start_fleet
+
+    fleet = start_fleet(reactor, args.meters, response_delay=args.delay, port=args.meter_port)
+    inventory = fleet.inventory()
+    head_end = HeadEnd(reactor, HeadEndSettings(database_url=_database_url(args.db)))
+    head_end.load_inventory([DeviceAddress(**entry) for entry in inventory["meters"]])
+    reactor.addSystemEventTrigger("before", "shutdown", fleet.stop_all)
+    return _run(reactor, head_end, args.host, args.port,
+                meters=[entry["mrid"] for entry in inventory["meters"]])
+
+
+def _serve(args) -> int:
+    from twisted.internet import reactor
+
+    from cimhes.endpoints.site import HeadEnd, HeadEndSettings
+
+    entries = json.loads(Path(args.inventory).read_text())["meters"]
+    head_end = HeadEnd(reactor, HeadEndSettings(database_url=_database_url(args.db)))
+    head_end.load_inventory([DeviceAddress(**entry) for entry in entries])
+    return _run(reactor, head_end, args.host, args.port, meters=[e["mrid"] for e in entries])
+
+
+def _run(reactor, head_end, host: str, port: int, meters: list[str]) -> int:
+    listening = reactor.listenTCP(port, head_end.site, interface=host)
+    actual = listening.getHost().port
+    ready = {"ready": True, "base_url": f"http://{host}:{actual}", "meters": meters,
+             "services": {"GetMeterReadings": f"http://{host}:{actual}/cim/GetMeterReadings"},
+             "pid": os.getpid()}
+    print(json.dumps(ready), flush=True)
+    reactor.run()  # Twisted's own SIGINT/SIGTERM handlers stop it cleanly
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""The GetMeterReadings SOAP door: CIM request element in, MeterReadingsResponseMessage out.
+
+It translates and delegates: the codec decodes and validates, the engine reads the meters, and
+this module turns the outcome into the 61968-100 reply (Result OK / PARTIAL / FAILED with one
+Error per failed device). A request that cannot be decoded is answered with a SOAP Fault whose
+detail is the WSDL's MeterReadingsFaultMessage, so a generated client sees a typed fault.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Callable
+from datetime import datetime, timezone
+
+from spyne import AnyXml, ServiceBase, rpc
+from twisted.internet.defer import inlineCallbacks
+
+from cimhes.cim.codec import CodecError, decode_get_meter_readings, encode_fault, \
+    encode_meter_readings_response
+from cimhes.cim.message import Error, Header, Reply, ReplyResult
+from cimhes.cim.meter_readings import GetMeterReadings, MeterReadingsResponse
+from cimhes.endpoints.soap_resource import CimFault, soap_application
+from cimhes.engine.reading import MeterReadingService
+from cimhes.engine.store import RequestSummary, StoreRunner
+
+WSDL_NAME = "GetMeterReadings"
+MESSAGE_NS = "http://iec.ch/TC57/2011/GetMeterReadingsMessage"
+SOURCE = "cimhes"
+
+
+class GetMeterReadingsDoor:
+    """Answers GetMeterReadings requests with the engine's readings."""
+
+    def __init__(self, readings: MeterReadingService, store: StoreRunner,
+                 now: Callable[[], datetime] | None = None):
+        self._readings = readings
+        self._store = store
+        self._now = now or (lambda: datetime.now(timezone.utc))
+
+    @inlineCallbacks
+    def get_meter_readings(self, element):
+        received_at = self._now()
+        try:
+            request = decode_get_meter_readings(element)
+        except CodecError as exc:
+            reply = Reply(ReplyResult.FAILED, errors=(Error(
+                code=exc.code, level="FATAL", reason=exc.reason, details=exc.xpath),))
+            raise CimFault("Client", exc.reason, encode_fault(reply))
+
+        outcome = yield self._readings.read(request)
+        reply = Reply(outcome.result, errors=tuple(outcome.errors))
+        response = MeterReadingsResponse(
+            header=self._reply_header(request),
+            reply=reply,
+            meter_readings=outcome.meter_readings,
+        )
+        yield self._store.run("record_request", RequestSummary(
+            message_id=request.header.message_id, noun="MeterReadings", verb="get",
+            source=request.header.source, received_at=received_at, replied_at=self._now(),
+            result=outcome.result.value, devices_asked=outcome.devices_asked,
+            devices_failed=outcome.devices_failed))
+        return encode_meter_readings_response(response)
+
+    def _reply_header(self, request: GetMeterReadings) -> Header:
+        asked = request.header
+        return Header(
+            verb="reply", noun="MeterReadings", timestamp=self._now(), source=SOURCE,
+            message_id=str(uuid.uuid4()),
+            correlation_id=asked.correlation_id or asked.message_id,
+        )
+
+
+def get_meter_readings_application(door: GetMeterReadingsDoor):
+    """The spyne application for the GetMeterReadings WSDL, bound to one door."""
+
+    class GetMeterReadingsService(ServiceBase):
+        @rpc(AnyXml, _body_style="bare", _in_message_name="GetMeterReadings",
+             _returns=AnyXml, _operation_name="GetMeterReadings")
+        def GetMeterReadings(ctx, element):
+            return door.get_meter_readings(element)
+
+    return soap_application(GetMeterReadingsService, tns=MESSAGE_NS, name=WSDL_NAME)

@@ -1,0 +1,67 @@
+"""The head-end's web site: the CIM SOAP services under /cim/<WSDL name>, wired to one engine.
+
+`HeadEnd` assembles one process on the embedded defaults: the store (SQLite unless another URL is
+given), the engine's reading service and the SOAP doors, on one reactor.
+"""
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+
+from twisted.web.resource import Resource
+from twisted.web.server import Site
+
+from cimhes.drivers import DeviceAddress
+from cimhes.endpoints.meter_readings import (
+    WSDL_NAME as GET_METER_READINGS,
+    GetMeterReadingsDoor,
+    get_meter_readings_application,
+)
+from cimhes.endpoints.soap_resource import SoapResource
+from cimhes.engine.reading import MeterReadingService
+from cimhes.engine.store import Store, StoreRunner
+
+
+@dataclass
+class HeadEndSettings:
+    database_url: str = "sqlite:///var/cimhes.sqlite"
+    read_concurrency: int = 200
+    device_timeout: float = 20.0
+
+
+class _Index(Resource):
+    def __init__(self, services: list[str]):
+        super().__init__()
+        self._services = services
+
+    def render_GET(self, request):
+        request.setHeader("content-type", "text/html; charset=utf-8")
+        items = "".join(
+            f'<li><a href="/cim/{html.escape(n)}?wsdl">{html.escape(n)}</a> (WSDL)</li>'
+            for n in self._services)
+        return (f"<!doctype html><title>cimhes</title><h1>cimhes head-end</h1>"
+                f"<p>IEC 61968-9 services (SOAP 1.1):</p><ul>{items}</ul>").encode()
+
+
+class HeadEnd:
+    """One head-end process: store, engine and SOAP site on the given reactor."""
+
+    def __init__(self, reactor, settings: HeadEndSettings):
+        self.store = Store(settings.database_url)
+        self.store_runner = StoreRunner(reactor, self.store)
+        self.readings = MeterReadingService(
+            reactor, self.store_runner, concurrency=settings.read_concurrency,
+            timeout=settings.device_timeout)
+        door = GetMeterReadingsDoor(self.readings, self.store_runner)
+        cim = Resource()
+        cim.putChild(GET_METER_READINGS.encode(),
+                     SoapResource(get_meter_readings_application(door), GET_METER_READINGS))
+        root = _Index([GET_METER_READINGS])
+        root.putChild(b"cim", cim)
+        root.putChild(b"", root)
+        self.site = Site(root)
+        self.site.displayTracebacks = False
+
+    def load_inventory(self, devices: list[DeviceAddress]) -> int:
+        """Blocking: call before the reactor runs, or through the store runner."""
+        return self.store.load_inventory(devices)

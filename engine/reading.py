@@ -1,0 +1,158 @@
+"""On-demand meter reading: a GetMeterReadings request becomes one DLMS session per device.
+
+The devices are read concurrently under one bound shared by every request (a head-end must not
+open more sessions than its network and meters bear, however many MDM calls arrive at once).
+A device that does not answer, refuses the association or sends garbage is an Error on that
+device in the reply; the others are still read, stored and returned.
+"""
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+
+from twisted.internet.defer import DeferredList, DeferredSemaphore, inlineCallbacks
+
+from cimhes.cim.message import Error, ErrorCode, ReplyResult
+from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings, MeterReading
+from cimhes.cim.reading_type import ReadingType
+from cimhes.drivers import DeviceAddress, driver_for
+from cimhes.drivers.errors import DeviceError
+from cimhes.engine.store import StoreRunner
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class ReadOutcome:
+    """What a read request produced: the readings, and one Error for each thing that failed."""
+
+    meter_readings: list[MeterReading] = field(default_factory=list)
+    errors: list[Error] = field(default_factory=list)
+    devices_asked: int = 0
+    devices_failed: int = 0
+
+    @property
+    def result(self) -> ReplyResult:
+        if not self.errors:
+            return ReplyResult.OK
+        if not self.meter_readings:
+            return ReplyResult.FAILED
+        return ReplyResult.PARTIAL
+
+
+class MeterReadingService:
+    """Reads meters on demand: resolve the devices, read them under a bound, store, report."""
+
+    def __init__(self, reactor, store: StoreRunner, *, concurrency: int = 200,
+                 timeout: float = 20.0, drivers: Callable = driver_for,
+                 now: Callable[[], datetime] | None = None):
+        self._reactor = reactor
+        self._store = store
+        self._sessions = DeferredSemaphore(concurrency)
+        self._timeout = timeout
+        self._drivers = drivers
+        self._now = now or (lambda: datetime.now(timezone.utc))
+
+    @inlineCallbacks
+    def read(self, request: GetMeterReadings):
+        outcome = ReadOutcome()
+        reading_types = _valid_reading_types(request.reading_types, outcome.errors)
+        if request.reading_types and not reading_types:
+            return outcome
+
+        devices = yield self._resolve(request, outcome)
+        outcome.devices_asked = len(devices) + outcome.devices_failed
+        if not devices:
+            return outcome
+
+        reads = [self._sessions.run(self._read_device, device, reading_types,
+                                    request.start, request.end)
+                 for device in devices]
+        results = yield DeferredList(reads, consumeErrors=True)
+        for device, (succeeded, value) in zip(devices, results):
+            if succeeded:
+                outcome.meter_readings.append(value)
+            else:
+                outcome.devices_failed += 1
+                outcome.errors.append(_device_error(device, value))
+
+        if outcome.meter_readings:
+            try:
+                yield self._store.run("save_meter_readings", outcome.meter_readings, self._now())
+            except Exception as exc:  # the readings still go back to the caller
+                log.exception("storing readings failed")
+                outcome.errors.append(Error(
+                    code=ErrorCode.STORE_FAILED, level="WARNING",
+                    reason=f"readings were read but not stored: {exc}"))
+        return outcome
+
+    def _read_device(self, device: DeviceAddress, reading_types, start, end):
+        driver = self._drivers(device.device_type)
+        return driver.read(self._reactor, device, reading_types, start, end, self._timeout)
+
+    @inlineCallbacks
+    def _resolve(self, request: GetMeterReadings, outcome: ReadOutcome):
+        """The inventory's devices for the request's EndDevice refs; an Error for each unknown one."""
+        mrids = [ref.mrid for ref in request.end_devices if ref.mrid]
+        names = [_first_name(ref) for ref in request.end_devices if not ref.mrid and ref.names]
+        found = yield self._store.run("find_devices", mrids, names)
+        devices: list[DeviceAddress] = []
+        seen: set[str] = set()
+        for ref in request.end_devices:
+            key = ref.mrid or _first_name(ref)
+            if key is None:
+                outcome.errors.append(Error(
+                    code=ErrorCode.INVALID_REQUEST, reason="an EndDevice has neither mRID nor Names",
+                    xpath="m:EndDevice"))
+                continue
+            device = found.get(key)
+            if device is None:
+                outcome.devices_failed += 1
+                outcome.errors.append(Error(
+                    code=ErrorCode.OBJECT_NOT_FOUND,
+                    reason=f"EndDevice {key} is not known to this head-end",
+                    id=key, id_kind="uuid" if ref.mrid else "name", object_type="EndDevice"))
+            elif device.mrid not in seen:
+                seen.add(device.mrid)
+                devices.append(device)
+        for ref in request.usage_points:
+            key = ref.mrid or _first_name(ref) or "?"
+            outcome.errors.append(Error(
+                code=ErrorCode.OBJECT_NOT_FOUND,
+                reason=f"UsagePoint {key}: reading by usage point is not supported yet; "
+                       "ask by EndDevice",
+                id=key, id_kind="uuid" if ref.mrid else "name", object_type="UsagePoint"))
+        if not request.end_devices and not request.usage_points:
+            outcome.errors.append(Error(
+                code=ErrorCode.INVALID_REQUEST, reason="the request names no EndDevice",
+                xpath="m:EndDevice"))
+        return devices
+
+
+def _valid_reading_types(codes: list[str], errors: list[Error]) -> list[str]:
+    valid = []
+    for code in codes:
+        try:
+            valid.append(ReadingType.parse(code).mrid)
+        except ValueError as exc:
+            errors.append(Error(code=ErrorCode.INVALID_REQUEST,
+                                reason=f"ReadingType {code!r}: {exc}", id=code,
+                                object_type="ReadingType"))
+    return valid
+
+
+def _first_name(ref: DeviceRef) -> str | None:
+    return ref.names[0].name if ref.names else None
+
+
+def _device_error(device: DeviceAddress, failure) -> Error:
+    exc = failure.value
+    if isinstance(exc, DeviceError):
+        return Error(code=ErrorCode.for_device_error(exc), reason=str(exc),
+                     id=device.mrid, id_kind="uuid", object_type="EndDevice")
+    log.error("reading %s failed unexpectedly: %s", device.mrid, failure.getTraceback())
+    return Error(code=ErrorCode.INTERNAL, reason=f"EndDevice {device.mrid}: internal error "
+                 f"while reading ({exc.__class__.__name__}: {exc})",
+                 id=device.mrid, id_kind="uuid", object_type="EndDevice")
