@@ -1,1 +1,32 @@
-"""cimhes.drivers"""
+"""cimhes.drivers: the device gateway, one driver per device type.
+
+`DeviceAddress` is one inventory entry (how to reach a device and who it is); `driver_for`
+returns the driver registered for a device type. A driver's `read` reads a device in one
+session and gives a `MeterReadResult`: the CIM `MeterReading` (`cimhes.cim.meter_readings`) and
+one `DeviceError` per reading type it could not serve; or it fails with a `DeviceError` naming
+the device (`cimhes.drivers.errors`).
+
+New device support = a new driver class, registered in `DRIVERS` under its device type.
+"""
+
+from __future__ import annotations
+
+from cimhes.drivers.address import DeviceAddress
+from cimhes.drivers.idis import IdisMeterDriver, MeterReadResult
+
+# Device type (the inventory's "device_type") -> driver. Drivers hold no per-read state.
+DRIVERS = {
+    "idis-meter": IdisMeterDriver(),
+}
+
+
+def driver_for(device_type: str) -> IdisMeterDriver:
+    """The driver for `device_type`; KeyError naming the known types if there is none."""
+    try:
+        return DRIVERS[device_type]
+    except KeyError:
+        raise KeyError(f"no driver for device type {device_type!r}; known: "
+                       f"{sorted(DRIVERS)}") from None
+
+
+__all__ = ["DeviceAddress", "DRIVERS", "driver_for", "IdisMeterDriver", "MeterReadResult"]

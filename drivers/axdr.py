@@ -1,0 +1,117 @@
+"""Decoding of COSEM Data in A-XDR (Blue Book 4.1.5, Green Book 9.5): what a GET answers with.
+
+This is the client's one decoder of attribute values. It exists, instead of gurux-dlms's
+`_GXCommon.getData`, because profiling a full meter read (association, clock, four registers with
+scaler_unit, a 96-row load profile, release) showed gurux's generic decoder taking about 80 % of
+the client's CPU: every byte goes through GXByteBuffer position bookkeeping. This decoder
+does the same job with `struct` on a bytes object, strictly: a value that ends early or has an
+unknown type tag is an `AxdrError` naming the offset.
+
+Python forms: null-data None; boolean bool; the integer types and enum int; float32/float64
+float; octet-string, date-time, date, time bytes; visible-string and utf8-string str; bit-string
+a str of "0"/"1"; array and structure list.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Any
+
+__all__ = ["AxdrError", "ber_length", "decode_data"]
+
+
+class AxdrError(ValueError):
+    """The bytes are not one well-formed COSEM Data value."""
+
+
+# Fixed-size types: tag -> struct format.
+_FIXED: dict[int, struct.Struct] = {
+    5: struct.Struct(">i"),   # double-long
+    6: struct.Struct(">I"),   # double-long-unsigned
+    13: struct.Struct(">b"),  # bcd (one signed byte, as gurux and the Blue Book table have it)
+    15: struct.Struct(">b"),  # integer
+    16: struct.Struct(">h"),  # long
+    17: struct.Struct(">B"),  # unsigned
+    18: struct.Struct(">H"),  # long-unsigned
+    20: struct.Struct(">q"),  # long64
+    21: struct.Struct(">Q"),  # long64-unsigned
+    22: struct.Struct(">B"),  # enum
+    23: struct.Struct(">f"),  # float32
+    24: struct.Struct(">d"),  # float64
+}
+# Fixed-size octet strings: date-time, date, time.
+_FIXED_OCTETS = {25: 12, 26: 5, 27: 4}
+ARRAY, STRUCTURE, NULL, BOOLEAN, BIT_STRING = 1, 2, 0, 3, 4
+OCTET_STRING, VISIBLE_STRING, UTF8_STRING = 9, 10, 12
+
+
+def decode_data(data: bytes, offset: int = 0) -> Any:
+    """The one Data value in `data[offset:]`, which it must fill exactly."""
+    value, end = _decode(data, offset)
+    if end != len(data):
+        raise AxdrError(f"{len(data) - end} bytes left over after the value at offset {end}")
+    return value
+
+
+def ber_length(data: bytes, offset: int) -> tuple[int, int]:
+    """A BER definite length (one byte below 0x80, else 0x81..0x84 and that many bytes)."""
+    try:
+        first = data[offset]
+    except IndexError:
+        raise AxdrError(f"length missing at offset {offset}") from None
+    if first < 0x80:
+        return first, offset + 1
+    size = first & 0x7F
+    if not 1 <= size <= 4 or offset + 1 + size > len(data):
+        raise AxdrError(f"bad length 0x{first:02x} at offset {offset}")
+    return int.from_bytes(data[offset + 1:offset + 1 + size], "big"), offset + 1 + size
+
+
+def _take(data: bytes, offset: int, size: int) -> tuple[bytes, int]:
+    end = offset + size
+    if end > len(data):
+        raise AxdrError(f"{size} bytes wanted at offset {offset}, {len(data) - offset} left")
+    return data[offset:end], end
+
+
+def _decode(data: bytes, offset: int) -> tuple[Any, int]:
+    try:
+        tag = data[offset]
+    except IndexError:
+        raise AxdrError(f"value missing at offset {offset}") from None
+    offset += 1
+    fixed = _FIXED.get(tag)
+    if fixed is not None:
+        if offset + fixed.size > len(data):
+            raise AxdrError(f"type {tag} needs {fixed.size} bytes at offset {offset}")
+        return fixed.unpack_from(data, offset)[0], offset + fixed.size
+    if tag == ARRAY or tag == STRUCTURE:
+        count, offset = ber_length(data, offset)
+        items = []
+        append = items.append
+        for _ in range(count):
+            item, offset = _decode(data, offset)
+            append(item)
+        return items, offset
+    if tag == OCTET_STRING:
+        size, offset = ber_length(data, offset)
+        return _take(data, offset, size)
+    if tag in _FIXED_OCTETS:
+        return _take(data, offset, _FIXED_OCTETS[tag])
+    if tag == VISIBLE_STRING or tag == UTF8_STRING:
+        size, offset = ber_length(data, offset)
+        raw, offset = _take(data, offset, size)
+        try:
+            return raw.decode("ascii" if tag == VISIBLE_STRING else "utf-8"), offset
+        except UnicodeDecodeError as failure:
+            raise AxdrError(f"string at offset {offset - size}: {failure}") from None
+    if tag == BOOLEAN:
+        raw, offset = _take(data, offset, 1)
+        return raw[0] != 0, offset
+    if tag == NULL:
+        return None, offset
+    if tag == BIT_STRING:
+        bits, offset = ber_length(data, offset)
+        raw, offset = _take(data, offset, (bits + 7) // 8)
+        return "".join(f"{byte:08b}" for byte in raw)[:bits], offset
+    raise AxdrError(f"unknown or unsupported type tag {tag} at offset {offset - 1}")

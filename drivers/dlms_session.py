@@ -1,0 +1,393 @@
+"""Sans-IO DLMS/COSEM client session over the TCP wrapper: bytes in, events out, bytes to send.
+
+`ClientSession` is one application association with one meter, in the manner of h11: it owns no
+socket and no timer. Its methods (`associate`, `get`, `get_rows_by_range`, `release`) return the
+bytes to send; `receive_data` takes whatever arrived and returns the events it completes. A
+small explicit state machine says what may happen next:
+
+    IDLE --associate()--> ASSOCIATING --AARE accepted--> ASSOCIATED
+                                      --AARE rejected--> IDLE   (event: AssociationRefused)
+    ASSOCIATED --get()/get_rows_by_range()--> AWAITING_DATA --last block--> ASSOCIATED
+    ASSOCIATED --release()--> RELEASING --RLRE--> IDLE
+    any --wrapper header broken--> BROKEN   (the byte stream is out of step: only closing helps)
+
+Failures the device causes are values in the event list (`ProtocolError`, `AssociationRefused`
+from `cimhes.drivers.errors`), each naming the device. A frame that is well delimited but whose
+APDU is malformed or unexpected fails the request in progress and leaves the association as it
+was, so the caller may still release politely. Calling a method in the wrong state is a bug in
+the caller and raises `LocalProtocolError`.
+
+Gurux-dlms's GXDLMSClient (Logical Name referencing, InterfaceType.WRAPPER, authentication NONE
+or LOW) builds every request (AARQ, GET-Request-Normal with or without the range selective
+access, GET-Request-Next, RLRQ) and parses the AARE. This module does the rest, each for a
+reason gurux gives:
+- it splits the TCP stream into wrapper frames and checks version and wPorts (gurux scans for a
+  0x0001 word and silently skips bytes it does not like);
+- it reads GET-Responses (normal and with datablock) and decodes their Data with
+  `cimhes.drivers.axdr` (gurux's generic decoder is most of the client's CPU; gurux never
+  checks that the answer carries the invoke-id sent);
+- it decodes COSEM date-times exactly (`cosem_datetime`), deviation sign stated.
+"""
+
+from __future__ import annotations
+
+import enum
+import struct
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from typing import Any, Union
+
+from gurux_dlms import GXDLMSClient, GXDLMSException, GXReplyData
+from gurux_dlms.enums import Authentication, InterfaceType, ObjectType, RequestTypes
+from gurux_dlms.objects import GXDLMSObject, GXDLMSProfileGeneric
+
+from cimhes.drivers.axdr import AxdrError, ber_length, decode_data
+from cimhes.drivers.errors import AssociationRefused, DeviceError, ProtocolError
+
+WRAPPER_VERSION = 0x0001
+WRAPPER_HEADER = struct.Struct(">HHHH")  # version, source wPort, destination wPort, length
+
+# APDU tags (Green Book, xDLMS / ACSE APDUs) of the answers this client expects.
+AARE = 0x61
+RLRE = 0x63
+GET_RESPONSE = 0xC4
+GET_RESPONSE_NORMAL = 1
+GET_RESPONSE_WITH_DATABLOCK = 2
+CONFIRMED_SERVICE_ERROR = 0x0E
+EXCEPTION_RESPONSE = 0xD8
+
+# Data-access-result enumeration (Blue Book, Get-Data-Result), for readable reasons.
+DATA_ACCESS_RESULTS = {
+    1: "hardware-fault",
+    2: "temporary-failure",
+    3: "read-write-denied",
+    4: "object-undefined",
+    9: "object-class-inconsistent",
+    11: "object-unavailable",
+    12: "type-unmatched",
+    13: "scope-of-access-violated",
+    14: "data-block-unavailable",
+    15: "long-get-aborted",
+    16: "no-long-get-in-progress",
+    17: "long-set-aborted",
+    18: "no-long-set-in-progress",
+    19: "data-block-number-invalid",
+    250: "other-reason",
+}
+
+# ACSE associate-source-diagnostic (service-user), Green Book.
+ASSOCIATION_DIAGNOSTICS = {
+    0: "null",
+    1: "no-reason-given",
+    2: "application-context-name-not-supported",
+    11: "authentication-mechanism-name-not-recognised",
+    12: "authentication-mechanism-name-required",
+    13: "authentication-failure",
+    14: "authentication-required",
+}
+ASSOCIATION_RESULTS = {1: "rejected-permanent", 2: "rejected-transient"}
+
+AUTHENTICATIONS = {"none": Authentication.NONE, "low": Authentication.LOW}
+
+
+class LocalProtocolError(RuntimeError):
+    """The caller used the session in a way its state does not allow (a bug, not the device)."""
+
+
+class State(enum.Enum):
+    IDLE = "idle"
+    ASSOCIATING = "associating"
+    ASSOCIATED = "associated"
+    AWAITING_DATA = "awaiting data"
+    RELEASING = "releasing"
+    BROKEN = "broken"
+
+
+@dataclass(frozen=True)
+class Associated:
+    """The meter accepted the association; `max_pdu_size` is its negotiated receive PDU size."""
+
+    max_pdu_size: int
+
+
+@dataclass(frozen=True)
+class AttributeValue:
+    """The complete value of the attribute asked for, decoded by `cimhes.drivers.axdr`: int,
+    bytes (octet-string, date-time), list (array/structure), ..."""
+
+    value: Any
+
+
+@dataclass(frozen=True)
+class DataAccessError:
+    """The meter answered the GET with a data-access-result instead of data."""
+
+    result: int
+
+    @property
+    def reason(self) -> str:
+        return DATA_ACCESS_RESULTS.get(self.result, f"data-access-result {self.result}")
+
+
+@dataclass(frozen=True)
+class NextBlockRequest:
+    """The meter sent one block of a long GET; `data` asks for the next one and must be sent."""
+
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Released:
+    """The meter answered the release request; the session is IDLE again."""
+
+
+Event = Union[Associated, AttributeValue, DataAccessError, NextBlockRequest, Released, DeviceError]
+
+
+_DATE_TIME = struct.Struct(">HBBBBBBBhB")
+
+
+def cosem_datetime(octets: bytes | bytearray) -> datetime:
+    """Decode a 12-octet COSEM date-time (Blue Book 4.1.6.1) into an aware UTC datetime.
+
+    The deviation is "minutes of local time to UTC" with the sign the standard uses (UTC+1 local
+    time carries -60: UTC = local + deviation), which is also gurux's default reading
+    (useUtc2NormalTime False). Deviation 0x8000 (not specified) is taken as UTC: the project's
+    meters keep UTC. Hundredths 0xFF (not specified) count as 0. Any other wildcard (year,
+    month, day, hour, minute, second) makes the value not a point in time: ValueError.
+    """
+    if len(octets) != 12:
+        raise ValueError(f"date-time must be 12 octets, got {len(octets)}")
+    year, month, day, _weekday, hour, minute, second, hundredths, deviation, _status = (
+        _DATE_TIME.unpack(octets))
+    if year == 0xFFFF or 0xFF in (month, day, hour, minute, second) or month > 12 or day > 31:
+        raise ValueError(f"date-time {bytes(octets).hex()} is not a point in time")
+    if hundredths == 0xFF:
+        hundredths = 0
+    moment = datetime(year, month, day, hour, minute, second, hundredths * 10000,
+                      tzinfo=timezone.utc)
+    if deviation and deviation != -0x8000:
+        moment += timedelta(minutes=deviation)
+    return moment
+
+
+class ClientSession:
+    """One DLMS/COSEM association with one meter, as a pure state machine (see module doc)."""
+
+    def __init__(self, device_mrid: str, client_address: int = 16, server_address: int = 1,
+                 authentication: str = "none", password: str | None = None) -> None:
+        if authentication not in AUTHENTICATIONS:
+            raise ValueError(f"authentication {authentication!r} is not one of "
+                             f"{sorted(AUTHENTICATIONS)}")
+        if authentication == "low" and not password:
+            raise ValueError("authentication 'low' needs a password")
+        self.device_mrid = device_mrid
+        self.client_address = client_address
+        self.server_address = server_address
+        self._client = GXDLMSClient(
+            True, client_address, server_address, AUTHENTICATIONS[authentication],
+            password if authentication == "low" else None, InterfaceType.WRAPPER)
+        self._state = State.IDLE
+        self._buffer = bytearray()
+        self._blocks: list[tuple[int, bytes]] = []  # (block number, raw-data) of a long GET
+        self._invoke_id = 0
+        self.max_pdu_size: int | None = None
+
+    @property
+    def state(self) -> State:
+        return self._state
+
+    # -- requests: each returns the bytes to send --------------------------------------------
+
+    def associate(self) -> bytes:
+        self._expect_state(State.IDLE, "associate")
+        data = self._client.aarqRequest()[0]
+        self._state = State.ASSOCIATING
+        return bytes(data)
+
+    def get(self, class_id: int, obis: str, attribute: int) -> bytes:
+        """GET one attribute (normal; the meter may answer with block transfer)."""
+        self._expect_state(State.ASSOCIATED, "get")
+        target = GXDLMSObject(ObjectType(class_id), obis)
+        return self._start_get(self._client.read(target, attribute))
+
+    def get_rows_by_range(self, obis: str, start: datetime, end: datetime) -> bytes:
+        """GET a profile generic's buffer (attribute 2) with a range_descriptor on the clock
+        (class 8, 0.0.1.0.0.255, attribute 2): rows with start <= time <= end, all columns."""
+        self._expect_state(State.ASSOCIATED, "get_rows_by_range")
+        if start.tzinfo is None or end.tzinfo is None:
+            # gurux would read a naive datetime as the host's local time.
+            raise LocalProtocolError("get_rows_by_range needs timezone-aware datetimes")
+        profile = GXDLMSProfileGeneric(obis)
+        # No capture objects set: gurux then restricts on the clock 0.0.1.0.0.255 attribute 2.
+        # Sent in UTC so the date-times carry deviation 0, as the meters keep their clock.
+        return self._start_get(self._client.readRowsByRange(
+            profile, start.astimezone(timezone.utc), end.astimezone(timezone.utc)))
+
+    def release(self) -> bytes:
+        self._expect_state(State.ASSOCIATED, "release")
+        data = self._client.releaseRequest()[0]
+        self._state = State.RELEASING
+        return bytes(data)
+
+    # -- replies ----------------------------------------------------------------------------
+
+    def receive_data(self, data: bytes) -> list[Event]:
+        """Take bytes from the transport; return the events completed by them (maybe none)."""
+        if self._state is State.BROKEN:
+            return [self._error("data arrived after the byte stream went out of step")]
+        self._buffer += data
+        events: list[Event] = []
+        while len(self._buffer) >= WRAPPER_HEADER.size:
+            version, source, destination, length = WRAPPER_HEADER.unpack_from(self._buffer)
+            if (version != WRAPPER_VERSION or source != self.server_address
+                    or destination != self.client_address):
+                header = bytes(self._buffer[:WRAPPER_HEADER.size]).hex()
+                self._state = State.BROKEN
+                self._buffer.clear()
+                events.append(self._error(
+                    f"bad wrapper header {header}: expected version 0001, source wPort "
+                    f"{self.server_address}, destination wPort {self.client_address}"))
+                break
+            end = WRAPPER_HEADER.size + length
+            if len(self._buffer) < end:
+                break
+            frame = bytes(self._buffer[:end])
+            del self._buffer[:end]
+            events.append(self._handle_frame(frame))
+        return events
+
+    # -- inside ------------------------------------------------------------------------------
+
+    def _expect_state(self, state: State, action: str) -> None:
+        if self._state is not state:
+            raise LocalProtocolError(f"cannot {action} in state {self._state.value}")
+
+    def _start_get(self, messages: list) -> bytes:
+        self._blocks = []
+        self._invoke_id = self._client.settings.invokeId & 0x0F
+        self._state = State.AWAITING_DATA
+        return bytes(messages[0])
+
+    def _error(self, reason: str) -> ProtocolError:
+        return ProtocolError(self.device_mrid, reason)
+
+    def _handle_frame(self, frame: bytes) -> Event:
+        apdu = frame[WRAPPER_HEADER.size:]
+        if not apdu:
+            return self._fail_request("empty APDU in wrapper frame")
+        tag = apdu[0]
+        if tag == CONFIRMED_SERVICE_ERROR or tag == EXCEPTION_RESPONSE:
+            return self._fail_request(f"meter answered with {_apdu_name(tag)} {apdu.hex()}")
+        if self._state is State.ASSOCIATING:
+            return self._on_aare(frame, tag)
+        if self._state is State.AWAITING_DATA:
+            return self._on_get_response(apdu)
+        if self._state is State.RELEASING:
+            if tag != RLRE:
+                return self._fail_request(f"expected RLRE, got {_apdu_name(tag)}")
+            self._state = State.IDLE
+            return Released()
+        return self._error(f"unsolicited {_apdu_name(tag)} in state {self._state.value}")
+
+    def _fail_request(self, reason: str) -> ProtocolError:
+        """The request in flight failed; go back to where it started, association intact."""
+        self._blocks = []
+        if self._state is State.ASSOCIATING:
+            self._state = State.IDLE
+        elif self._state in (State.AWAITING_DATA, State.RELEASING):
+            self._state = State.ASSOCIATED
+        return self._error(reason)
+
+    def _on_aare(self, frame: bytes, tag: int) -> Event:
+        if tag != AARE:
+            return self._fail_request(f"expected AARE, got {_apdu_name(tag)}")
+        reply = GXReplyData()
+        try:
+            self._client.getData(frame, reply)
+            self._client.parseAareResponse(reply.data)
+        except GXDLMSException as refusal:
+            self._state = State.IDLE
+            result = int(getattr(refusal, "result", 0) or 0)
+            diagnostic = int(getattr(refusal, "diagnostic", 0) or 0)
+            return AssociationRefused(
+                self.device_mrid,
+                f"AARE {ASSOCIATION_RESULTS.get(result, f'result {result}')}, diagnostic "
+                f"{ASSOCIATION_DIAGNOSTICS.get(diagnostic, str(diagnostic))}",
+                result, diagnostic)
+        except Exception as failure:  # gurux raises bare ValueError/Exception on bad input
+            return self._fail_request(f"malformed AARE {frame.hex()}: {failure}")
+        if self._client.isAuthenticationRequired:
+            self._state = State.IDLE
+            return self._error("meter asks for high level authentication, not supported")
+        self._state = State.ASSOCIATED
+        self.max_pdu_size = self._client.settings.maxPduSize
+        return Associated(self.max_pdu_size)
+
+    def _on_get_response(self, apdu: bytes) -> Event:
+        """Read a GET-Response (Green Book 9.3: Get-Response-Normal or -With-Datablock).
+
+        Done here rather than by gurux's GXReplyData handling: gurux decodes the finished value
+        with its slow generic decoder (see `cimhes.drivers.axdr`) and never checks invoke-ids.
+        Gurux still builds every request, including GET-Request-Next (`receiverReady`).
+        """
+        if apdu[0] != GET_RESPONSE:
+            return self._fail_request(f"expected get-response, got {_apdu_name(apdu[0])}")
+        if len(apdu) < 5:
+            return self._fail_request(f"get-response {apdu.hex()} is too short")
+        kind, invoke = apdu[1], apdu[2] & 0x0F
+        if invoke != self._invoke_id:
+            return self._fail_request(
+                f"get-response {apdu[:3].hex()} does not answer invoke-id {self._invoke_id}")
+        try:
+            if kind == GET_RESPONSE_NORMAL:
+                if self._blocks:
+                    return self._fail_request("get-response-normal inside a block transfer")
+                if apdu[3] == 1:  # Get-Data-Result: data-access-result
+                    return self._finish_get(DataAccessError(apdu[4]))
+                if apdu[3] != 0:
+                    return self._fail_request(f"get-response {apdu.hex()}: bad Get-Data-Result")
+                return self._finish_get(AttributeValue(decode_data(apdu, 4)))
+            if kind == GET_RESPONSE_WITH_DATABLOCK:
+                return self._on_block(apdu)
+        except AxdrError as failure:
+            return self._fail_request(f"get-response data: {failure}")
+        return self._fail_request(f"get-response of kind {kind} was not asked for")
+
+    def _on_block(self, apdu: bytes) -> Event:
+        # DataBlock-G: last-block BOOLEAN, block-number Unsigned32, result CHOICE
+        # { raw-data [0] OCTET STRING, data-access-result [1] ENUMERATED }
+        if len(apdu) < 10:
+            return self._fail_request(f"get-response datablock {apdu.hex()} is too short")
+        last = apdu[3] != 0
+        number = int.from_bytes(apdu[4:8], "big")
+        expected = self._blocks[-1][0] + 1 if self._blocks else number
+        if number != expected:
+            return self._fail_request(f"block {number} arrived, block {expected} expected")
+        if apdu[8] == 1:
+            return self._finish_get(DataAccessError(apdu[9]))
+        if apdu[8] != 0:
+            return self._fail_request(f"datablock {number}: bad result choice {apdu[8]}")
+        size, start = ber_length(apdu, 9)
+        if start + size != len(apdu):
+            return self._fail_request(
+                f"datablock {number} says {size} bytes of raw-data, carries {len(apdu) - start}")
+        self._blocks.append((number, apdu[start:]))
+        if not last:
+            # GET-Request-Next carries the number of the block just received.
+            self._client.settings.blockIndex = number
+            return NextBlockRequest(bytes(self._client.receiverReady(RequestTypes.DATABLOCK)))
+        value = decode_data(b"".join(raw for _, raw in self._blocks))
+        return self._finish_get(AttributeValue(value))
+
+    def _finish_get(self, event: Event) -> Event:
+        self._blocks = []
+        self._state = State.ASSOCIATED
+        return event
+
+
+def _apdu_name(tag: int) -> str:
+    names = {AARE: "AARE", RLRE: "RLRE", GET_RESPONSE: "get-response",
+             CONFIRMED_SERVICE_ERROR: "confirmed-service-error",
+             EXCEPTION_RESPONSE: "exception-response"}
+    return names.get(tag, f"APDU tag 0x{tag:02x}")

@@ -1,0 +1,75 @@
+"""Device errors: what went wrong talking to one device, as values the engine can act on.
+
+Every error names the device (its mRID) and says why in words an operator can use. They are
+exceptions so a Deferred can carry them (errback), but callers treat them as results: a meter
+that does not answer is a `Timeout` on that meter, not a stack trace in a log.
+
+Errors about one reading type rather than the whole device (`UnsupportedReadingType`,
+`ObjectUnavailable`) also carry `reading_type` so the engine can put one CIM Error per type in
+its reply while still returning the readings it did get.
+"""
+
+from __future__ import annotations
+
+
+class DeviceError(Exception):
+    """Something failed for one device; `device_mrid` says which, `reason` says what."""
+
+    def __init__(self, device_mrid: str, reason: str) -> None:
+        super().__init__(device_mrid, reason)
+        self.device_mrid = device_mrid
+        self.reason = reason
+
+    def __str__(self) -> str:
+        return f"{type(self).__name__} on device {self.device_mrid}: {self.reason}"
+
+    def __eq__(self, other: object) -> bool:
+        return type(other) is type(self) and other.args == self.args
+
+    def __hash__(self) -> int:
+        return hash((type(self), self.args))
+
+
+class Timeout(DeviceError):
+    """The device did not connect or did not answer a request within the allowed time."""
+
+
+class ConnectionFailed(DeviceError):
+    """No transport to the device: refused, unreachable, or closed by the other side."""
+
+
+class AssociationRefused(DeviceError):
+    """The device rejected the application association (AARE result not accepted)."""
+
+    def __init__(self, device_mrid: str, reason: str, result: int | None = None,
+                 diagnostic: int | None = None) -> None:
+        super().__init__(device_mrid, reason)
+        self.args = (device_mrid, reason, result, diagnostic)
+        # The AARE result (1 rejected-permanent, 2 rejected-transient) and the ACSE service-user
+        # diagnostic (13 authentication-failure, ...), kept for callers that decide on retries.
+        self.result = result
+        self.diagnostic = diagnostic
+
+
+class ProtocolError(DeviceError):
+    """The device sent something that is not a valid answer to what was asked."""
+
+
+class UnsupportedReadingType(DeviceError):
+    """The driver has no mapping for this reading type on this device type."""
+
+    def __init__(self, device_mrid: str, reason: str, reading_type: str) -> None:
+        super().__init__(device_mrid, reason)
+        self.args = (device_mrid, reason, reading_type)
+        self.reading_type = reading_type
+
+
+class ObjectUnavailable(DeviceError):
+    """The device answered a GET for this reading type's object with a data-access error."""
+
+    def __init__(self, device_mrid: str, reason: str, reading_type: str,
+                 data_access_result: int) -> None:
+        super().__init__(device_mrid, reason)
+        self.args = (device_mrid, reason, reading_type, data_access_result)
+        self.reading_type = reading_type
+        self.data_access_result = data_access_result
