@@ -9,20 +9,26 @@ from __future__ import annotations
 
 import uuid
 from collections.abc import Callable
+from dataclasses import replace
 from datetime import datetime, timezone
 
 from spyne import AnyXml, ServiceBase, rpc
 from twisted.internet.defer import inlineCallbacks
 
-from cimhes.cim.codec import CodecError, decode_get_meter_readings, encode_fault, \
-    encode_meter_readings_response
-from cimhes.cim.message import Error, Header, Reply, ReplyResult
-from cimhes.cim.meter_readings import GetMeterReadings, MeterReadingsResponse
+from cimhes.cim.codec import (
+    CodecError,
+    decode_get_meter_readings,
+    encode_fault,
+    encode_meter_readings_response,
+)
+from cimhes.cim.message import Reply, ReplyResult, reply_header
+from cimhes.cim.meter_readings import MeterReadingsResponse
 from cimhes.endpoints.soap_resource import CimFault, soap_application
 from cimhes.engine.reading import MeterReadingService
 from cimhes.engine.store import RequestSummary, StoreRunner
 
 WSDL_NAME = "GetMeterReadings"
+WSDL_FILE = "GetMeterReadings.wsdl"
 MESSAGE_NS = "http://iec.ch/TC57/2011/GetMeterReadingsMessage"
 SOURCE = "cimhes"
 
@@ -42,14 +48,15 @@ class GetMeterReadingsDoor:
         try:
             request = decode_get_meter_readings(element)
         except CodecError as exc:
-            reply = Reply(ReplyResult.FAILED, errors=(Error(
-                code=exc.code, level="FATAL", reason=exc.reason, details=exc.xpath),))
+            reply = Reply(ReplyResult.FAILED, errors=(exc.to_error(),))
             raise CimFault("Client", exc.reason, encode_fault(reply))
 
         outcome = yield self._readings.read(request)
         reply = Reply(outcome.result, errors=tuple(outcome.errors))
+        header = replace(reply_header(request.header, self._now(), source=SOURCE),
+                         message_id=str(uuid.uuid4()))
         response = MeterReadingsResponse(
-            header=self._reply_header(request),
+            header=header,
             reply=reply,
             meter_readings=outcome.meter_readings,
         )
@@ -59,14 +66,6 @@ class GetMeterReadingsDoor:
             result=outcome.result.value, devices_asked=outcome.devices_asked,
             devices_failed=outcome.devices_failed))
         return encode_meter_readings_response(response)
-
-    def _reply_header(self, request: GetMeterReadings) -> Header:
-        asked = request.header
-        return Header(
-            verb="reply", noun="MeterReadings", timestamp=self._now(), source=SOURCE,
-            message_id=str(uuid.uuid4()),
-            correlation_id=asked.correlation_id or asked.message_id,
-        )
 
 
 def get_meter_readings_application(door: GetMeterReadingsDoor):

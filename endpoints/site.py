@@ -13,6 +13,7 @@ from twisted.web.server import Site
 
 from cimhes.drivers import DeviceAddress
 from cimhes.endpoints.meter_readings import (
+    WSDL_FILE as GET_METER_READINGS_WSDL,
     WSDL_NAME as GET_METER_READINGS,
     GetMeterReadingsDoor,
     get_meter_readings_application,
@@ -55,7 +56,7 @@ class HeadEnd:
         door = GetMeterReadingsDoor(self.readings, self.store_runner)
         cim = Resource()
         cim.putChild(GET_METER_READINGS.encode(),
-                     SoapResource(get_meter_readings_application(door), GET_METER_READINGS))
+                     SoapResource(get_meter_readings_application(door), GET_METER_READINGS_WSDL))
         root = _Index([GET_METER_READINGS])
         root.putChild(b"cim", cim)
         root.putChild(b"", root)

@@ -14,14 +14,32 @@ from datetime import datetime, timezone
 
 from twisted.internet.defer import DeferredList, DeferredSemaphore, inlineCallbacks
 
-from cimhes.cim.message import Error, ErrorCode, ReplyResult
+from cimhes.cim.message import Error, ErrorCode, ErrorLevel, ReplyResult
 from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings, MeterReading
 from cimhes.cim.reading_type import ReadingType
-from cimhes.drivers import DeviceAddress, driver_for
-from cimhes.drivers.errors import DeviceError
+from cimhes.drivers import DeviceAddress, MeterReadResult, driver_for
+from cimhes.drivers.errors import (
+    AssociationRefused,
+    ConnectionFailed,
+    DeviceError,
+    ObjectUnavailable,
+    ProtocolError,
+    Timeout,
+    UnsupportedReadingType,
+)
 from cimhes.engine.store import StoreRunner
 
 log = logging.getLogger(__name__)
+
+# The CIM Reply.Error code for each kind of device failure (codes: cimhes.cim.message.ErrorCode).
+DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCode] = {
+    Timeout: ErrorCode.DEVICE_TIMEOUT,
+    ConnectionFailed: ErrorCode.DEVICE_UNREACHABLE,
+    AssociationRefused: ErrorCode.DEVICE_REFUSED,
+    ProtocolError: ErrorCode.DEVICE_PROTOCOL_ERROR,
+    UnsupportedReadingType: ErrorCode.UNSUPPORTED_READING_TYPE,
+    ObjectUnavailable: ErrorCode.DEVICE_PROTOCOL_ERROR,
+}
 
 
 @dataclass
@@ -73,10 +91,13 @@ class MeterReadingService:
         results = yield DeferredList(reads, consumeErrors=True)
         for device, (succeeded, value) in zip(devices, results):
             if succeeded:
-                outcome.meter_readings.append(value)
+                result: MeterReadResult = value
+                outcome.meter_readings.append(result.meter_reading)
+                # Types the device could not serve are errors on it; its other values stand.
+                outcome.errors.extend(_device_error(device, error) for error in result.errors)
             else:
                 outcome.devices_failed += 1
-                outcome.errors.append(_device_error(device, value))
+                outcome.errors.append(_failed_device(device, value))
 
         if outcome.meter_readings:
             try:
@@ -84,8 +105,8 @@ class MeterReadingService:
             except Exception as exc:  # the readings still go back to the caller
                 log.exception("storing readings failed")
                 outcome.errors.append(Error(
-                    code=ErrorCode.STORE_FAILED, level="WARNING",
-                    reason=f"readings were read but not stored: {exc}"))
+                    code=ErrorCode.INTERNAL_ERROR, level=ErrorLevel.WARNING,
+                    reason=f"the readings below were read but not stored: {exc}"))
         return outcome
 
     def _read_device(self, device: DeviceAddress, reading_types, start, end):
@@ -95,18 +116,14 @@ class MeterReadingService:
     @inlineCallbacks
     def _resolve(self, request: GetMeterReadings, outcome: ReadOutcome):
         """The inventory's devices for the request's EndDevice refs; an Error for each unknown one."""
+        # The codec has made sure every reference has an mRID or a name.
         mrids = [ref.mrid for ref in request.end_devices if ref.mrid]
-        names = [_first_name(ref) for ref in request.end_devices if not ref.mrid and ref.names]
+        names = [_first_name(ref) for ref in request.end_devices if not ref.mrid]
         found = yield self._store.run("find_devices", mrids, names)
         devices: list[DeviceAddress] = []
         seen: set[str] = set()
         for ref in request.end_devices:
             key = ref.mrid or _first_name(ref)
-            if key is None:
-                outcome.errors.append(Error(
-                    code=ErrorCode.INVALID_REQUEST, reason="an EndDevice has neither mRID nor Names",
-                    xpath="m:EndDevice"))
-                continue
             device = found.get(key)
             if device is None:
                 outcome.devices_failed += 1
@@ -120,14 +137,10 @@ class MeterReadingService:
         for ref in request.usage_points:
             key = ref.mrid or _first_name(ref) or "?"
             outcome.errors.append(Error(
-                code=ErrorCode.OBJECT_NOT_FOUND,
+                code=ErrorCode.UNSUPPORTED_REQUEST,
                 reason=f"UsagePoint {key}: reading by usage point is not supported yet; "
                        "ask by EndDevice",
                 id=key, id_kind="uuid" if ref.mrid else "name", object_type="UsagePoint"))
-        if not request.end_devices and not request.usage_points:
-            outcome.errors.append(Error(
-                code=ErrorCode.INVALID_REQUEST, reason="the request names no EndDevice",
-                xpath="m:EndDevice"))
         return devices
 
 
@@ -137,7 +150,7 @@ def _valid_reading_types(codes: list[str], errors: list[Error]) -> list[str]:
         try:
             valid.append(ReadingType.parse(code).mrid)
         except ValueError as exc:
-            errors.append(Error(code=ErrorCode.INVALID_REQUEST,
+            errors.append(Error(code=ErrorCode.INVALID_PARAMETER,
                                 reason=f"ReadingType {code!r}: {exc}", id=code,
                                 object_type="ReadingType"))
     return valid
@@ -147,12 +160,16 @@ def _first_name(ref: DeviceRef) -> str | None:
     return ref.names[0].name if ref.names else None
 
 
-def _device_error(device: DeviceAddress, failure) -> Error:
-    exc = failure.value
-    if isinstance(exc, DeviceError):
-        return Error(code=ErrorCode.for_device_error(exc), reason=str(exc),
-                     id=device.mrid, id_kind="uuid", object_type="EndDevice")
+def _device_error(device: DeviceAddress, error: DeviceError) -> Error:
+    return Error(code=DEVICE_ERROR_CODES.get(type(error), ErrorCode.DEVICE_PROTOCOL_ERROR),
+                 reason=str(error), id=device.mrid, id_kind="uuid", object_type="EndDevice")
+
+
+def _failed_device(device: DeviceAddress, failure) -> Error:
+    if isinstance(failure.value, DeviceError):
+        return _device_error(device, failure.value)
     log.error("reading %s failed unexpectedly: %s", device.mrid, failure.getTraceback())
-    return Error(code=ErrorCode.INTERNAL, reason=f"EndDevice {device.mrid}: internal error "
+    exc = failure.value
+    return Error(code=ErrorCode.INTERNAL_ERROR, reason=f"EndDevice {device.mrid}: internal error "
                  f"while reading ({exc.__class__.__name__}: {exc})",
                  id=device.mrid, id_kind="uuid", object_type="EndDevice")

@@ -44,6 +44,6 @@ def validate_against_reference(element) -> None:
 
 def assert_valid_everywhere(element) -> None:
     """Valid against our own schemas always, and against the reference ones where they exist."""
-    xsd.schema("GetMeterReadingsMessage.xsd").validate(element)
+    xsd.schema("GetMeterReadingsMessage.xsd").assertValid(element)
     if reference_available():
         validate_against_reference(element)

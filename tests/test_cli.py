@@ -1,0 +1,82 @@
+"""The `cimhes` command as scripts use it: the ready line, a real SOAP call, a clean stop."""
+from __future__ import annotations
+
+import json
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+
+import pytest
+import zeep
+
+CIMHES = Path(sys.executable).with_name("cimhes")
+PLUS_A = "0.0.0.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0"
+
+
+def _start(*args: str) -> tuple[subprocess.Popen, dict]:
+    process = subprocess.Popen([str(CIMHES), *args], stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    line: list[str] = []
+    reader = threading.Thread(target=lambda: line.append(process.stdout.readline()))
+    reader.start()
+    reader.join(timeout=30)
+    if not line or not line[0]:
+        process.kill()
+        pytest.fail(f"{args[0]} printed no ready line; stderr:\n{process.stderr.read()}")
+    return process, json.loads(line[0])
+
+
+def _stop(process: subprocess.Popen, sig=signal.SIGINT) -> int:
+    process.send_signal(sig)
+    try:
+        return process.wait(timeout=15)
+    finally:
+        if process.poll() is None:
+            process.kill()
+
+
+def _read_registers(base_url: str, mrids: list[str]):
+    client = zeep.Client(f"{base_url}/cim/GetMeterReadings?wsdl")
+    return client.service.GetMeterReadings(
+        Header={"Verb": "get", "Noun": "MeterReadings"},
+        Request={"GetMeterReadings": {"EndDevice": [{"mRID": m} for m in mrids],
+                                      "ReadingType": [{"mRID": PLUS_A}]}})
+
+
+def test_demo_prints_ready_serves_readings_and_stops_on_ctrl_c(tmp_path):
+    process, ready = _start("demo", "--port", "0", "--meters", "2", "--meter-port", "0",
+                            "--db", str(tmp_path / "demo.sqlite"))
+    try:
+        assert ready["ready"] is True
+        assert ready["base_url"].startswith("http://127.0.0.1:")
+        assert len(ready["meters"]) == 2
+        reply = _read_registers(ready["base_url"], ready["meters"])
+        assert reply.Reply.Result == "OK"
+        assert {mr.Meter.mRID for mr in reply.Payload.MeterReadings.MeterReading} == \
+            set(ready["meters"])
+    finally:
+        code = _stop(process)
+    assert code == 0, process.stderr.read()
+
+
+def test_simulate_writes_an_inventory_that_serve_loads(tmp_path):
+    inventory = tmp_path / "inventory.json"
+    fleet, ready = _start("simulate", "--meters", "3", "--port", "0",
+                          "--inventory", str(inventory))
+    try:
+        assert ready == {"ready": True, "inventory": str(inventory), "meters": 3}
+        entries = json.loads(inventory.read_text())["meters"]
+        assert len(entries) == 3
+        server, served = _start("serve", "--inventory", str(inventory), "--port", "0",
+                                "--db", str(tmp_path / "serve.sqlite"))
+        try:
+            assert served["meters"] == [e["mrid"] for e in entries]
+            reply = _read_registers(served["base_url"], served["meters"])
+            assert reply.Reply.Result == "OK"
+            assert len(reply.Payload.MeterReadings.MeterReading) == 3
+        finally:
+            assert _stop(server, signal.SIGTERM) == 0
+    finally:
+        assert _stop(fleet, signal.SIGTERM) == 0
