@@ -11,7 +11,6 @@ and is valid against the project's schemas and the standard's.
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal, InvalidOperation
 from typing import Iterator

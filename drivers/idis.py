@@ -19,12 +19,10 @@ from typing import Any
 from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
-from cimhes.cim.meter_readings import (
-    DeviceRef, IntervalBlock, IntervalReading, MeterReading, Name, Reading)
+from cimhes.cim.meter_readings import DeviceRef, IntervalBlock, IntervalReading, MeterReading, Name, Reading
 from cimhes.drivers.address import DeviceAddress
 from cimhes.drivers.dlms_session import ClientSession, DataAccessError, cosem_datetime
-from cimhes.drivers.errors import (
-    DeviceError, ObjectUnavailable, ProtocolError, UnsupportedReadingType)
+from cimhes.drivers.errors import DeviceError, ObjectUnavailable, ProtocolError, UnsupportedReadingType
 from cimhes.drivers.transport import DlmsConnection, connect
 
 log = Logger()

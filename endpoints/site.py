@@ -14,7 +14,11 @@ from twisted.web.server import Site
 from cimhes.drivers import DeviceAddress
 from cimhes.endpoints.meter_readings import (
     WSDL_FILE as GET_METER_READINGS_WSDL,
+)
+from cimhes.endpoints.meter_readings import (
     WSDL_NAME as GET_METER_READINGS,
+)
+from cimhes.endpoints.meter_readings import (
     GetMeterReadingsDoor,
     get_meter_readings_application,
 )

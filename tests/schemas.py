@@ -1,7 +1,8 @@
-"""Schema oracles for tests: the project's own XSDs, and the reference XSDs in ../shared.
+"""Where the tests find ../shared, and the schema oracles built from it.
 
-The reference schemas are other parties' material kept beside the project (never copied into it);
-where that folder is absent, tests that need nothing but the reference skip with this reason.
+The reference schemas and samples are other parties' material kept beside the project (never
+copied into it). A test that needs one of them skips, saying where it looked, when the folder is
+absent; `assert_valid_everywhere` checks our own schema always and the reference where present.
 """
 from __future__ import annotations
 
@@ -9,41 +10,47 @@ from functools import lru_cache
 from pathlib import Path
 
 import pytest
-import xmlschema
+from lxml import etree
 
 from cimhes import xsd
 
-REFERENCE = Path(__file__).resolve().parents[1].parent / "shared" / "reference" / "iec61968"
-NO_REFERENCE = f"reference schemas not found at {REFERENCE} (they live in the shared/ folder beside the repository)"
-
-# Which reference file describes the root element of each namespace we produce or accept.
-REFERENCE_FILES = {
-    "http://iec.ch/TC57/2011/GetMeterReadingsMessage":
-        "connexo-2014-metering-cim/GetMeterReadingsMessage.xsd",
-}
+SHARED = Path(__file__).resolve().parents[1].parent / "shared"
+REFERENCE = SHARED / "reference" / "iec61968"
+SAMPLES = SHARED / "reference" / "iec61968-samples"
+GET_METER_READINGS_MESSAGE = ("connexo-2014-metering-cim", "GetMeterReadingsMessage.xsd")
 
 
-def reference_available() -> bool:
-    return REFERENCE.is_dir()
+def shared_file(folder: Path, *parts: str) -> Path:
+    """A file under ../shared, or a skip that says where it was looked for."""
+    location = folder.joinpath(*parts)
+    if not location.exists():
+        pytest.skip(f"{location} not found: the shared/ folder is not checked out beside "
+                    "the repository")
+    return location
 
 
-def require_reference() -> None:
-    if not reference_available():
-        pytest.skip(NO_REFERENCE)
+def reference(*parts: str) -> Path:
+    return shared_file(REFERENCE, *parts)
+
+
+def sample(name: str) -> bytes:
+    return shared_file(SAMPLES, name).read_bytes()
 
 
 @lru_cache(maxsize=None)
-def reference_schema(relative: str) -> xmlschema.XMLSchema:
-    return xmlschema.XMLSchema(str(REFERENCE / relative), allow="local")
+def _compiled(location: Path) -> etree.XMLSchema:
+    parser = etree.XMLParser(no_network=True, resolve_entities=False)
+    return etree.XMLSchema(etree.parse(str(location), parser))
 
 
-def validate_against_reference(element) -> None:
-    namespace = element.tag[1:].split("}")[0]
-    reference_schema(REFERENCE_FILES[namespace]).validate(element)
+def reference_schema() -> etree.XMLSchema:
+    """The standard's GetMeterReadingsMessage schema set, compiled from ../shared (or a skip)."""
+    return _compiled(reference(*GET_METER_READINGS_MESSAGE))
 
 
 def assert_valid_everywhere(element) -> None:
     """Valid against our own schemas always, and against the reference ones where they exist."""
     xsd.schema("GetMeterReadingsMessage.xsd").assertValid(element)
-    if reference_available():
-        validate_against_reference(element)
+    location = REFERENCE.joinpath(*GET_METER_READINGS_MESSAGE)
+    if location.exists():
+        _compiled(location).assertValid(element)

@@ -4,7 +4,6 @@ message cimhes produces round-trips and validates against its own schema and the
 import re
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
-from pathlib import Path
 
 import pytest
 from lxml import etree
@@ -20,7 +19,16 @@ from cimhes.cim.codec import (
     MalformedXml,
     SchemaInvalid,
 )
-from cimhes.cim.message import Error, ErrorCode, Header, ObjectId, Reply, ReplyResult, Verb, reply_header
+from cimhes.cim.message import (
+    Error,
+    ErrorCode,
+    Header,
+    ObjectId,
+    Reply,
+    ReplyResult,
+    Verb,
+    reply_header,
+)
 from cimhes.cim.meter_readings import (
     DeviceRef,
     GetMeterReadings,
@@ -32,9 +40,8 @@ from cimhes.cim.meter_readings import (
     Reading,
 )
 
-SHARED = Path(__file__).parents[1] / ".." / "shared"
-REFERENCE = SHARED / "reference" / "iec61968"
-SAMPLES = SHARED / "reference" / "iec61968-samples"
+from . import schemas
+from .schemas import sample
 
 UTC = timezone.utc
 T0 = datetime(2024, 3, 1, 0, 0, tzinfo=UTC)
@@ -47,10 +54,7 @@ MRID = "3f0c5a4e-6d2b-5a51-9b8e-2f7f1c1d0a01"
 @pytest.fixture(scope="module")
 def reference_schema():
     """The standard's GetMeterReadingsMessage schema set (the oracle), compiled from ../shared."""
-    location = REFERENCE / "connexo-2014-metering-cim" / "GetMeterReadingsMessage.xsd"
-    if not location.exists():
-        pytest.skip(f"reference schemas not found at {location.resolve()} (../shared is not checked out)")
-    return etree.XMLSchema(etree.parse(str(location), etree.XMLParser(no_network=True, resolve_entities=False)))
+    return schemas.reference_schema()
 
 
 def assert_valid_everywhere(element, reference_schema):
@@ -222,13 +226,6 @@ def test_request_round_trips_through_its_encoder(reference_schema):
 
 
 # --------------------------------------------------------------------------- the third-party samples
-
-
-def sample(name: str) -> bytes:
-    location = SAMPLES / name
-    if not location.exists():
-        pytest.skip(f"sample {location.resolve()} not found (../shared is not checked out)")
-    return location.read_bytes()
 
 
 def test_connexo_get_meter_readings_sample_decodes(reference_schema):

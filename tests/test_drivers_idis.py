@@ -12,8 +12,7 @@ from twisted.internet.defer import gatherResults
 from cimhes.cim.meter_readings import DeviceRef, Name
 from cimhes.cim.reading_type import ReadingType
 from cimhes.drivers import DeviceAddress, driver_for
-from cimhes.drivers.errors import (
-    AssociationRefused, ConnectionFailed, Timeout, UnsupportedReadingType)
+from cimhes.drivers.errors import AssociationRefused, ConnectionFailed, Timeout, UnsupportedReadingType
 from cimhes.drivers.idis import READING_TYPE_MAP, IdisMeterDriver, MeterReadResult, cim_value
 from cimhes.fixtures import meter_model
 from cimhes.fixtures.fleet import start_fleet

@@ -8,8 +8,16 @@ from gurux_dlms.enums import DataType
 
 from cimhes.drivers.axdr import AxdrError, decode_data
 from cimhes.drivers.dlms_session import (
-    Associated, AttributeValue, ClientSession, DataAccessError, LocalProtocolError,
-    NextBlockRequest, Released, State, cosem_datetime)
+    Associated,
+    AttributeValue,
+    ClientSession,
+    DataAccessError,
+    LocalProtocolError,
+    NextBlockRequest,
+    Released,
+    State,
+    cosem_datetime,
+)
 from cimhes.drivers.errors import AssociationRefused, ProtocolError
 from cimhes.fixtures import meter_model
 from cimhes.fixtures.meter_session import MeterSession

@@ -6,8 +6,16 @@ from datetime import datetime, timedelta, timezone
 import pytest
 
 from cimhes.fixtures import meter_model
-from cimhes.fixtures.meter_model import (EPOCH, EXPORT_TOTAL, IMPORT_T1, IMPORT_T2, IMPORT_TOTAL,
-                                         meter_identity, profile_rows, register_raw)
+from cimhes.fixtures.meter_model import (
+    EPOCH,
+    EXPORT_TOTAL,
+    IMPORT_T1,
+    IMPORT_T2,
+    IMPORT_TOTAL,
+    meter_identity,
+    profile_rows,
+    register_raw,
+)
 
 UTC = timezone.utc
 

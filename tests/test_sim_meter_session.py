@@ -8,8 +8,14 @@ import pytest
 from cimhes.fixtures import axdr, meter_model
 from cimhes.fixtures.axdr import Tag
 from cimhes.fixtures.meter_model import meter_identity, profile_rows, register_raw
-from cimhes.fixtures.meter_session import (Associated, AssociationRejected, MeterSession, ProtocolViolation,
-                                           Released, State)
+from cimhes.fixtures.meter_session import (
+    Associated,
+    AssociationRejected,
+    MeterSession,
+    ProtocolViolation,
+    Released,
+    State,
+)
 
 UTC = timezone.utc
 NOW = datetime(2024, 6, 1, 12, 7, 30, tzinfo=UTC)

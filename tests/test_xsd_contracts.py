@@ -1,7 +1,6 @@
 """The project's own XSDs and WSDL: they load (locally, with lxml, xmlschema and zeep), serve over HTTP,
 and describe exactly the structure and operation of the standard's GetMeterReadings contracts."""
 
-from pathlib import Path
 from urllib.parse import unquote
 
 import pytest
@@ -12,18 +11,11 @@ from zeep.transports import Transport
 
 from cimhes import xsd
 
-REFERENCE = Path(__file__).parents[1] / ".." / "shared" / "reference" / "iec61968"
+from .schemas import reference
 
 SERVICE = "http://hes.example:8080/cim/GetMeterReadings"
 WRAPPER = "http://iec.ch/TC57/2011/GetMeterReadingsMessage"
 TNS = "http://iec.ch/TC57/2011/GetMeterReadings"
-
-
-def reference(*parts: str) -> Path:
-    location = REFERENCE.joinpath(*parts)
-    if not location.exists():
-        pytest.skip(f"reference file {location.resolve()} not found (../shared is not checked out)")
-    return location
 
 
 # ------------------------------------------------------------------------------------------- loader
