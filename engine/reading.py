@@ -77,8 +77,10 @@ class MeterReadingService:
     def read(self, request: GetMeterReadings):
         outcome = ReadOutcome()
         reading_types = _valid_reading_types(request.reading_types, outcome.errors)
+        if request.start is None:
+            reading_types = _without_interval_types(reading_types, outcome.errors)
         if request.reading_types and not reading_types:
-            return outcome
+            return outcome  # nothing asked for can be read; an empty list would mean "all"
 
         devices = yield self._resolve(request, outcome)
         outcome.devices_asked = len(devices) + outcome.devices_failed
@@ -154,6 +156,22 @@ def _valid_reading_types(codes: list[str], errors: list[Error]) -> list[str]:
                                 reason=f"ReadingType {code!r}: {exc}", id=code,
                                 object_type="ReadingType"))
     return valid
+
+
+def _without_interval_types(codes: list[str], errors: list[Error]) -> list[str]:
+    """Interval data is read over a window; asked for without one, each type is an Error."""
+    kept = []
+    for code in codes:
+        reading_type = ReadingType.parse(code)
+        if reading_type.measuring_period or reading_type.macro_period:
+            errors.append(Error(
+                code=ErrorCode.MISSING_PARAMETER,
+                reason=f"ReadingType {code} is interval data and needs a time window "
+                       "(Request StartTime/EndTime or GetMeterReadings Reading.timePeriod)",
+                id=code, object_type="ReadingType"))
+        else:
+            kept.append(code)
+    return kept
 
 
 def _first_name(ref: DeviceRef) -> str | None:

@@ -14,6 +14,7 @@ from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
 from zeep.plugins import HistoryPlugin
 
+from cimhes.cim.message import ErrorCode
 from cimhes.drivers import DeviceAddress
 from cimhes.endpoints.site import HeadEnd, HeadEndSettings
 from cimhes.fixtures import meter_model
@@ -21,6 +22,9 @@ from cimhes.fixtures.fleet import start_fleet
 
 from .schemas import assert_valid_everywhere
 
+SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
+MESSAGE_NS = "http://iec.ch/TC57/2011/GetMeterReadingsMessage"
+ENVELOPE_NS = "http://iec.ch/TC57/2011/schema/message"
 NOW = datetime(2026, 11, 20, 12, 7, 31, tzinfo=timezone.utc)
 WINDOW_END = datetime(2026, 11, 20, 12, 0, tzinfo=timezone.utc)
 WINDOW_START = WINDOW_END - timedelta(hours=24)
@@ -83,8 +87,7 @@ def test_zeep_reads_three_meters_and_gets_the_simulators_values(head_end, fleet)
     client, history = yield deferToThread(_client, head_end.base_url)
     reply = yield deferToThread(_ask, client, [m["mrid"] for m in meters])
 
-    body = history.last_received["envelope"].find(
-        "{http://schemas.xmlsoap.org/soap/envelope/}Body")[0]
+    body = history.last_received["envelope"].find(f"{{{SOAP_ENV}}}Body")[0]
     assert_valid_everywhere(body)
     assert reply.Header.Verb == "reply"
     assert reply.Header.CorrelationID == "e2e-1"
@@ -127,8 +130,7 @@ def test_a_stopped_meter_makes_the_reply_partial_and_the_others_complete(head_en
     client, history = yield deferToThread(_client, head_end.base_url)
     reply = yield deferToThread(_ask, client, [m["mrid"] for m in meters])
 
-    assert_valid_everywhere(history.last_received["envelope"].find(
-        "{http://schemas.xmlsoap.org/soap/envelope/}Body")[0])
+    assert_valid_everywhere(history.last_received["envelope"].find(f"{{{SOAP_ENV}}}Body")[0])
     assert reply.Reply.Result == "PARTIAL"
     (error,) = reply.Reply.Error
     dead = meters[1]["mrid"]
@@ -145,8 +147,7 @@ def test_a_stopped_meter_makes_the_reply_partial_and_the_others_complete(head_en
 def test_unknown_meters_are_errors_naming_them_and_none_known_fails(head_end):
     client, history = yield deferToThread(_client, head_end.base_url)
     reply = yield deferToThread(_ask, client, ["no-such-meter"])
-    assert_valid_everywhere(history.last_received["envelope"].find(
-        "{http://schemas.xmlsoap.org/soap/envelope/}Body")[0])
+    assert_valid_everywhere(history.last_received["envelope"].find(f"{{{SOAP_ENV}}}Body")[0])
     assert reply.Reply.Result == "FAILED"
     (error,) = reply.Reply.Error
     assert error.ID._value_1 == "no-such-meter"
@@ -169,13 +170,26 @@ def test_hostile_and_invalid_requests_get_a_fault_and_the_server_keeps_serving(h
                b'xmlns:m="http://iec.ch/TC57/2011/GetMeterReadingsMessage">'
                b'<m:Header><x:Verb xmlns:x="http://iec.ch/TC57/2011/schema/message">fetch'
                b'</x:Verb></m:Header></m:GetMeterReadings></soapenv:Body></soapenv:Envelope>')
-    for payload in (laughs, invalid, b"<not-xml"):
+    refused = {}
+    for name, payload in [("laughs", laughs), ("invalid", invalid), ("garbage", b"<not-xml")]:
         response = yield deferToThread(requests.post, url, data=payload, headers=headers)
         assert response.status_code == 500
-        fault = etree.fromstring(response.content)
-        assert fault.find(".//faultcode").text.endswith("Client") or \
-            "Client" in fault.find(".//faultcode").text
-        assert fault.find(".//faultstring").text
+        fault = etree.fromstring(response.content).find(f".//{{{SOAP_ENV}}}Fault")
+        assert fault.findtext("faultcode").split(":")[-1].startswith("Client")
+        refused[name] = fault
+    assert "DTD" in refused["laughs"].findtext("faultstring") or \
+        "DOCTYPE" in refused["laughs"].findtext("faultstring")
+
+    # A request that parses but breaks the schema gets the WSDL's typed fault in the detail.
+    (detail,) = refused["invalid"].find("detail")
+    assert detail.tag == f"{{{MESSAGE_NS}}}MeterReadingsFaultMessage"
+    assert_valid_everywhere(detail)
+    reply = detail.find(f"{{{MESSAGE_NS}}}Reply")
+    assert reply.findtext(f"{{{ENVELOPE_NS}}}Result") == "FAILED"
+    error = reply.find(f"{{{ENVELOPE_NS}}}Error")
+    assert error.findtext(f"{{{ENVELOPE_NS}}}code") == ErrorCode.SCHEMA_INVALID.value
+    assert "fetch" in error.findtext(f"{{{ENVELOPE_NS}}}reason")
+    assert error.findtext(f"{{{ENVELOPE_NS}}}details")
 
     client, _history = yield deferToThread(_client, head_end.base_url)
     reply = yield deferToThread(_ask, client, [fleet.inventory()["meters"][0]["mrid"]])
