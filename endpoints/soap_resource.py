@@ -150,6 +150,8 @@ class SoapResource(Resource):
         if p_ctx.in_error is not None:
             return self._fault_now(request, p_ctx.in_error, p_ctx)
 
+        gone = request.notifyFinish()  # errbacks if the client hangs up before the answer
+        gone.addErrback(lambda _: setattr(p_ctx, "client_gone", True))
         d = maybeDeferred(self._call, p_ctx)
         d.addCallbacks(self._answer, self._fail, callbackArgs=(request, p_ctx),
                        errbackArgs=(request, p_ctx))
@@ -184,8 +186,8 @@ class SoapResource(Resource):
         return NOT_DONE_YET
 
     def _write(self, request, p_ctx, code: int):
-        if request.finished or request._disconnected:
-            return
+        if request.finished or getattr(p_ctx, "client_gone", False):
+            return  # the engine's work is stored all the same; nobody is left to answer
         p_ctx.out_protocol.serialize(p_ctx, p_ctx.out_protocol.RESPONSE)
         data = etree.tostring(p_ctx.out_document, xml_declaration=True, encoding="UTF-8")
         request.setResponseCode(code)
