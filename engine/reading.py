@@ -27,7 +27,7 @@ from cimhes.drivers.errors import (
     Timeout,
     UnsupportedReadingType,
 )
-from cimhes.engine.store import StoreRunner
+from cimhes.engine.store import ReadingWriter, StoreRunner
 
 log = logging.getLogger(__name__)
 
@@ -72,6 +72,7 @@ class MeterReadingService:
         self._timeout = timeout
         self._drivers = drivers
         self._now = now or (lambda: datetime.now(timezone.utc))
+        self._writer = ReadingWriter(store, self._now)
 
     @inlineCallbacks
     def read(self, request: GetMeterReadings):
@@ -87,28 +88,33 @@ class MeterReadingService:
         if not devices:
             return outcome
 
+        saves = []
+
+        def store(result: MeterReadResult) -> MeterReadResult:
+            saves.append(self._writer.save(result.meter_reading))
+            return result
+
         reads = [self._sessions.run(self._read_device, device, reading_types,
-                                    request.start, request.end)
+                                    request.start, request.end).addCallback(store)
                  for device in devices]
         results = yield DeferredList(reads, consumeErrors=True)
         for device, (succeeded, value) in zip(devices, results):
             if succeeded:
-                result: MeterReadResult = value
-                outcome.meter_readings.append(result.meter_reading)
+                outcome.meter_readings.append(value.meter_reading)
                 # Types the device could not serve are errors on it; its other values stand.
-                outcome.errors.extend(_device_error(device, error) for error in result.errors)
+                outcome.errors.extend(_device_error(device, error) for error in value.errors)
             else:
                 outcome.devices_failed += 1
                 outcome.errors.append(_failed_device(device, value))
 
-        if outcome.meter_readings:
-            try:
-                yield self._store.run("save_meter_readings", outcome.meter_readings, self._now())
-            except Exception as exc:  # the readings still go back to the caller
-                log.exception("storing readings failed")
-                outcome.errors.append(Error(
-                    code=ErrorCode.INTERNAL_ERROR, level=ErrorLevel.WARNING,
-                    reason=f"the readings below were read but not stored: {exc}"))
+        stored = yield DeferredList(saves, consumeErrors=True)
+        failures = [value for succeeded, value in stored if not succeeded]
+        if failures:  # the readings still go back to the caller
+            log.error("storing readings failed: %s", failures[0].getTraceback())
+            outcome.errors.append(Error(
+                code=ErrorCode.INTERNAL_ERROR, level=ErrorLevel.WARNING,
+                reason=f"{len(failures)} of {len(saves)} devices' readings below were read "
+                       f"but not stored: {failures[0].getErrorMessage()}"))
         return outcome
 
     def _read_device(self, device: DeviceAddress, reading_types, start, end):

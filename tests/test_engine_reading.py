@@ -142,3 +142,22 @@ def test_readings_are_stored_once_however_often_they_are_read(fleet, store):
     assert len(stored) == 8
     assert [v for _, v in stored] == \
         [r.value for r in first.meter_readings[0].interval_blocks[0].readings]
+
+
+@pytest_twisted.inlineCallbacks
+def test_readings_that_cannot_be_stored_still_reach_the_caller_with_a_warning(fleet, store):
+    from sqlalchemy import text
+
+    devices = _devices(fleet)[:2]
+    store[0].load_inventory(devices)
+    with store[0].engine.begin() as connection:
+        connection.execute(text("DROP TABLE reading"))
+    service = MeterReadingService(reactor, store[1], timeout=3.0)
+
+    outcome = yield service.read(_request(devices, [PLUS_A]))
+
+    assert outcome.result is ReplyResult.PARTIAL
+    assert len(outcome.meter_readings) == 2
+    (error,) = outcome.errors
+    assert error.code == ErrorCode.INTERNAL_ERROR.value and error.level.value == "WARNING"
+    assert "2 of 2 devices' readings" in error.reason and "not stored" in error.reason
