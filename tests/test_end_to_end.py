@@ -194,3 +194,26 @@ def test_hostile_and_invalid_requests_get_a_fault_and_the_server_keeps_serving(h
     client, _history = yield deferToThread(_client, head_end.base_url)
     reply = yield deferToThread(_ask, client, [fleet.inventory()["meters"][0]["mrid"]])
     assert reply.Reply.Result == "OK"
+
+
+@pytest_twisted.inlineCallbacks
+def test_another_vendors_request_gets_a_schema_valid_answer(head_end):
+    import requests
+
+    from .schemas import sample
+
+    envelope = sample("connexo_GetMeterReadings_request_GetUsagePointReadingsRequest.xml")
+    response = yield deferToThread(
+        requests.post, f"{head_end.base_url}/cim/GetMeterReadings", data=envelope,
+        headers={"Content-Type": "text/xml; charset=utf-8",
+                 "SOAPAction": '"http://iec.ch/TC57/2011/GetMeterReadings/GetMeterReadings"'})
+
+    assert response.status_code == 200
+    (answer,) = etree.fromstring(response.content).find(f"{{{SOAP_ENV}}}Body")
+    assert_valid_everywhere(answer)
+    reply = answer.find(f"{{{MESSAGE_NS}}}Reply")
+    # It asks by UsagePoint, which this head-end does not resolve yet: said, per usage point.
+    assert reply.findtext(f"{{{ENVELOPE_NS}}}Result") == "FAILED"
+    (error,) = reply.findall(f"{{{ENVELOPE_NS}}}Error")
+    assert error.findtext(f"{{{ENVELOPE_NS}}}ID") == "00000000-0000-0000-0000-0000000000ff"
+    assert "UsagePoint" in error.findtext(f"{{{ENVELOPE_NS}}}reason")
