@@ -64,13 +64,11 @@ class MeterReadingService:
     """Reads meters on demand: resolve the devices, read them under a bound, store, report."""
 
     def __init__(self, reactor, store: StoreRunner, *, concurrency: int = 200,
-                 timeout: float = 20.0, drivers: Callable = driver_for,
-                 now: Callable[[], datetime] | None = None):
+                 timeout: float = 20.0, now: Callable[[], datetime] | None = None):
         self._reactor = reactor
         self._store = store
         self._sessions = DeferredSemaphore(concurrency)
         self._timeout = timeout
-        self._drivers = drivers
         self._now = now or (lambda: datetime.now(timezone.utc))
         self._writer = ReadingWriter(store, self._now)
 
@@ -118,7 +116,7 @@ class MeterReadingService:
         return outcome
 
     def _read_device(self, device: DeviceAddress, reading_types, start, end):
-        driver = self._drivers(device.device_type)
+        driver = driver_for(device.device_type)
         return driver.read(self._reactor, device, reading_types, start, end, self._timeout)
 
     @inlineCallbacks
