@@ -672,17 +672,26 @@ def _reading_types_used(meter_readings: tuple[MeterReading, ...]) -> list[str]:
     return list(seen)
 
 
-def _encode_meter_reading(parent: etree._Element, meter_reading: MeterReading) -> None:
+def _encode_meter_reading(parent: etree._Element, meter_reading: MeterReading,
+                          stamps: dict[datetime, str]) -> None:
+    """One MeterReading. The interval loop is the hot path of a large reply (196 values per meter
+    read): tags are prepared once and each instant is formatted once per reply (`stamps`), since
+    a fleet's intervals share their timestamps (bench/encode_response.py)."""
     r = NS_METER_READINGS
+    sub = etree.SubElement
     node = _sub(parent, r, "MeterReading")
     for block in meter_reading.interval_blocks:
-        block_node = _sub(node, r, "IntervalBlocks")
+        block_node = sub(node, _TAG_INTERVAL_BLOCKS)
         for interval in block.readings:
-            interval_node = _sub(block_node, r, "IntervalReadings")
-            _sub(interval_node, r, "timeStamp", _format_datetime(interval.timestamp))
-            _sub(interval_node, r, "value", _format_value(interval.value))
-            _encode_qualities(interval_node, interval.qualities)
-        _sub(block_node, r, "ReadingType").set("ref", block.reading_type)
+            interval_node = sub(block_node, _TAG_INTERVAL_READINGS)
+            stamp = stamps.get(interval.timestamp)
+            if stamp is None:
+                stamp = stamps[interval.timestamp] = _format_datetime(interval.timestamp)
+            sub(interval_node, _TAG_TIME_STAMP).text = stamp
+            sub(interval_node, _TAG_VALUE).text = _format_value(interval.value)
+            if interval.qualities:
+                _encode_qualities(interval_node, interval.qualities)
+        sub(block_node, _TAG_READING_TYPE).set("ref", block.reading_type)
     _encode_device(node, r, "Meter", meter_reading.meter)
     for reading in meter_reading.readings:
         reading_node = _sub(node, r, "Readings")
@@ -695,6 +704,13 @@ def _encode_meter_reading(parent: etree._Element, meter_reading: MeterReading) -
         interval = _sub(node, r, "valuesInterval")
         _sub(interval, r, "end", _format_datetime(end))
         _sub(interval, r, "start", _format_datetime(start))
+
+
+_TAG_INTERVAL_BLOCKS = f"{{{NS_METER_READINGS}}}IntervalBlocks"
+_TAG_INTERVAL_READINGS = f"{{{NS_METER_READINGS}}}IntervalReadings"
+_TAG_TIME_STAMP = f"{{{NS_METER_READINGS}}}timeStamp"
+_TAG_VALUE = f"{{{NS_METER_READINGS}}}value"
+_TAG_READING_TYPE = f"{{{NS_METER_READINGS}}}ReadingType"
 
 
 def encode_meter_readings_response(response: MeterReadingsResponse) -> etree._Element:
@@ -710,8 +726,9 @@ def encode_meter_readings_response(response: MeterReadingsResponse) -> etree._El
     _encode_reply(root, wrapper, response.reply)
     if response.meter_readings or response.reply.result is not ReplyResult.FAILED:
         readings = _sub(_sub(root, wrapper, "Payload"), r, "MeterReadings")
+        stamps: dict[datetime, str] = {}
         for meter_reading in response.meter_readings:
-            _encode_meter_reading(readings, meter_reading)
+            _encode_meter_reading(readings, meter_reading, stamps)
         for code in _reading_types_used(response.meter_readings):
             reading_type = _sub(readings, r, "ReadingType")
             _sub(reading_type, r, "mRID", code)
