@@ -12,6 +12,8 @@ import os
 import sys
 from pathlib import Path
 
+from twisted.internet.error import CannotListenError
+
 from cimhes.drivers import DeviceAddress
 
 
@@ -47,9 +49,12 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    if args.command == "demo":
-        return _demo(args)
-    return _serve(args)
+    try:
+        return _demo(args) if args.command == "demo" else _serve(args)
+    except (CannotListenError, OSError, ValueError) as exc:
+        # What a user can fix (a port in use, a bad inventory file) is said in one line.
+        print(f"cimhes {args.command}: error: {exc}", file=sys.stderr)
+        return 2
 
 
 def _database_url(value: str) -> str:
@@ -68,8 +73,8 @@ def _demo(args) -> int:
 
     fleet = start_fleet(reactor, args.meters, response_delay=args.delay, port=args.meter_port)
     inventory = fleet.inventory()
-    head_end = HeadEnd(reactor, HeadEndSettings(database_url=_database_url(args.db)))
-    head_end.load_inventory([DeviceAddress(**entry) for entry in inventory["meters"]])
+    head_end = HeadEnd(reactor, HeadEndSettings(database_url=_database_url(args.db)),
+                       [DeviceAddress.from_inventory(e) for e in inventory["meters"]])
     reactor.addSystemEventTrigger("before", "shutdown", fleet.stop_all)
     return _run(reactor, head_end, args.host, args.port,
                 meters=[entry["mrid"] for entry in inventory["meters"]])
@@ -80,14 +85,28 @@ def _serve(args) -> int:
 
     from cimhes.endpoints.site import HeadEnd, HeadEndSettings
 
-    entries = json.loads(Path(args.inventory).read_text())["meters"]
-    head_end = HeadEnd(reactor, HeadEndSettings(database_url=_database_url(args.db)))
-    head_end.load_inventory([DeviceAddress(**entry) for entry in entries])
-    return _run(reactor, head_end, args.host, args.port, meters=[e["mrid"] for e in entries])
+    devices = _read_inventory(Path(args.inventory))
+    head_end = HeadEnd(reactor, HeadEndSettings(database_url=_database_url(args.db)), devices)
+    return _run(reactor, head_end, args.host, args.port, meters=[d.mrid for d in devices])
+
+
+def _read_inventory(path: Path) -> list[DeviceAddress]:
+    """The devices of an inventory file (the format `cimhes simulate` writes)."""
+    try:
+        entries = json.loads(path.read_text())["meters"]
+        return [DeviceAddress.from_inventory(entry) for entry in entries]
+    except json.JSONDecodeError as exc:
+        raise ValueError(f"{path} is not JSON: {exc}") from None
+    except (KeyError, TypeError) as exc:
+        raise ValueError(f"{path} is not an inventory ({{\"meters\": [...]}}): {exc}") from None
 
 
 def _run(reactor, head_end, host: str, port: int, meters: list[str]) -> int:
-    listening = reactor.listenTCP(port, head_end.site, interface=host)
+    try:
+        listening = reactor.listenTCP(port, head_end.site, interface=host)
+    except CannotListenError:
+        head_end.store_runner.stop()  # its thread would keep the process alive
+        raise
     actual = listening.getHost().port
     ready = {"ready": True, "base_url": f"http://{host}:{actual}", "meters": meters,
              "services": {"GetMeterReadings": f"http://{host}:{actual}/cim/GetMeterReadings"},

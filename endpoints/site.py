@@ -49,10 +49,13 @@ class _Index(Resource):
 
 
 class HeadEnd:
-    """One head-end process: store, engine and SOAP site on the given reactor."""
+    """One head-end process: store (loaded with the inventory's devices), engine and SOAP site
+    on the given reactor."""
 
-    def __init__(self, reactor, settings: HeadEndSettings):
+    def __init__(self, reactor, settings: HeadEndSettings, devices: list[DeviceAddress]):
         self.store = Store(settings.database_url)
+        # Before any thread starts: a refused inventory must leave nothing running.
+        self.store.load_inventory(devices)
         self.store_runner = StoreRunner(reactor, self.store)
         self.readings = MeterReadingService(
             reactor, self.store_runner, concurrency=settings.read_concurrency,
@@ -66,7 +69,3 @@ class HeadEnd:
         root.putChild(b"", root)
         self.site = Site(root)
         self.site.displayTracebacks = False
-
-    def load_inventory(self, devices: list[DeviceAddress]) -> int:
-        """Blocking: call before the reactor runs, or through the store runner."""
-        return self.store.load_inventory(devices)

@@ -33,7 +33,7 @@ from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
 from cimhes.cim.meter_readings import MeterReading
-from cimhes.drivers import DeviceAddress
+from cimhes.drivers import DRIVERS, DeviceAddress
 
 
 class EpochMillis(TypeDecorator):
@@ -141,7 +141,14 @@ class Store:
         self._session = sessionmaker(self.engine, expire_on_commit=False)
 
     def load_inventory(self, devices: Iterable[DeviceAddress]) -> int:
-        """Insert or update devices by mRID; returns how many were given."""
+        """Insert or update devices by mRID; returns how many were given. A device whose type
+        no driver serves is refused (ValueError naming it) and nothing is loaded."""
+        devices = list(devices)
+        for address in devices:
+            if address.device_type not in DRIVERS:
+                raise ValueError(f"device {address.mrid} ({address.name}) has device type "
+                                 f"{address.device_type!r}, which no driver serves; known: "
+                                 f"{sorted(DRIVERS)}")
         count = 0
         with self._session.begin() as session:
             known = {d.mrid: d for d in session.scalars(select(Device))}

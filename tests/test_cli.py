@@ -80,3 +80,35 @@ def test_simulate_writes_an_inventory_that_serve_loads(tmp_path):
             assert _stop(server, signal.SIGTERM) == 0
     finally:
         assert _stop(fleet, signal.SIGTERM) == 0
+
+
+def test_a_bad_inventory_is_one_clear_line_and_exit_code_2(tmp_path):
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text(json.dumps({"meters": [{
+        "mrid": "m-1", "name": "X1", "device_type": "gas-meter", "host": "127.0.1.9",
+        "port": 4059, "client_address": 1, "server_address": 1, "authentication": "low",
+        "password": "12345678"}]}))
+    for content, expected in [(None, "gas-meter"), ("{", "is not JSON"),
+                              ('{"devices": []}', "is not an inventory")]:
+        if content is not None:
+            inventory.write_text(content)
+        done = subprocess.run([str(CIMHES), "serve", "--inventory", str(inventory), "--port", "0",
+                               "--db", str(tmp_path / "x.sqlite")],
+                              capture_output=True, text=True, timeout=30)
+        assert done.returncode == 2
+        assert done.stdout == ""
+        assert expected in done.stderr and "Traceback" not in done.stderr
+
+
+def test_a_port_in_use_is_one_clear_line_and_exit_code_2(tmp_path):
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = subprocess.run([str(CIMHES), "demo", "--port", str(port), "--meters", "1",
+                               "--meter-port", "0", "--db", str(tmp_path / "x.sqlite")],
+                              capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "Address already in use" in done.stderr and "Traceback" not in done.stderr

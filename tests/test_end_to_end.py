@@ -54,8 +54,8 @@ def fleet():
 @pytest.fixture
 def head_end(tmp_path, fleet):
     head_end = HeadEnd(reactor, HeadEndSettings(
-        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}", device_timeout=3.0))
-    head_end.load_inventory([DeviceAddress(**m) for m in fleet.inventory()["meters"]])
+        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}", device_timeout=3.0),
+        [DeviceAddress.from_inventory(m) for m in fleet.inventory()["meters"]])
     port = reactor.listenTCP(0, head_end.site, interface="127.0.0.1")
     head_end.base_url = f"http://127.0.0.1:{port.getHost().port}"
     yield head_end
