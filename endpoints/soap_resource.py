@@ -30,13 +30,12 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from cimhes.cim.codec import CodecError, parse_xml
+from cimhes.cim.codec import MAX_DOCUMENT_BYTES, CodecError, parse_xml
 from cimhes.xsd import UnknownDocument, wsdl_text, xsd_text
 
 log = logging.getLogger(__name__)
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
-MAX_REQUEST_BYTES = 4 * 1024 * 1024
 
 
 class CimFault(Fault):
@@ -76,8 +75,7 @@ class _TwistedTransportContext(HttpTransportContext):
         return self.req.method.decode("ascii")
 
     def get_request_content_type(self):
-        value = self.req.getHeader("content-type")
-        return value
+        return self.req.getHeader("content-type")
 
     def get_path(self):
         return self.req.path.decode("utf-8", "replace")
@@ -135,11 +133,12 @@ class SoapResource(Resource):
         return b"POST SOAP 1.1 requests here; the WSDL is at ?wsdl\n"
 
     def render_POST(self, request):
-        length = request.getHeader("content-length")
-        body = request.content.read(MAX_REQUEST_BYTES + 1)
-        if len(body) > MAX_REQUEST_BYTES or (length and int(length) > MAX_REQUEST_BYTES):
+        # twisted.web has the whole body by now (in a temporary file when large); read no more
+        # of it than the codec accepts.
+        body = request.content.read(MAX_DOCUMENT_BYTES + 1)
+        if len(body) > MAX_DOCUMENT_BYTES:
             return self._fault_now(request, Fault(
-                "Client.TooLarge", f"request larger than {MAX_REQUEST_BYTES} bytes refused"))
+                "Client.TooLarge", f"request larger than {MAX_DOCUMENT_BYTES} bytes refused"))
 
         ctx = _TwistedMethodContext(self._server, request, "text/xml; charset=utf-8")
         ctx.in_string = [body]

@@ -75,9 +75,8 @@ class MeterReadingService:
     @inlineCallbacks
     def read(self, request: GetMeterReadings):
         outcome = ReadOutcome()
-        reading_types = _valid_reading_types(request.reading_types, outcome.errors)
-        if request.start is None:
-            reading_types = _without_interval_types(reading_types, outcome.errors)
+        reading_types = _readable_reading_types(request.reading_types, request.start is not None,
+                                                outcome.errors)
         if request.reading_types and not reading_types:
             return outcome  # nothing asked for can be read; an empty list would mean "all"
 
@@ -150,32 +149,27 @@ class MeterReadingService:
         return devices
 
 
-def _valid_reading_types(codes: list[str], errors: list[Error]) -> list[str]:
-    valid = []
+def _readable_reading_types(codes: list[str], has_window: bool, errors: list[Error]) -> list[str]:
+    """The codes that can be read, in order; an Error for each that is not a ReadingType, and for
+    each interval type asked without a time window (interval data is read over a window)."""
+    readable = []
     for code in codes:
         try:
-            valid.append(ReadingType.parse(code).mrid)
+            reading_type = ReadingType.parse(code)
         except ValueError as exc:
             errors.append(Error(code=ErrorCode.INVALID_PARAMETER,
                                 reason=f"ReadingType {code!r}: {exc}", id=code,
                                 object_type="ReadingType"))
-    return valid
-
-
-def _without_interval_types(codes: list[str], errors: list[Error]) -> list[str]:
-    """Interval data is read over a window; asked for without one, each type is an Error."""
-    kept = []
-    for code in codes:
-        reading_type = ReadingType.parse(code)
-        if reading_type.measuring_period or reading_type.macro_period:
+            continue
+        if not has_window and (reading_type.measuring_period or reading_type.macro_period):
             errors.append(Error(
                 code=ErrorCode.MISSING_PARAMETER,
                 reason=f"ReadingType {code} is interval data and needs a time window "
                        "(Request StartTime/EndTime or GetMeterReadings Reading.timePeriod)",
                 id=code, object_type="ReadingType"))
-        else:
-            kept.append(code)
-    return kept
+            continue
+        readable.append(reading_type.mrid)
+    return readable
 
 
 def _first_name(ref: DeviceRef) -> str | None:
