@@ -75,7 +75,8 @@ class ErrorCode(str, enum.Enum):
 
     Codes follow the 61968-100 "category.detail" convention, the category being the first number:
     0 success or partial success, 1 the message itself (XML, envelope, schema), 2 the request's
-    content (objects and parameters asked for), 3 security, 5 the head-end or the devices behind it.
+    content (objects and parameters asked for), 3 too many (limits), 5 the head-end or the devices
+    behind it, 7 security (authentication and authorisation).
     The individual assignments are cimhes's own (the IEC text was not at hand when they were made);
     clients should act on the category and read ``reason`` for the rest.
     """
@@ -102,7 +103,10 @@ class ErrorCode(str, enum.Enum):
     OBJECT_NOT_FOUND = "2.4", "a referenced object (device, usage point ...) is not known"
     UNSUPPORTED_REQUEST = "2.5", "the request asks for something this head-end does not do"
     TOO_MANY_OBJECTS = "2.6", "the request asks for more objects or readings than allowed"
-    UNAUTHORIZED = "3.1", "the user may not do this"
+    CONTROL_RATE_LIMITED = "3.2", "too many controls of this kind in the limit's window; retry later"
+    NOT_AUTHENTICATED = "7.1", "no credentials, or credentials the head-end does not accept"
+    NOT_AUTHORIZED = "7.2", "the authenticated user holds no role that allows this request"
+    CLEARTEXT_PASSWORD_REFUSED = "7.3", "a clear-text password over plain HTTP from another host; use TLS"
     INTERNAL_ERROR = "5.0", "the head-end failed; the request may be retried"
     DEVICE_TIMEOUT = "5.1", "the device did not answer in time"
     DEVICE_UNREACHABLE = "5.2", "no connection could be made to the device"

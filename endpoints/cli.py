@@ -1,4 +1,4 @@
-"""The `cimhes` command: `demo`, `serve` and `simulate`.
+"""The `cimhes` command: `demo`, `serve`, `simulate`, and the administration of users and audit.
 
 Scripts drive these commands, so their output is a contract: once a server accepts requests it
 prints one JSON line on stdout (`{"ready": true, "base_url": ..., ...}`); logs go to stderr.
@@ -9,12 +9,22 @@ import argparse
 import json
 import logging
 import os
+import secrets
 import sys
 from pathlib import Path
 
 from twisted.internet.error import CannotListenError
 
 from cimhes.drivers import DeviceAddress
+from cimhes.engine.users import Role
+from cimhes.endpoints.admin_cli import (
+    add_admin_commands,
+    add_store_arguments,
+    run_admin,
+    secret_key_file,
+)
+
+DEMO_USER = "demo"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -30,15 +40,15 @@ def main(argv: list[str] | None = None) -> int:
                       help="DLMS port of every simulated meter (default 4059)")
     demo.add_argument("--delay", type=float, default=0.0,
                       help="simulated meter response delay in seconds (a WAN meter)")
-    demo.add_argument("--db", default="var/cimhes-demo.sqlite", help="SQLite file")
+    add_store_arguments(demo, "var/cimhes-demo.sqlite")
 
     serve = commands.add_parser("serve", help="the head-end alone, devices from an inventory file")
     serve.add_argument("--inventory", required=True, help="inventory JSON (from cimhes simulate)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--host", default="127.0.0.1")
-    serve.add_argument("--db", default="var/cimhes.sqlite",
-                       help="SQLite file, or a SQLAlchemy URL (postgresql+psycopg://...)")
+    add_store_arguments(serve, "var/cimhes.sqlite")
 
+    add_admin_commands(commands, "var/cimhes.sqlite")
     commands.add_parser("simulate", help="a fleet of simulated IDIS meters (see simulate -h)",
                         add_help=False)
 
@@ -50,6 +60,8 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        if args.command in ("user", "audit"):
+            return run_admin(args, _database_url)
         return _demo(args) if args.command == "demo" else _serve(args)
     except (CannotListenError, OSError, ValueError) as exc:
         # What a user can fix (a port in use, a bad inventory file) is said in one line.
@@ -68,26 +80,38 @@ def _database_url(value: str) -> str:
 def _demo(args) -> int:
     from twisted.internet import reactor
 
-    from cimhes.endpoints.site import HeadEnd, HeadEndSettings
+    from cimhes.endpoints.site import HeadEnd
     from cimhes.fixtures.fleet import start_fleet
 
     fleet = start_fleet(reactor, args.meters, response_delay=args.delay, port=args.meter_port)
     inventory = fleet.inventory()
-    head_end = HeadEnd(reactor, HeadEndSettings(database_url=_database_url(args.db)),
+    head_end = HeadEnd(reactor, _settings(args),
                        [DeviceAddress.from_inventory(e) for e in inventory["meters"]])
     reactor.addSystemEventTrigger("before", "shutdown", fleet.stop_all)
+    # A demo works with no set-up: a user holding every role, with a new password each run.
+    password = secrets.token_urlsafe(12)
+    head_end.users.add_user(DEMO_USER, password, list(Role), digest=True, actor="cimhes demo",
+                            source="local", replace=True)
     return _run(reactor, head_end, args.host, args.port,
-                meters=[entry["mrid"] for entry in inventory["meters"]])
+                meters=[entry["mrid"] for entry in inventory["meters"]],
+                user=DEMO_USER, password=password)
 
 
 def _serve(args) -> int:
     from twisted.internet import reactor
 
-    from cimhes.endpoints.site import HeadEnd, HeadEndSettings
+    from cimhes.endpoints.site import HeadEnd
 
     devices = _read_inventory(Path(args.inventory))
-    head_end = HeadEnd(reactor, HeadEndSettings(database_url=_database_url(args.db)), devices)
+    head_end = HeadEnd(reactor, _settings(args), devices)
     return _run(reactor, head_end, args.host, args.port, meters=[d.mrid for d in devices])
+
+
+def _settings(args):
+    from cimhes.endpoints.site import HeadEndSettings
+
+    return HeadEndSettings(database_url=_database_url(args.db),
+                           secret_key_file=secret_key_file(args.db, args.secret_key_file))
 
 
 def _read_inventory(path: Path) -> list[DeviceAddress]:
@@ -101,7 +125,7 @@ def _read_inventory(path: Path) -> list[DeviceAddress]:
         raise ValueError(f"{path} is not an inventory ({{\"meters\": [...]}}): {exc}") from None
 
 
-def _run(reactor, head_end, host: str, port: int, meters: list[str]) -> int:
+def _run(reactor, head_end, host: str, port: int, meters: list[str], **extra) -> int:
     try:
         listening = reactor.listenTCP(port, head_end.site, interface=host)
     except CannotListenError:
@@ -110,7 +134,7 @@ def _run(reactor, head_end, host: str, port: int, meters: list[str]) -> int:
     actual = listening.getHost().port
     ready = {"ready": True, "base_url": f"http://{host}:{actual}", "meters": meters,
              "services": {"GetMeterReadings": f"http://{host}:{actual}/cim/GetMeterReadings"},
-             "pid": os.getpid()}
+             "pid": os.getpid(), **extra}
     print(json.dumps(ready), flush=True)
     reactor.run()  # Twisted's own SIGINT/SIGTERM handlers stop it cleanly
     return 0

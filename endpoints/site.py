@@ -11,7 +11,9 @@ from dataclasses import dataclass
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
+from cimhes.cim.codec import encode_fault
 from cimhes.drivers import DeviceAddress
+from cimhes.endpoints.auth import AuditTrail, Doorkeeper, SoapGuard
 from cimhes.endpoints.meter_readings import (
     WSDL_FILE as GET_METER_READINGS_WSDL,
 )
@@ -25,6 +27,7 @@ from cimhes.endpoints.meter_readings import (
 from cimhes.endpoints.soap_resource import SoapResource
 from cimhes.engine.reading import MeterReadingService
 from cimhes.engine.store import Store, StoreRunner
+from cimhes.engine.users import Authenticator, Role, SecretBox, UserStore
 
 
 @dataclass
@@ -32,6 +35,8 @@ class HeadEndSettings:
     database_url: str = "sqlite:///var/cimhes.sqlite"
     read_concurrency: int = 200
     device_timeout: float = 20.0
+    # Key of the secrets the head-end must read back (PasswordDigest secrets); made if missing.
+    secret_key_file: str = "var/cimhes-secret.key"
 
 
 class _Index(Resource):
@@ -56,14 +61,20 @@ class HeadEnd:
         self.store = Store(settings.database_url)
         # Before any thread starts: a refused inventory must leave nothing running.
         self.store.load_inventory(devices)
+        self.users = UserStore(self.store, SecretBox.from_file(settings.secret_key_file))
         self.store_runner = StoreRunner(reactor, self.store)
+        self.audit = AuditTrail(self.store_runner, self.users)
+        self.doorkeeper = Doorkeeper(Authenticator(self.store_runner, self.users), self.audit)
         self.readings = MeterReadingService(
             reactor, self.store_runner, concurrency=settings.read_concurrency,
             timeout=settings.device_timeout)
         door = GetMeterReadingsDoor(self.readings, self.store_runner)
         cim = Resource()
         cim.putChild(GET_METER_READINGS.encode(),
-                     SoapResource(get_meter_readings_application(door), GET_METER_READINGS_WSDL))
+                     SoapResource(get_meter_readings_application(door), GET_METER_READINGS_WSDL,
+                                  SoapGuard(self.doorkeeper,
+                                            {"GetMeterReadings": Role.READINGS_READER},
+                                            encode_fault)))
         root = _Index([GET_METER_READINGS])
         root.putChild(b"cim", cim)
         root.putChild(b"", root)

@@ -107,10 +107,13 @@ class SoapResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, application: Application, wsdl_file: str):
+    def __init__(self, application: Application, wsdl_file: str, guard=None):
         super().__init__()
         self._server = HttpBase(application)
         self._wsdl_file = wsdl_file
+        # guard.admit(request, envelope, body) -> Deferred[principal], failing with a Fault:
+        # who may call (endpoints/auth.py). The principal reaches the service as ctx.udc.
+        self._guard = guard
 
     def render_GET(self, request):
         # twisted.web's parse_qs drops a key with no "=", and `?wsdl` is exactly that.
@@ -151,11 +154,19 @@ class SoapResource(Resource):
 
         gone = request.notifyFinish()  # errbacks if the client hangs up before the answer
         gone.addErrback(lambda _: setattr(p_ctx, "client_gone", True))
-        d = maybeDeferred(self._call, p_ctx)
+        if self._guard is None:
+            d = maybeDeferred(self._call, p_ctx)
+        else:
+            d = self._guard.admit(request, p_ctx.in_document, p_ctx.in_body_doc)
+            d.addCallback(self._call_as, p_ctx)
         d.addCallbacks(self._answer, self._fail, callbackArgs=(request, p_ctx),
                        errbackArgs=(request, p_ctx))
         d.addErrback(log_failure)
         return NOT_DONE_YET
+
+    def _call_as(self, principal, p_ctx) -> Deferred:
+        p_ctx.udc = principal
+        return self._call(p_ctx)
 
     def _call(self, p_ctx) -> Deferred:
         self._server.get_out_object(p_ctx)

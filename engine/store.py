@@ -258,6 +258,10 @@ class StoreRunner:
         method = getattr(self.store, method_name)
         return deferToThreadPool(self._reactor, self._pool, method, *args, **kwargs)
 
+    def call(self, function, *args, **kwargs) -> Deferred:
+        """Run a blocking callable (a unit of work on this store) on the store's thread."""
+        return deferToThreadPool(self._reactor, self._pool, function, *args, **kwargs)
+
     def stop(self) -> None:
         if self._pool.started:
             self._pool.stop()

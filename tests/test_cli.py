@@ -9,7 +9,8 @@ import threading
 from pathlib import Path
 
 import pytest
-import zeep
+
+from .credentials import zeep_client
 
 CIMHES = Path(sys.executable).with_name("cimhes")
 PLUS_A = "0.0.0.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0"
@@ -37,8 +38,8 @@ def _stop(process: subprocess.Popen, sig=signal.SIGINT) -> int:
             process.kill()
 
 
-def _read_registers(base_url: str, mrids: list[str]):
-    client = zeep.Client(f"{base_url}/cim/GetMeterReadings?wsdl")
+def _read_registers(base_url: str, mrids: list[str], user: str, password: str):
+    client = zeep_client(f"{base_url}/cim/GetMeterReadings?wsdl", name=user, password=password)
     return client.service.GetMeterReadings(
         Header={"Verb": "get", "Noun": "MeterReadings"},
         Request={"GetMeterReadings": {"EndDevice": [{"mRID": m} for m in mrids],
@@ -52,7 +53,9 @@ def test_demo_prints_ready_serves_readings_and_stops_on_ctrl_c(tmp_path):
         assert ready["ready"] is True
         assert ready["base_url"].startswith("http://127.0.0.1:")
         assert len(ready["meters"]) == 2
-        reply = _read_registers(ready["base_url"], ready["meters"])
+        assert ready["user"] == "demo" and len(ready["password"]) >= 12
+        reply = _read_registers(ready["base_url"], ready["meters"], ready["user"],
+                                ready["password"])
         assert reply.Reply.Result == "OK"
         assert {mr.Meter.mRID for mr in reply.Payload.MeterReadings.MeterReading} == \
             set(ready["meters"])
@@ -69,17 +72,57 @@ def test_simulate_writes_an_inventory_that_serve_loads(tmp_path):
         assert ready == {"ready": True, "inventory": str(inventory), "meters": 3}
         entries = json.loads(inventory.read_text())["meters"]
         assert len(entries) == 3
+        db = str(tmp_path / "serve.sqlite")
+        _admin("user", "add", "mdm", "--role", "readings-reader", "--password-stdin",
+               "--db", db, stdin="mdm-password-1\n")
         server, served = _start("serve", "--inventory", str(inventory), "--port", "0",
-                                "--db", str(tmp_path / "serve.sqlite"))
+                                "--db", db)
         try:
             assert served["meters"] == [e["mrid"] for e in entries]
-            reply = _read_registers(served["base_url"], served["meters"])
+            assert "password" not in served
+            reply = _read_registers(served["base_url"], served["meters"], "mdm",
+                                    "mdm-password-1")
             assert reply.Reply.Result == "OK"
             assert len(reply.Payload.MeterReadings.MeterReading) == 3
         finally:
             assert _stop(server, signal.SIGTERM) == 0
     finally:
         assert _stop(fleet, signal.SIGTERM) == 0
+
+
+def _admin(*args: str, stdin: str = "", code: int = 0) -> subprocess.CompletedProcess:
+    done = subprocess.run([str(CIMHES), *args], input=stdin, capture_output=True, text=True,
+                          timeout=60)
+    assert done.returncode == code, done.stderr
+    return done
+
+
+def test_user_commands_change_users_and_each_change_is_in_the_csv_audit(tmp_path):
+    db = str(tmp_path / "admin.sqlite")
+    _admin("user", "add", "ops", "--role", "switch-operator", "--role", "readings-reader",
+           "--digest", "--password-stdin", "--db", db, stdin="ops-password-1\n")
+    _admin("user", "grant", "ops", "load-limit-operator", "--db", db)
+    _admin("user", "revoke", "ops", "readings-reader", "--db", db)
+    _admin("user", "disable", "ops", "--db", db)
+    listed = _admin("user", "list", "--db", db).stdout.splitlines()
+    assert listed == ["ops\tdisabled digest\tload-limit-operator,switch-operator"]
+    short = _admin("user", "add", "x", "--password-stdin", "--db", db, stdin="short\n", code=2)
+    assert "8 to 1024 characters" in short.stderr
+    again = _admin("user", "add", "ops", "--password-stdin", "--db", db,
+                   stdin="ops-password-2\n", code=2)
+    assert "exists" in again.stderr
+    roles = _admin("user", "roles").stdout
+    assert "switch-operator" in roles and "load-limit-operator" in roles
+
+    out = tmp_path / "audit.csv"
+    _admin("audit", "export", "--db", db, "--out", str(out))
+    rows = [line.split(",") for line in out.read_text().splitlines()]
+    assert rows[0][:4] == ["at", "actor", "action", "outcome"]
+    assert [(r[2], r[6]) for r in rows[1:]] == [
+        ("user.add", "ops"), ("user.grant", "ops"), ("user.revoke", "ops"),
+        ("user.disable", "ops")]
+    assert all(r[1].startswith("cli:") and r[4] == "local" for r in rows[1:])
+    assert "ops-password" not in out.read_text()
 
 
 def test_a_bad_inventory_is_one_clear_line_and_exit_code_2(tmp_path):

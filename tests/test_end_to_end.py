@@ -8,7 +8,6 @@ from decimal import Decimal
 
 import pytest
 import pytest_twisted
-import zeep
 from lxml import etree
 from twisted.internet import reactor
 from twisted.internet.threads import deferToThread
@@ -20,6 +19,7 @@ from cimhes.endpoints.site import HeadEnd, HeadEndSettings
 from cimhes.fixtures import meter_model
 from cimhes.fixtures.fleet import start_fleet
 
+from .credentials import TEST_PASSWORD, TEST_USER, add_test_user, zeep_client
 from .schemas import assert_valid_everywhere
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -54,8 +54,10 @@ def fleet():
 @pytest.fixture
 def head_end(tmp_path, fleet):
     head_end = HeadEnd(reactor, HeadEndSettings(
-        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}", device_timeout=3.0),
+        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}", device_timeout=3.0,
+        secret_key_file=str(tmp_path / "secret.key")),
         [DeviceAddress.from_inventory(m) for m in fleet.inventory()["meters"]])
+    add_test_user(head_end)
     port = reactor.listenTCP(0, head_end.site, interface="127.0.0.1")
     head_end.base_url = f"http://127.0.0.1:{port.getHost().port}"
     yield head_end
@@ -66,7 +68,7 @@ def head_end(tmp_path, fleet):
 
 def _client(base_url: str):
     history = HistoryPlugin()
-    client = zeep.Client(f"{base_url}/cim/GetMeterReadings?wsdl", plugins=[history])
+    client = zeep_client(f"{base_url}/cim/GetMeterReadings?wsdl", plugins=[history])
     return client, history
 
 
@@ -172,7 +174,8 @@ def test_hostile_and_invalid_requests_get_a_fault_and_the_server_keeps_serving(h
                b'</x:Verb></m:Header></m:GetMeterReadings></soapenv:Body></soapenv:Envelope>')
     refused = {}
     for name, payload in [("laughs", laughs), ("invalid", invalid), ("garbage", b"<not-xml")]:
-        response = yield deferToThread(requests.post, url, data=payload, headers=headers)
+        response = yield deferToThread(requests.post, url, data=payload, headers=headers,
+                                       auth=(TEST_USER, TEST_PASSWORD))
         assert response.status_code == 500
         fault = etree.fromstring(response.content).find(f".//{{{SOAP_ENV}}}Fault")
         assert fault.findtext("faultcode").split(":")[-1].startswith("Client")
@@ -206,7 +209,8 @@ def test_another_vendors_request_gets_a_schema_valid_answer(head_end):
     response = yield deferToThread(
         requests.post, f"{head_end.base_url}/cim/GetMeterReadings", data=envelope,
         headers={"Content-Type": "text/xml; charset=utf-8",
-                 "SOAPAction": '"http://iec.ch/TC57/2011/GetMeterReadings/GetMeterReadings"'})
+                 "SOAPAction": '"http://iec.ch/TC57/2011/GetMeterReadings/GetMeterReadings"'},
+        auth=(TEST_USER, TEST_PASSWORD))
 
     assert response.status_code == 200
     (answer,) = etree.fromstring(response.content).find(f"{{{SOAP_ENV}}}Body")

@@ -1,0 +1,502 @@
+"""Users, roles and the audit trail: who may do what through the head-end, and who did what.
+
+Roles are a fixed, documented table (:class:`Role`), kept in the store so grants are rows; a user
+holds any number of them. Passwords are kept as argon2id hashes (argon2-cffi). WS-Security's
+PasswordDigest needs the password itself on the server (the digest is SHA-1 over nonce, time and
+password), so a user created with ``digest=True`` also gets that password encrypted at rest
+(Fernet, key in the head-end's secret key file); a user without it can use PasswordText or HTTP
+Basic only.
+
+The audit table is append-only: the store only ever inserts into it, and database triggers refuse
+UPDATE and DELETE (SQLite and PostgreSQL), so even a hand-written statement cannot rewrite history.
+
+Every method of :class:`UserStore` blocks on the database: the reactor reaches it through the
+store's thread (``StoreRunner.call``). Password hashing and verification are CPU work (tens of
+milliseconds each, by design) and run on worker threads (:class:`Authenticator`).
+"""
+from __future__ import annotations
+
+import base64
+import csv
+import enum
+import functools
+import hashlib
+import hmac
+import logging
+import os
+import secrets
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta, timezone
+from pathlib import Path
+from typing import TextIO
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError
+from cryptography.fernet import Fernet, InvalidToken
+from sqlalchemy import (
+    Boolean,
+    DDL,
+    ForeignKey,
+    String,
+    event,
+    select,
+)
+from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
+from twisted.internet.defer import DeferredSemaphore, inlineCallbacks
+from twisted.internet.threads import deferToThread
+
+from cimhes.engine.store import Base, EpochMillis, Store, StoreRunner
+
+log = logging.getLogger(__name__)
+
+
+class Role(str, enum.Enum):
+    """The roles a user can hold, each with what it allows. The one table of them."""
+
+    meaning: str
+
+    def __new__(cls, name: str, meaning: str) -> Role:
+        member = str.__new__(cls, name)
+        member._value_ = name
+        member.meaning = meaning
+        return member
+
+    READINGS_READER = ("readings-reader",
+                       "read meter readings: GetMeterReadings, on-demand reads, device pages, "
+                       "SLA reports")
+    EVENTS_READER = "events-reader", "read end-device events (GetEndDeviceEvents, device events)"
+    SWITCH_OPERATOR = ("switch-operator",
+                       "execute connect and disconnect controls (EndDeviceControls)")
+    LOAD_LIMIT_OPERATOR = ("load-limit-operator",
+                           "execute load-limit controls (set or clear a limiter threshold)")
+    ADMINISTRATOR = ("administrator",
+                     "administer users and their roles, read and export the audit trail")
+
+
+# ------------------------------------------------------------------------------ tables
+
+
+class UserRecord(Base):
+    __tablename__ = "app_user"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    password_hash: Mapped[str] = mapped_column(String(255))
+    # Fernet token of the password, only for users allowed to use WS-Security PasswordDigest.
+    digest_secret: Mapped[str | None] = mapped_column(String(512))
+    disabled: Mapped[bool] = mapped_column(Boolean, default=False)
+    created_at: Mapped[datetime] = mapped_column(EpochMillis())
+
+
+class RoleRecord(Base):
+    __tablename__ = "app_role"
+    name: Mapped[str] = mapped_column(String(32), primary_key=True)
+    meaning: Mapped[str] = mapped_column(String(255))
+
+
+class UserRoleRecord(Base):
+    __tablename__ = "app_user_role"
+    user_id: Mapped[int] = mapped_column(ForeignKey("app_user.id"), primary_key=True)
+    role: Mapped[str] = mapped_column(ForeignKey("app_role.name"), primary_key=True)
+
+
+class AuditRecord(Base):
+    """One audited event. Append-only (see the triggers below)."""
+
+    __tablename__ = "audit"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    at: Mapped[datetime] = mapped_column(EpochMillis(), index=True)
+    actor: Mapped[str | None] = mapped_column(String(64))
+    action: Mapped[str] = mapped_column(String(64))
+    outcome: Mapped[str] = mapped_column(String(16))
+    source: Mapped[str | None] = mapped_column(String(128))
+    correlation_id: Mapped[str | None] = mapped_column(String(128))
+    subject: Mapped[str | None] = mapped_column(String(128))
+    detail: Mapped[str | None] = mapped_column(String(1024))
+
+
+_APPEND_ONLY = {
+    "sqlite": [
+        "CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit "
+        "BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END",
+        "CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit "
+        "BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END",
+    ],
+    "postgresql": [
+        "CREATE OR REPLACE FUNCTION audit_append_only() RETURNS trigger AS $$ BEGIN "
+        "RAISE EXCEPTION 'the audit trail is append-only'; END; $$ LANGUAGE plpgsql",
+        "CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit "
+        "FOR EACH ROW EXECUTE FUNCTION audit_append_only()",
+    ],
+}
+for _dialect, _statements in _APPEND_ONLY.items():
+    for _statement in _statements:
+        event.listen(AuditRecord.__table__, "after_create",
+                     DDL(_statement).execute_if(dialect=_dialect))
+
+
+# ------------------------------------------------------------------------------ values
+
+
+@dataclass(frozen=True)
+class AuditEntry:
+    """What one audit row says. ``outcome``: success, failure (e.g. wrong password, a device
+    that failed) or refused (not allowed, rate-limited)."""
+
+    at: datetime
+    actor: str | None
+    action: str
+    outcome: str
+    source: str | None = None
+    correlation_id: str | None = None
+    subject: str | None = None
+    detail: str | None = None
+
+
+AUDIT_COLUMNS = ("at", "actor", "action", "outcome", "source", "correlation_id", "subject",
+                 "detail")
+
+
+@dataclass(frozen=True)
+class UserInfo:
+    name: str
+    roles: frozenset[Role]
+    disabled: bool
+    digest: bool
+
+
+@dataclass(frozen=True)
+class Credentials:
+    """What verifying a user's password needs (never leaves the engine)."""
+
+    name: str
+    password_hash: str
+    digest_secret: str | None
+    disabled: bool
+    roles: frozenset[Role]
+
+    def __repr__(self) -> str:  # keep the hash and secret out of logs and tracebacks
+        return f"Credentials(name={self.name!r}, disabled={self.disabled}, roles=...)"
+
+
+@dataclass(frozen=True)
+class Principal:
+    """An authenticated user and the roles it holds."""
+
+    name: str
+    roles: frozenset[Role]
+
+    def may(self, role: Role) -> bool:
+        return role in self.roles
+
+
+class UserError(ValueError):
+    """A user administration request that cannot be done (unknown user or role, duplicate)."""
+
+
+class SecretBox:
+    """Encrypts the secrets the head-end must be able to read back (Fernet: AES-128-CBC with
+    HMAC-SHA256), with a key kept in one file made readable by its owner only."""
+
+    def __init__(self, key: bytes):
+        self._fernet = Fernet(key)
+
+    @classmethod
+    def from_file(cls, path: Path) -> SecretBox:
+        path = Path(path)
+        if not path.exists():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            with os.fdopen(fd, "wb") as out:
+                out.write(Fernet.generate_key())
+        return cls(path.read_bytes().strip())
+
+    def seal(self, secret: str) -> str:
+        return self._fernet.encrypt(secret.encode()).decode("ascii")
+
+    def open(self, token: str) -> str:
+        return self._fernet.decrypt(token.encode("ascii")).decode()
+
+
+_HASHER = PasswordHasher()  # argon2id, argon2-cffi's RFC 9106 low-memory profile
+MIN_PASSWORD_LENGTH = 8
+MAX_PASSWORD_LENGTH = 1024
+
+
+def _check_password(password: str) -> None:
+    if not MIN_PASSWORD_LENGTH <= len(password) <= MAX_PASSWORD_LENGTH:
+        raise UserError(f"a password has {MIN_PASSWORD_LENGTH} to {MAX_PASSWORD_LENGTH} "
+                        "characters")
+
+
+def _now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class UserStore:
+    """Blocking unit-of-work methods on users, roles and the audit trail."""
+
+    def __init__(self, store: Store, secrets_box: SecretBox):
+        self._session = sessionmaker(store.engine, expire_on_commit=False)
+        self._box = secrets_box
+        with self._session.begin() as session:  # the role table is data: keep it as documented
+            known = {r.name: r for r in session.scalars(select(RoleRecord))}
+            for role in Role:
+                row = known.get(role.value) or RoleRecord(name=role.value)
+                row.meaning = role.meaning
+                session.add(row)
+
+    # -- administration (each change audited in the same transaction)
+
+    def add_user(self, name: str, password: str, roles: Iterable[Role | str] = (), *,
+                 digest: bool = False, actor: str, source: str | None = None,
+                 replace: bool = False) -> UserInfo:
+        """Create a user (or, with ``replace``, reset its password and roles)."""
+        if not name or len(name) > 64 or not name.isprintable() or ":" in name:
+            raise UserError(f"a user name has 1 to 64 printable characters and no ':' "
+                            f"(HTTP Basic), not {name!r}")
+        _check_password(password)
+        roles = frozenset(_role(r) for r in roles)
+        password_hash = _HASHER.hash(password)
+        with self._session.begin() as session:
+            row = session.scalar(select(UserRecord).where(UserRecord.name == name))
+            if row is not None and not replace:
+                raise UserError(f"user {name!r} exists")
+            if row is None:
+                row = UserRecord(name=name, created_at=_now(), disabled=False)
+                session.add(row)
+            row.password_hash = password_hash
+            row.digest_secret = self._box.seal(password) if digest else None
+            row.disabled = False
+            session.flush()
+            for grant in session.scalars(select(UserRoleRecord).where(
+                    UserRoleRecord.user_id == row.id)):
+                session.delete(grant)
+            session.flush()
+            for role in roles:
+                session.add(UserRoleRecord(user_id=row.id, role=role.value))
+            session.add(_audit_row(AuditEntry(
+                at=_now(), actor=actor, action="user.add", outcome="success", source=source,
+                subject=name, detail=f"roles={','.join(sorted(r.value for r in roles))} "
+                                     f"digest={'yes' if digest else 'no'}")))
+        return UserInfo(name, roles, False, digest)
+
+    def set_disabled(self, name: str, disabled: bool, *, actor: str,
+                     source: str | None = None) -> None:
+        with self._session.begin() as session:
+            row = self._user(session, name)
+            row.disabled = disabled
+            session.add(_audit_row(AuditEntry(
+                at=_now(), actor=actor, action="user.disable" if disabled else "user.enable",
+                outcome="success", source=source, subject=name)))
+
+    def grant(self, name: str, role: Role | str, *, actor: str, source: str | None = None,
+              revoke: bool = False) -> None:
+        role = _role(role)
+        with self._session.begin() as session:
+            row = self._user(session, name)
+            existing = session.get(UserRoleRecord, (row.id, role.value))
+            if revoke and existing is not None:
+                session.delete(existing)
+            elif not revoke and existing is None:
+                session.add(UserRoleRecord(user_id=row.id, role=role.value))
+            session.add(_audit_row(AuditEntry(
+                at=_now(), actor=actor, action="user.revoke" if revoke else "user.grant",
+                outcome="success", source=source, subject=name, detail=f"role={role.value}")))
+
+    def users(self) -> list[UserInfo]:
+        with self._session() as session:
+            grants: dict[int, set[Role]] = {}
+            for grant in session.scalars(select(UserRoleRecord)):
+                grants.setdefault(grant.user_id, set()).add(Role(grant.role))
+            return [UserInfo(u.name, frozenset(grants.get(u.id, ())), u.disabled,
+                             u.digest_secret is not None)
+                    for u in session.scalars(select(UserRecord).order_by(UserRecord.name))]
+
+    # -- authentication
+
+    def credentials(self, name: str) -> Credentials | None:
+        with self._session() as session:
+            row = session.scalar(select(UserRecord).where(UserRecord.name == name))
+            if row is None:
+                return None
+            roles = frozenset(Role(r) for r in session.scalars(
+                select(UserRoleRecord.role).where(UserRoleRecord.user_id == row.id)))
+            return Credentials(row.name, row.password_hash, row.digest_secret, row.disabled,
+                               roles)
+
+    def open_secret(self, token: str) -> str | None:
+        try:
+            return self._box.open(token)
+        except InvalidToken:
+            log.error("a user's digest secret does not open with this secret key file")
+            return None
+
+    # -- audit
+
+    def append_audit(self, entries: Iterable[AuditEntry]) -> None:
+        with self._session.begin() as session:
+            session.add_all(_audit_row(e) for e in entries)
+
+    def audit_entries(self, since: datetime | None = None,
+                      until: datetime | None = None) -> list[AuditEntry]:
+        query = select(AuditRecord).order_by(AuditRecord.id)
+        if since is not None:
+            query = query.where(AuditRecord.at >= since)
+        if until is not None:
+            query = query.where(AuditRecord.at < until)
+        with self._session() as session:
+            return [AuditEntry(**{c: getattr(r, c) for c in AUDIT_COLUMNS})
+                    for r in session.scalars(query)]
+
+    def export_audit_csv(self, out: TextIO, since: datetime | None = None,
+                         until: datetime | None = None) -> int:
+        """Write the audit trail as CSV (header row, times in ISO 8601 UTC); returns rows."""
+        writer = csv.writer(out)
+        writer.writerow(AUDIT_COLUMNS)
+        entries = self.audit_entries(since, until)
+        for entry in entries:
+            writer.writerow([entry.at.isoformat(timespec="milliseconds"),
+                             *(_csv_cell(getattr(entry, c)) for c in AUDIT_COLUMNS[1:])])
+        return len(entries)
+
+    @staticmethod
+    def _user(session, name: str) -> UserRecord:
+        row = session.scalar(select(UserRecord).where(UserRecord.name == name))
+        if row is None:
+            raise UserError(f"no user named {name!r}")
+        return row
+
+
+def _csv_cell(value) -> str:
+    text = "" if value is None else str(value)
+    # A cell a spreadsheet would run as a formula is quoted as text (CSV injection).
+    return "'" + text if text[:1] in ("=", "+", "-", "@", "\t", "\r") else text
+
+
+def _role(value: Role | str) -> Role:
+    try:
+        return Role(value)
+    except ValueError:
+        raise UserError(f"no role named {value!r}; roles: "
+                        f"{', '.join(r.value for r in Role)}") from None
+
+
+def _audit_row(entry: AuditEntry) -> AuditRecord:
+    detail = entry.detail if entry.detail is None else entry.detail[:1024]
+    return AuditRecord(**{**entry.__dict__, "detail": detail})
+
+
+# ------------------------------------------------------------------------------ verification
+
+
+class AuthenticationFailed(Exception):
+    """Why a login was refused (for the audit trail; the caller is told less)."""
+
+
+# OASIS Web Services Security UsernameToken Profile 1.0: how fresh a digest's Created must be.
+DIGEST_FRESHNESS = timedelta(minutes=5)
+NONCE_CACHE_SIZE = 100_000
+VERIFIED_CACHE_SIZE = 1024
+HASHING_CONCURRENCY = 2
+
+
+class Authenticator:
+    """Checks a user's password (PasswordText, HTTP Basic) or PasswordDigest.
+
+    The user's row is read on every request, so disabling a user or changing its roles takes
+    effect at once. The argon2 verification (~50 ms of CPU, 64 MiB) runs on a worker thread, at
+    most ``HASHING_CONCURRENCY`` at once; a password already verified against the same stored
+    hash is remembered (as an HMAC under a key of this process, never the password) so a client
+    that sends the same credentials on every call costs one verification, not one per call.
+    Digest nonces are remembered for the freshness window so a captured token cannot be replayed.
+    """
+
+    def __init__(self, runner: StoreRunner, users: UserStore,
+                 now: Callable[[], datetime] = _now):
+        self._runner = runner
+        self._users = users
+        self._now = now
+        self._hashing = DeferredSemaphore(HASHING_CONCURRENCY)
+        self._key = secrets.token_bytes(32)
+        self._verified: OrderedDict[tuple[str, str, bytes], None] = OrderedDict()
+        self._nonces: OrderedDict[bytes, datetime] = OrderedDict()
+
+    @inlineCallbacks
+    def password(self, name: str, password: str):
+        """Deferred[Principal]; fails with AuthenticationFailed."""
+        found = yield self._runner.call(self._users.credentials, name)
+        if found is None:
+            # Verify against a throw-away hash all the same: an unknown name costs what a
+            # known one does, so timing does not tell which names exist.
+            yield self._hashing.run(deferToThread, _verify, _dummy_hash(), password)
+            raise AuthenticationFailed("unknown user")
+        if found.disabled:
+            raise AuthenticationFailed("user disabled")
+        mark = (found.name, found.password_hash,
+                hmac.digest(self._key, password.encode(), "sha256"))
+        if mark not in self._verified:
+            ok = yield self._hashing.run(deferToThread, _verify, found.password_hash, password)
+            if not ok:
+                raise AuthenticationFailed("wrong password")
+            self._verified[mark] = None
+            if len(self._verified) > VERIFIED_CACHE_SIZE:
+                self._verified.popitem(last=False)
+        return Principal(found.name, found.roles)
+
+    @inlineCallbacks
+    def digest(self, name: str, digest: str, nonce: str, created: str):
+        """Deferred[Principal] for a UsernameToken with PasswordDigest:
+        Base64(SHA-1(nonce + created + password)), nonce being the decoded Nonce bytes."""
+        try:
+            nonce_bytes = base64.b64decode(nonce, validate=True)
+            created_at = datetime.fromisoformat(created.replace("Z", "+00:00"))
+        except ValueError:
+            raise AuthenticationFailed("malformed Nonce or Created") from None
+        if created_at.tzinfo is None:
+            raise AuthenticationFailed("Created has no time zone")
+        now = self._now()
+        if abs(now - created_at) > DIGEST_FRESHNESS:
+            raise AuthenticationFailed(f"Created {created} is more than "
+                                       f"{DIGEST_FRESHNESS} from the head-end's clock")
+        self._forget_stale_nonces(now)
+        if nonce_bytes in self._nonces:
+            raise AuthenticationFailed("nonce already used (replay)")
+        found = yield self._runner.call(self._users.credentials, name)
+        if found is None:
+            raise AuthenticationFailed("unknown user")
+        if found.disabled:
+            raise AuthenticationFailed("user disabled")
+        if found.digest_secret is None:
+            raise AuthenticationFailed("user has no PasswordDigest secret (added without --digest)")
+        password = self._users.open_secret(found.digest_secret)
+        if password is None:
+            raise AuthenticationFailed("digest secret unreadable with this key file")
+        expected = base64.b64encode(hashlib.sha1(
+            nonce_bytes + created.encode() + password.encode()).digest()).decode()
+        if not hmac.compare_digest(expected, digest.strip()):
+            raise AuthenticationFailed("wrong password digest")
+        self._nonces[nonce_bytes] = created_at
+        if len(self._nonces) > NONCE_CACHE_SIZE:
+            self._nonces.popitem(last=False)
+        return Principal(found.name, found.roles)
+
+    def _forget_stale_nonces(self, now: datetime) -> None:
+        while self._nonces:
+            nonce, created_at = next(iter(self._nonces.items()))
+            if now - created_at <= DIGEST_FRESHNESS * 2:
+                break
+            del self._nonces[nonce]
+
+
+def _verify(password_hash: str, password: str) -> bool:
+    try:
+        return _HASHER.verify(password_hash, password)
+    except (VerificationError, InvalidHashError):
+        return False
+
+
+@functools.cache
+def _dummy_hash() -> str:
+    return _HASHER.hash(secrets.token_urlsafe(16))
