@@ -13,15 +13,29 @@ from __future__ import annotations
 
 
 class DeviceError(Exception):
-    """Something failed for one device; `device_mrid` says which, `reason` says what."""
+    """Something failed for one device; `device_mrid` says which, `reason` says what.
+
+    The driver adds the device's name and address (`located`) before the error leaves it, so
+    an operator reading the text knows which meter and where without looking it up."""
+
+    device_name: str | None = None
+    address: str | None = None  # "host:port"
 
     def __init__(self, device_mrid: str, reason: str) -> None:
         super().__init__(device_mrid, reason)
         self.device_mrid = device_mrid
         self.reason = reason
 
+    def located(self, name: str | None, address: str | None) -> "DeviceError":
+        """Say which device by name and where (first one wins); returns self."""
+        if self.device_name is None and self.address is None:
+            self.device_name, self.address = name, address
+        return self
+
     def __str__(self) -> str:
-        return f"{type(self).__name__} on device {self.device_mrid}: {self.reason}"
+        where = ", ".join(part for part in (self.device_name, self.address) if part)
+        device = f"{self.device_mrid} ({where})" if where else self.device_mrid
+        return f"{type(self).__name__} on device {device}: {self.reason}"
 
     def __eq__(self, other: object) -> bool:
         return type(other) is type(self) and other.args == self.args
@@ -38,6 +52,20 @@ class ConnectionFailed(DeviceError):
     """No transport to the device: refused, unreachable, or closed by the other side."""
 
 
+class ProtocolError(DeviceError):
+    """The device sent something that is not a valid answer to what was asked."""
+
+
+class AnswerTooLarge(ProtocolError):
+    """One answer grew past the configured cap on bytes or blocks (a meter streaming blocks
+    forever, or a request asking far more than a meter should hold)."""
+
+
+class HeadEndExhausted(DeviceError):
+    """The head-end itself ran out of a resource (file descriptors, ...) while serving this
+    device: the device is not at fault, and the read may be retried."""
+
+
 class AssociationRefused(DeviceError):
     """The device rejected the application association (AARE result not accepted)."""
 
@@ -49,10 +77,6 @@ class AssociationRefused(DeviceError):
         # diagnostic (13 authentication-failure, ...), kept for callers that decide on retries.
         self.result = result
         self.diagnostic = diagnostic
-
-
-class ProtocolError(DeviceError):
-    """The device sent something that is not a valid answer to what was asked."""
 
 
 class UnsupportedReadingType(DeviceError):

@@ -23,6 +23,7 @@ from cimhes.cim.meter_readings import DeviceRef, IntervalBlock, IntervalReading,
 from cimhes.drivers.address import DeviceAddress
 from cimhes.drivers.dlms_session import ClientSession, DataAccessError, cosem_datetime
 from cimhes.drivers.errors import DeviceError, ObjectUnavailable, ProtocolError, UnsupportedReadingType
+from cimhes.drivers.limits import ConnectionPacer, SessionLimits
 from cimhes.drivers.transport import DlmsConnection, connect
 
 log = Logger()
@@ -127,7 +128,8 @@ class IdisMeterDriver:
     device_type = "idis-meter"
 
     def read(self, reactor: Any, device: DeviceAddress, reading_types: list[str],
-             start: datetime | None, end: datetime | None, timeout: float) -> Deferred:
+             start: datetime | None, end: datetime | None, limits: SessionLimits | float,
+             pacer: ConnectionPacer | None = None) -> Deferred:
         """Deferred[MeterReadResult]; fails with a DeviceError naming the device when the
         meter cannot be read at all (ConnectionFailed, Timeout, AssociationRefused,
         ProtocolError).
@@ -137,11 +139,16 @@ class IdisMeterDriver:
         `start` is given: the intervals lying inside [start, end], i.e. the rows stamped
         start < time <= end (a row's time is the end of its interval), `end` defaulting to the
         meter's clock.
-        Without `start` they give no IntervalBlock (and no error). `timeout` bounds the connect
-        and each request/answer exchange; cancelling the Deferred aborts the connection.
+        Without `start` they give no IntervalBlock (and no error). `limits` bound the session
+        (`SessionLimits`; a number is the connect and response timeout, other limits at their
+        defaults); `pacer` spaces new connections. Every DeviceError, raised or in the
+        result, names the device by mRID, name and host:port. Cancelling the Deferred aborts
+        the connection.
         """
-        return Deferred.fromCoroutine(
-            self._read(reactor, device, reading_types, start, end, timeout))
+        reading = Deferred.fromCoroutine(self._read(
+            reactor, device, reading_types, start, end, SessionLimits.of(limits), pacer))
+        return reading.addCallbacks(_located_result, _located_failure,
+                                    callbackArgs=(device,), errbackArgs=(device,))
 
     def _plan(self, device: DeviceAddress, reading_types: list[str],
               with_profile: bool) -> _Plan:
@@ -166,14 +173,14 @@ class IdisMeterDriver:
         return plan
 
     async def _read(self, reactor: Any, device: DeviceAddress, reading_types: list[str],
-                    start: datetime | None, end: datetime | None,
-                    timeout: float) -> MeterReadResult:
+                    start: datetime | None, end: datetime | None, limits: SessionLimits,
+                    pacer: ConnectionPacer | None) -> MeterReadResult:
         if start is not None and start.tzinfo is None or end is not None and end.tzinfo is None:
             raise ValueError("start and end must be timezone-aware")
         plan = self._plan(device, reading_types, with_profile=start is not None)
         session = ClientSession(device.mrid, device.client_address, device.server_address,
                                 device.authentication, device.password)
-        connection = await connect(reactor, device, session, timeout)
+        connection = await connect(reactor, device, session, limits, pacer)
         try:
             answers = await self._converse(connection, session, plan, start, end)
         finally:
@@ -223,6 +230,19 @@ class IdisMeterDriver:
             # Every answer is in; a meter that fumbles the release does not spoil them.
             log.info("release of {mrid} failed: {failure}", mrid=mrid, failure=failure)
         return answers
+
+
+def _located_result(result: MeterReadResult, device: DeviceAddress) -> MeterReadResult:
+    where = f"{device.host}:{device.port}"
+    for error in result.errors:
+        error.located(device.name, where)
+    return result
+
+
+def _located_failure(failure: Any, device: DeviceAddress) -> Any:
+    if isinstance(failure.value, DeviceError):
+        failure.value.located(device.name, f"{device.host}:{device.port}")
+    return failure
 
 
 def _meter_read_result(device: DeviceAddress, plan: _Plan, answers: _Answers) -> MeterReadResult:

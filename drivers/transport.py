@@ -1,19 +1,31 @@
 """Carries a sans-IO `ClientSession` over TCP (DLMS wrapper, port 4059) on the Twisted reactor.
 
-`connect(reactor, device, session, timeout)` opens the connection and gives a `DlmsConnection`;
-`connection.request(data, what)` sends one request's bytes and gives a Deferred that fires with
-the session's final event for it (`Associated`, `AttributeValue`, `DataAccessError`, `Released`)
-or fails with a `DeviceError` naming the device. Block transfer happens inside: every
-`NextBlockRequest` is written straight back and re-arms the timer.
+`connect(reactor, device, session, limits, pacer)` waits for a slot of the `ConnectionPacer`,
+opens the connection and gives a `DlmsConnection`; `connection.request(data, what)` sends one
+request's bytes and gives a Deferred that fires with the session's final event for it
+(`Associated`, `AttributeValue`, `DataAccessError`, `Released`) or fails with a `DeviceError`
+naming the device. Block transfer happens inside: every `NextBlockRequest` is written straight
+back and re-arms the response timer.
 
-Waiting costs a timer (reactor.callLater), never a thread: a meter silent for `timeout` seconds
-after a request yields `Timeout` and the connection is aborted; a refused connection yields
-`ConnectionFailed`, a connect that does not complete in `timeout` yields `Timeout`. Whoever
-opened the connection closes it (`close()`) after release or on error.
+Every limit of `SessionLimits` is enforced here, each costing a timer (reactor.callLater) or a
+counter, never a thread:
+- a connect that does not complete in `connect_timeout` yields `Timeout`; a refused one
+  `ConnectionFailed`; a connect the head-end cannot even start for want of file descriptors
+  `HeadEndExhausted` (the device is not blamed);
+- a meter silent for `response_timeout` after a request or block yields `Timeout`;
+- the whole session, from the connect to the last answer, ends at `session_deadline` with
+  `Timeout` (a meter answering every request just inside the response timeout cannot hold a
+  session for minutes);
+- the bytes received for one answer past `max_answer_bytes`, or its blocks past
+  `max_answer_blocks`, yield `AnswerTooLarge`.
+On each of these the connection is aborted, its timers cancelled and the session dropped, so
+the answer's memory is returned. Whoever opened the connection closes it (`close()`) after
+release or on error.
 """
 
 from __future__ import annotations
 
+import errno
 from typing import Any
 
 from twisted.internet import error as neterror
@@ -24,19 +36,31 @@ from twisted.python.failure import Failure
 
 from cimhes.drivers.address import DeviceAddress
 from cimhes.drivers.dlms_session import ClientSession, Event, NextBlockRequest
-from cimhes.drivers.errors import ConnectionFailed, DeviceError, Timeout
+from cimhes.drivers.errors import (
+    AnswerTooLarge,
+    ConnectionFailed,
+    DeviceError,
+    HeadEndExhausted,
+    Timeout,
+)
+from cimhes.drivers.limits import ConnectionPacer, SessionLimits
+
+_OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
 
 class DlmsConnection(Protocol):
     """One TCP connection to one meter, feeding bytes to and from its ClientSession."""
 
-    def __init__(self, reactor: Any, session: ClientSession, timeout: float) -> None:
+    def __init__(self, reactor: Any, session: ClientSession, limits: SessionLimits) -> None:
         self._reactor = reactor
         self.session = session
-        self.timeout = timeout
+        self.limits = limits
         self._pending: Deferred | None = None
         self._what = ""
         self._timer: Any = None
+        self._deadline: Any = reactor.callLater(limits.session_deadline, self._on_deadline)
+        self._answer_bytes = 0
+        self._answer_blocks = 0
         # A device error that arrived while no request was waiting: the next request gets it.
         self._unclaimed: DeviceError | None = None
         self._closed = False
@@ -48,15 +72,16 @@ class DlmsConnection(Protocol):
         if self._pending is not None:
             raise RuntimeError(f"request {what!r} while {self._what!r} is still waiting")
         pending = Deferred(self._cancel_request)
-        if self._closed:
-            pending.errback(ConnectionFailed(
-                self.session.device_mrid, f"connection closed before {what}"))
-            return pending
         if self._unclaimed is not None:
             error, self._unclaimed = self._unclaimed, None
             pending.errback(error)
             return pending
+        if self._closed:
+            pending.errback(ConnectionFailed(
+                self.session.device_mrid, f"connection closed before {what}"))
+            return pending
         self._pending, self._what = pending, what
+        self._answer_bytes = self._answer_blocks = 0
         self.transport.write(data)
         self._arm_timer()
         return pending
@@ -64,18 +89,34 @@ class DlmsConnection(Protocol):
     def close(self) -> None:
         """Close politely (after release, or when the driver is done with this meter)."""
         self._closed = True
-        self._cancel_timer()
-        self.transport.loseConnection()
+        self._cancel_timers()
+        if self.transport is not None:
+            self.transport.loseConnection()
 
     # -- Twisted ---------------------------------------------------------------------------
 
+    def connectionMade(self) -> None:
+        if self._unclaimed is not None:  # the deadline passed while connecting
+            self._abort()
+
     def dataReceived(self, data: bytes) -> None:
+        if self._closed:
+            return
+        self._answer_bytes += len(data)
+        if self._answer_bytes > self.limits.max_answer_bytes:
+            self._fail(AnswerTooLarge(
+                self.session.device_mrid,
+                f"answer to {self._what or 'nothing asked'} passed "
+                f"{self.limits.max_answer_bytes} bytes; connection closed"))
+            return
         for event in self.session.receive_data(data):
             self._on_event(event)
+            if self._closed:
+                return
 
     def connectionLost(self, reason: Failure = connectionDone) -> None:
         self._closed = True
-        self._cancel_timer()
+        self._cancel_timers()
         if self._pending is not None:
             self._finish(ConnectionFailed(
                 self.session.device_mrid,
@@ -85,6 +126,13 @@ class DlmsConnection(Protocol):
 
     def _on_event(self, event: Event) -> None:
         if isinstance(event, NextBlockRequest):
+            self._answer_blocks += 1
+            if self._answer_blocks >= self.limits.max_answer_blocks:
+                self._fail(AnswerTooLarge(
+                    self.session.device_mrid,
+                    f"answer to {self._what} passed {self.limits.max_answer_blocks} blocks; "
+                    "connection closed"))
+                return
             self.transport.write(event.data)
             self._arm_timer()
         elif self._pending is None:
@@ -94,30 +142,52 @@ class DlmsConnection(Protocol):
             self._finish(event)
 
     def _finish(self, outcome: Any) -> None:
-        self._cancel_timer()
+        if self._timer is not None:
+            self._cancel_timer()
         pending, self._pending = self._pending, None
         if isinstance(outcome, DeviceError):
             pending.errback(outcome)
         else:
             pending.callback(outcome)
 
+    def _fail(self, error: DeviceError) -> None:
+        """End the session with `error`: the waiting request gets it (or the next one)."""
+        if self._pending is not None:
+            self._finish(error)
+        elif self._unclaimed is None:
+            self._unclaimed = error
+        self._abort()
+
     def _arm_timer(self) -> None:
         if self._timer is not None and self._timer.active():
-            self._timer.reset(self.timeout)
+            self._timer.reset(self.limits.response_timeout)
         else:
-            self._timer = self._reactor.callLater(self.timeout, self._on_timeout)
+            self._timer = self._reactor.callLater(self.limits.response_timeout,
+                                                  self._on_timeout)
 
     def _cancel_timer(self) -> None:
         if self._timer is not None and self._timer.active():
             self._timer.cancel()
         self._timer = None
 
+    def _cancel_timers(self) -> None:
+        self._cancel_timer()
+        if self._deadline is not None and self._deadline.active():
+            self._deadline.cancel()
+        self._deadline = None
+
     def _on_timeout(self) -> None:
         self._timer = None
-        what = self._what
-        self._finish(Timeout(self.session.device_mrid,
-                             f"no answer to {what} within {self.timeout:g} s"))
-        self._abort()
+        self._fail(Timeout(self.session.device_mrid,
+                           f"no answer to {self._what} within "
+                           f"{self.limits.response_timeout:g} s"))
+
+    def _on_deadline(self) -> None:
+        self._deadline = None
+        doing = f" (waiting for {self._what})" if self._pending is not None else ""
+        self._fail(Timeout(self.session.device_mrid,
+                           f"session deadline of {self.limits.session_deadline:g} s "
+                           f"passed{doing}"))
 
     def _cancel_request(self, pending: Deferred) -> None:
         # The caller gave up (Deferred.cancel); Twisted fails `pending` with CancelledError.
@@ -126,24 +196,47 @@ class DlmsConnection(Protocol):
 
     def _abort(self) -> None:
         self._closed = True
-        self._cancel_timer()
+        self._cancel_timers()
         if self.transport is not None:
             self.transport.abortConnection()
 
 
 def connect(reactor: Any, device: DeviceAddress, session: ClientSession,
-            timeout: float) -> Deferred:
-    """Open a TCP connection to `device`; Deferred[DlmsConnection], or ConnectionFailed/Timeout."""
-    endpoint = TCP4ClientEndpoint(reactor, device.host, device.port, timeout=timeout)
-    connecting = connectProtocol(endpoint, DlmsConnection(reactor, session, timeout))
+            limits: SessionLimits | float, pacer: ConnectionPacer | None = None) -> Deferred:
+    """Open a TCP connection to `device` once `pacer` allows; Deferred[DlmsConnection], or
+    ConnectionFailed / Timeout / HeadEndExhausted. Cancelling it stops the attempt."""
+    where = f"{device.host}:{device.port}"
+    limits = SessionLimits.of(limits)
+    waiting = pacer.slot() if pacer is not None else Deferred()
+    if pacer is None:
+        waiting.callback(None)
+    protocol: list[DlmsConnection] = []
+
+    def start(_: None) -> Deferred:
+        # The session deadline counts from here: the connect is part of the session.
+        connection = DlmsConnection(reactor, session, limits)
+        protocol.append(connection)
+        timeout = min(limits.connect_timeout, limits.session_deadline)
+        endpoint = TCP4ClientEndpoint(reactor, device.host, device.port, timeout=timeout)
+        return connectProtocol(endpoint, connection)
 
     def failed(failure: Failure) -> Failure:
-        where = f"{device.host}:{device.port}"
+        for connection in protocol:
+            connection._cancel_timers()  # never connected: connectionLost will not come
         if failure.check(neterror.TimeoutError):
-            raise Timeout(device.mrid, f"no TCP connection to {where} within {timeout:g} s")
+            raise Timeout(device.mrid, f"no TCP connection to {where} within "
+                          f"{min(limits.connect_timeout, limits.session_deadline):g} s")
         if failure.check(CancelledError, neterror.ConnectingCancelledError, DeviceError):
             return failure  # the caller cancelled: that is not the device's failure
-        raise ConnectionFailed(device.mrid,
-                               f"cannot connect to {where}: {failure.getErrorMessage()}")
+        if (failure.check(neterror.ConnectError)
+                and getattr(failure.value, "osError", None) in _OUT_OF_DESCRIPTORS):
+            raise HeadEndExhausted(
+                device.mrid, f"the head-end has no file descriptor left to connect to {where} "
+                f"({failure.getErrorMessage()}): lower the session bound or raise the "
+                "process's descriptor limit")
+        if failure.check(neterror.ConnectError, neterror.DNSLookupError):
+            raise ConnectionFailed(device.mrid, f"cannot connect to {where}: "
+                                   f"{failure.getErrorMessage()}")
+        return failure  # not the network's doing: a bug, reported as such by the engine
 
-    return connecting.addErrback(failed)
+    return waiting.addCallback(start).addErrback(failed)

@@ -16,6 +16,7 @@ from pathlib import Path
 from twisted.internet.error import CannotListenError
 
 from cimhes.drivers import DeviceAddress
+from cimhes.drivers.limits import SPARE_DESCRIPTORS
 from cimhes.engine.users import Role
 from cimhes.endpoints.admin_cli import (
     add_admin_commands,
@@ -23,6 +24,7 @@ from cimhes.endpoints.admin_cli import (
     run_admin,
     secret_key_file,
 )
+from cimhes.endpoints.session_options import add_session_options, ensure_descriptors, session_settings
 
 DEMO_USER = "demo"
 
@@ -41,12 +43,14 @@ def main(argv: list[str] | None = None) -> int:
     demo.add_argument("--delay", type=float, default=0.0,
                       help="simulated meter response delay in seconds (a WAN meter)")
     add_store_arguments(demo, "var/cimhes-demo.sqlite")
+    add_session_options(demo)
 
     serve = commands.add_parser("serve", help="the head-end alone, devices from an inventory file")
     serve.add_argument("--inventory", required=True, help="inventory JSON (from cimhes simulate)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--host", default="127.0.0.1")
     add_store_arguments(serve, "var/cimhes.sqlite")
+    add_session_options(serve)
 
     add_admin_commands(commands, "var/cimhes.sqlite")
     commands.add_parser("simulate", help="a fleet of simulated IDIS meters (see simulate -h)",
@@ -83,6 +87,8 @@ def _demo(args) -> int:
     from cimhes.endpoints.site import HeadEnd
     from cimhes.fixtures.fleet import start_fleet
 
+    # The simulated meters' listening and accepted sockets live in this process too.
+    ensure_descriptors(args.sessions, SPARE_DESCRIPTORS + 2 * args.meters)
     fleet = start_fleet(reactor, args.meters, response_delay=args.delay, port=args.meter_port)
     inventory = fleet.inventory()
     head_end = HeadEnd(reactor, _settings(args),
@@ -102,6 +108,7 @@ def _serve(args) -> int:
 
     from cimhes.endpoints.site import HeadEnd
 
+    ensure_descriptors(args.sessions, SPARE_DESCRIPTORS)
     devices = _read_inventory(Path(args.inventory))
     head_end = HeadEnd(reactor, _settings(args), devices)
     return _run(reactor, head_end, args.host, args.port, meters=[d.mrid for d in devices])
@@ -111,7 +118,8 @@ def _settings(args):
     from cimhes.endpoints.site import HeadEndSettings
 
     return HeadEndSettings(database_url=_database_url(args.db),
-                           secret_key_file=secret_key_file(args.db, args.secret_key_file))
+                           secret_key_file=secret_key_file(args.db, args.secret_key_file),
+                           **session_settings(args))
 
 
 def _read_inventory(path: Path) -> list[DeviceAddress]:

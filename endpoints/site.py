@@ -6,13 +6,14 @@ given), the engine's reading service and the SOAP doors, on one reactor.
 from __future__ import annotations
 
 import html
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 from twisted.web.resource import Resource
 from twisted.web.server import Site
 
 from cimhes.cim.codec import encode_fault
 from cimhes.drivers import DeviceAddress
+from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, SessionLimits
 from cimhes.endpoints.auth import AuditTrail, Doorkeeper, SoapGuard
 from cimhes.endpoints.meter_readings import (
     WSDL_FILE as GET_METER_READINGS_WSDL,
@@ -33,8 +34,10 @@ from cimhes.engine.users import Authenticator, Role, SecretBox, UserStore
 @dataclass
 class HeadEndSettings:
     database_url: str = "sqlite:///var/cimhes.sqlite"
-    read_concurrency: int = 200
-    device_timeout: float = 20.0
+    read_concurrency: int = 200  # meter sessions open at once, over all requests
+    session_limits: SessionLimits = field(default_factory=SessionLimits)
+    connections_per_second: float = DEFAULT_CONNECTIONS_PER_SECOND  # new meter connections
+    device_timeout: float | None = None  # short form: connect and response timeout
     # Key of the secrets the head-end must read back (PasswordDigest secrets); made if missing.
     secret_key_file: str = "var/cimhes-secret.key"
 
@@ -67,7 +70,9 @@ class HeadEnd:
         self.doorkeeper = Doorkeeper(Authenticator(self.store_runner, self.users), self.audit)
         self.readings = MeterReadingService(
             reactor, self.store_runner, concurrency=settings.read_concurrency,
-            timeout=settings.device_timeout)
+            limits=(settings.session_limits if settings.device_timeout is None
+                    else SessionLimits.of(settings.device_timeout)),
+            connections_per_second=settings.connections_per_second)
         door = GetMeterReadingsDoor(self.readings, self.store_runner)
         cim = Resource()
         cim.putChild(GET_METER_READINGS.encode(),

@@ -19,14 +19,17 @@ from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings, MeterReading
 from cimhes.cim.reading_type import ReadingType
 from cimhes.drivers import DeviceAddress, MeterReadResult, driver_for
 from cimhes.drivers.errors import (
+    AnswerTooLarge,
     AssociationRefused,
     ConnectionFailed,
     DeviceError,
+    HeadEndExhausted,
     ObjectUnavailable,
     ProtocolError,
     Timeout,
     UnsupportedReadingType,
 )
+from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, ConnectionPacer, SessionLimits
 from cimhes.engine.store import ReadingWriter, StoreRunner
 
 log = logging.getLogger(__name__)
@@ -39,6 +42,8 @@ DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCode] = {
     ProtocolError: ErrorCode.DEVICE_PROTOCOL_ERROR,
     UnsupportedReadingType: ErrorCode.UNSUPPORTED_READING_TYPE,
     ObjectUnavailable: ErrorCode.DEVICE_PROTOCOL_ERROR,
+    AnswerTooLarge: ErrorCode.DEVICE_PROTOCOL_ERROR,
+    HeadEndExhausted: ErrorCode.INTERNAL_ERROR,  # the head-end's own limit, not the device's
 }
 
 
@@ -64,11 +69,18 @@ class MeterReadingService:
     """Reads meters on demand: resolve the devices, read them under a bound, store, report."""
 
     def __init__(self, reactor, store: StoreRunner, *, concurrency: int = 200,
-                 timeout: float = 20.0, now: Callable[[], datetime] | None = None):
+                 limits: SessionLimits | None = None, timeout: float | None = None,
+                 connections_per_second: float = DEFAULT_CONNECTIONS_PER_SECOND,
+                 now: Callable[[], datetime] | None = None):
+        """`concurrency` bounds the sessions open at once, `connections_per_second` the new
+        connections (0: unpaced), `limits` each session (`timeout` alone is the short form:
+        connect and response timeout, other limits at their defaults)."""
         self._reactor = reactor
         self._store = store
         self._sessions = DeferredSemaphore(concurrency)
-        self._timeout = timeout
+        self._limits = limits or (SessionLimits.of(timeout) if timeout is not None
+                                  else SessionLimits())
+        self._pacer = ConnectionPacer(reactor, connections_per_second)
         self._now = now or (lambda: datetime.now(timezone.utc))
         self._writer = ReadingWriter(store, self._now)
 
@@ -116,7 +128,8 @@ class MeterReadingService:
 
     def _read_device(self, device: DeviceAddress, reading_types, start, end):
         driver = driver_for(device.device_type)
-        return driver.read(self._reactor, device, reading_types, start, end, self._timeout)
+        return driver.read(self._reactor, device, reading_types, start, end, self._limits,
+                           self._pacer)
 
     @inlineCallbacks
     def _resolve(self, request: GetMeterReadings, outcome: ReadOutcome):

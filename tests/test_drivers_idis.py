@@ -103,7 +103,7 @@ def expected_block(serial, mrid, start, end):
 async def test_read_all_six_reading_types_matches_the_meter_model(fleet):
     meter = address(fleet, 2)
     result = await driver_for(meter.device_type).read(
-        reactor, meter, list(READING_TYPE_MAP), *WINDOW, timeout=5.0)
+        reactor, meter, list(READING_TYPE_MAP), *WINDOW, limits=5.0)
     assert isinstance(result, MeterReadResult)
     assert result.errors == ()
     reading = result.meter_reading
@@ -126,7 +126,7 @@ async def test_read_all_six_reading_types_matches_the_meter_model(fleet):
 async def test_each_reading_type_alone(fleet, mrid):
     meter = address(fleet, 3)
     start, end = NOW - timedelta(hours=2), NOW
-    result = await IdisMeterDriver().read(reactor, meter, [mrid], start, end, timeout=5.0)
+    result = await IdisMeterDriver().read(reactor, meter, [mrid], start, end, limits=5.0)
     reading = result.meter_reading
     if READING_TYPE_MAP[mrid].is_interval:
         assert reading.readings == ()
