@@ -191,6 +191,7 @@ class ClientSession:
         self._buffer = bytearray()
         self._blocks: list[tuple[int, bytes]] = []  # (block number, raw-data) of a long GET
         self._invoke_id = 0
+        self._next_invoke = 1
         self.max_pdu_size: int | None = None
 
     @property
@@ -208,6 +209,7 @@ class ClientSession:
     def get(self, class_id: int, obis: str, attribute: int) -> bytes:
         """GET one attribute (normal; the meter may answer with block transfer)."""
         self._expect_state(State.ASSOCIATED, "get")
+        self._next_invoke_id()
         target = GXDLMSObject(ObjectType(class_id), obis)
         return self._start_get(self._client.read(target, attribute))
 
@@ -218,6 +220,7 @@ class ClientSession:
         if start.tzinfo is None or end.tzinfo is None:
             # gurux would read a naive datetime as the host's local time.
             raise LocalProtocolError("get_rows_by_range needs timezone-aware datetimes")
+        self._next_invoke_id()
         profile = GXDLMSProfileGeneric(obis)
         # No capture objects set: gurux then restricts on the clock 0.0.1.0.0.255 attribute 2.
         # Sent in UTC so the date-times carry deviation 0, as the meters keep their clock.
@@ -262,6 +265,13 @@ class ClientSession:
     def _expect_state(self, state: State, action: str) -> None:
         if self._state is not state:
             raise LocalProtocolError(f"cannot {action} in state {self._state.value}")
+
+    def _next_invoke_id(self) -> None:
+        """A fresh invoke-id (1..15, cycling) for each GET, so an earlier answer replayed is
+        refused by `_on_get_response`. Set here: gurux's autoIncreaseInvokeID writes
+        `settings.invokeID` while requests read `settings.invokeId`, so it never takes effect."""
+        self._client.settings.invokeId = self._next_invoke
+        self._next_invoke = self._next_invoke % 15 + 1
 
     def _start_get(self, messages: list) -> bytes:
         self._blocks = []

@@ -1,0 +1,192 @@
+"""The limits an operator sets on meter sessions: their defaults and checks, the pacing of new
+connections, the file-descriptor check at start, and 200 sessions at once on real sockets."""
+from __future__ import annotations
+
+import os
+import resource
+import subprocess
+import sys
+from datetime import datetime, timezone
+
+import pytest
+import pytest_twisted
+from twisted.internet import reactor, task
+from twisted.internet.defer import CancelledError
+
+from cimhes.cim.message import ErrorCode, Header, ReplyResult
+from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings
+from cimhes.drivers import DeviceAddress
+from cimhes.drivers.limits import ConnectionPacer, SessionLimits, raise_descriptor_limit
+from cimhes.endpoints.session_options import ensure_descriptors
+from cimhes.engine.reading import MeterReadingService
+from cimhes.engine.store import Store, StoreRunner
+from cimhes.fixtures.fleet import Fault, parse_faults, start_fleet
+
+NOW = datetime(2026, 11, 20, 12, 7, 31, tzinfo=timezone.utc)
+REGISTER = "0.0.0.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0"
+
+
+def test_defaults_are_the_documented_ones():
+    limits = SessionLimits()
+    assert (limits.connect_timeout, limits.response_timeout, limits.session_deadline,
+            limits.max_answer_bytes, limits.max_answer_blocks) == (10.0, 20.0, 60.0,
+                                                                   4 * 1024 * 1024, 10_000)
+
+
+@pytest.mark.parametrize("field", ["connect_timeout", "response_timeout", "session_deadline",
+                                   "max_answer_bytes", "max_answer_blocks"])
+def test_a_limit_that_is_not_positive_is_refused(field):
+    with pytest.raises(ValueError, match=field):
+        SessionLimits(**{field: 0})
+
+
+def test_a_number_is_the_short_form_of_the_timeouts():
+    assert SessionLimits.of(5.0) == SessionLimits(connect_timeout=5.0, response_timeout=5.0)
+    assert SessionLimits.of(30.0).session_deadline == 90.0
+
+
+def test_connections_are_spaced_by_the_rate():
+    clock = task.Clock()
+    pacer = ConnectionPacer(clock, rate=10)
+    fired = []
+    for n in range(4):
+        pacer.slot().addCallback(lambda _, n=n: fired.append((n, clock.seconds())))
+    assert fired == [(0, 0)]
+    clock.advance(0.1)
+    clock.advance(0.1)
+    clock.advance(0.1)
+    assert fired == [(0, 0), (1, 0.1), (2, 0.2), (3, pytest.approx(0.3))]
+    assert clock.getDelayedCalls() == []
+
+
+def test_a_cancelled_slot_leaves_no_timer():
+    clock = task.Clock()
+    pacer = ConnectionPacer(clock, rate=2)
+    pacer.slot()
+    waiting = pacer.slot()
+    assert len(clock.getDelayedCalls()) == 1
+    waiting.cancel()
+    assert clock.getDelayedCalls() == []
+    waiting.addErrback(lambda failure: failure.trap(CancelledError))
+
+
+def test_rate_zero_does_not_pace():
+    clock = task.Clock()
+    pacer = ConnectionPacer(clock, rate=0)
+    assert all(pacer.slot().called for _ in range(100))
+
+
+def test_the_descriptor_limit_is_raised_to_the_hard_limit():
+    limit = raise_descriptor_limit(10)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    assert limit.soft == soft and (hard == resource.RLIM_INFINITY or soft == hard)
+    assert limit.sufficient and limit.needed == 10 + 256
+
+
+def test_sessions_beyond_the_descriptors_are_refused_at_start_saying_why():
+    with pytest.raises(OSError, match=r"the session bound needs 1000000256.*--sessions"):
+        ensure_descriptors(10 ** 9, 256)
+
+
+def test_serve_refuses_to_start_with_more_sessions_than_descriptors(tmp_path):
+    inventory = tmp_path / "inventory.json"
+    inventory.write_text('{"meters": []}')
+    done = subprocess.run(
+        [sys.executable, "-m", "cimhes.endpoints.cli", "serve", "--inventory", str(inventory),
+         "--port", "0", "--db", str(tmp_path / "x.sqlite"), "--sessions", str(10 ** 9)],
+        capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2
+    assert "file descriptors" in done.stderr and "--sessions" in done.stderr
+    assert "Traceback" not in done.stderr
+
+
+def test_fault_options_name_meters_and_kinds():
+    assert parse_faults(["silent:1-3,7", "slow=8:4"]) == {
+        1: Fault("silent"), 2: Fault("silent"), 3: Fault("silent"), 7: Fault("silent"),
+        4: Fault("slow", 8.0)}
+    with pytest.raises(ValueError, match="not one of"):
+        parse_faults(["loud:1"])
+    with pytest.raises(ValueError, match="two faults"):
+        parse_faults(["silent:1-2", "garbage:2"])
+    with pytest.raises(ValueError, match="lateness"):
+        parse_faults(["slow:1"])
+
+
+@pytest_twisted.ensureDeferred
+async def test_two_hundred_sessions_at_once_all_answer_and_all_close(tmp_path):
+    fleet = start_fleet(reactor, 200, clock=lambda: NOW, base_index=1001, port=0,
+                        response_delay=0.2)
+    store = Store(f"sqlite:///{tmp_path / 'many.sqlite'}")
+    runner = StoreRunner(reactor, store)
+    try:
+        devices = [DeviceAddress(**entry) for entry in fleet.inventory()["meters"]]
+        store.load_inventory(devices)
+        service = MeterReadingService(reactor, runner, concurrency=200,
+                                      limits=SessionLimits.of(10.0))
+        most = [0]
+        sampler = task.LoopingCall(lambda: most.__setitem__(
+            0, max(most[0], fleet.open_connections())))
+        sampler.start(0.05)
+        try:
+            outcome = await service.read(GetMeterReadings(
+                header=Header(verb="get", noun="MeterReadings"),
+                end_devices=[DeviceRef(mrid=d.mrid) for d in devices], usage_points=[],
+                reading_types=[REGISTER]))
+        finally:
+            sampler.stop()
+        assert outcome.result is ReplyResult.OK, outcome.errors[:3]
+        assert len(outcome.meter_readings) == 200
+        assert most[0] > 100  # they really were open together
+        assert fleet.open_connections() == 0 or await _settled(fleet)
+    finally:
+        await fleet.stop_all()
+        runner.stop()
+        store.close()
+
+
+async def _settled(fleet) -> bool:
+    await task.deferLater(reactor, 0.2, lambda: None)
+    return fleet.open_connections() == 0
+
+
+
+@pytest_twisted.ensureDeferred
+async def test_no_descriptor_left_is_the_head_ends_error_not_the_meters(tmp_path):
+    fleet = start_fleet(reactor, 3, clock=lambda: NOW, base_index=1201, port=0)
+    store = Store(f"sqlite:///{tmp_path / 'few.sqlite'}")
+    runner = StoreRunner(reactor, store)
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    try:
+        devices = [DeviceAddress(**entry) for entry in fleet.inventory()["meters"]]
+        store.load_inventory(devices)
+        service = MeterReadingService(reactor, runner, limits=SessionLimits.of(2.0))
+        request = GetMeterReadings(
+            header=Header(verb="get", noun="MeterReadings"),
+            end_devices=[DeviceRef(mrid=d.mrid) for d in devices], usage_points=[],
+            reading_types=[REGISTER])
+        assert (await service.read(request)).result is ReplyResult.OK  # store warmed up
+        # Not one descriptor more may be opened: every connect fails before reaching a meter.
+        in_use = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, hard))
+        holes = []
+        try:
+            while True:  # fill the gaps below the limit
+                holes.append(os.open(os.devnull, os.O_RDONLY))
+        except OSError:
+            pass
+        try:
+            outcome = await service.read(request)
+        finally:
+            for fd in holes:
+                os.close(fd)
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+        assert outcome.result is ReplyResult.FAILED
+        assert [error.code for error in outcome.errors] == [ErrorCode.INTERNAL_ERROR] * 3
+        for device, error in zip(devices, outcome.errors):
+            assert error.id == device.mrid
+            assert "HeadEndExhausted" in error.reason
+            assert "no file descriptor left" in error.reason
+    finally:
+        await fleet.stop_all()
+        runner.stop()
+        store.close()
