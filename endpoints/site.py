@@ -9,12 +9,12 @@ import html
 from dataclasses import dataclass, field
 
 from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from cimhes.cim.codec import encode_fault
 from cimhes.drivers import DeviceAddress
 from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, SessionLimits
 from cimhes.endpoints.auth import AuditTrail, Doorkeeper, SoapGuard
+from cimhes.endpoints.http_door import DoorLimits, LimitedSite
 from cimhes.endpoints.meter_readings import (
     WSDL_FILE as GET_METER_READINGS_WSDL,
 )
@@ -40,6 +40,7 @@ class HeadEndSettings:
     device_timeout: float | None = None  # short form: connect and response timeout
     # Key of the secrets the head-end must read back (PasswordDigest secrets); made if missing.
     secret_key_file: str = "var/cimhes-secret.key"
+    door_limits: DoorLimits = field(default_factory=DoorLimits)  # HTTP: bodies, connections
 
 
 class _Index(Resource):
@@ -83,5 +84,5 @@ class HeadEnd:
         root = _Index([GET_METER_READINGS])
         root.putChild(b"cim", cim)
         root.putChild(b"", root)
-        self.site = Site(root)
+        self.site = LimitedSite(root, settings.door_limits)
         self.site.displayTracebacks = False

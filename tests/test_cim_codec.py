@@ -504,3 +504,24 @@ def test_error_codes_are_unique():
 def test_each_codec_error_carries_its_code(error_class, code):
     assert error_class("why").code == code
     assert error_class("why").to_error().code == code
+
+
+def test_a_flood_of_elements_is_refused_before_it_is_all_parsed():
+    # A million empty elements in 4 MB: a whole tree of them costs lxml about half a second.
+    data = b"<r>" + b"<e/>" * 1_000_000 + b"</r>"
+    with pytest.raises(DocumentTooLarge, match=f"more than {codec.MAX_ELEMENTS} elements") as caught:
+        codec.parse_xml(data)
+    assert caught.value.code == ErrorCode.MESSAGE_TOO_LARGE
+
+
+@pytest.mark.parametrize("extra", [0, 1])
+def test_the_element_limit_is_exact_whichever_way_the_document_is_parsed(extra):
+    limit = 1_000
+    # Closing tags and a comment full of "<" push the "<" count past the limit, so the
+    # counting parser is the one that decides.
+    data = (b"<r><!--" + b"<" * 5000 + b"-->" + b"<e></e>" * (limit - 1 + extra) + b"</r>")
+    if extra:
+        with pytest.raises(DocumentTooLarge, match=f"more than {limit} elements"):
+            codec.parse_xml(data, max_elements=limit)
+    else:
+        assert len(codec.parse_xml(data, max_elements=limit)) == limit - 1
