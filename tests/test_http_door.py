@@ -28,7 +28,8 @@ LIMITS = DoorLimits(max_body_bytes=64 * 1024, max_connections=8, headers_timeout
 def door(tmp_path):
     """A head-end with no meters on the test's limits; yields (host, port, head_end)."""
     head_end = HeadEnd(reactor, HeadEndSettings(
-        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}", door_limits=LIMITS), [])
+        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}",
+        secret_key_file=str(tmp_path / "secret.key"), door_limits=LIMITS), [])
     port = reactor.listenTCP(0, head_end.site, interface="127.0.0.1")
     yield "127.0.0.1", port.getHost().port, head_end
     pytest_twisted.blockon(port.stopListening())
@@ -225,7 +226,8 @@ def test_a_wrong_content_type_gets_a_clear_fault(door, content_type, status, fau
 def test_a_flood_of_tiny_elements_is_refused_by_count(tmp_path):
     # The default limits: a 4 MB body of a million empty elements fits the size limit.
     head_end = HeadEnd(reactor, HeadEndSettings(
-        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}"), [])
+        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}",
+        secret_key_file=str(tmp_path / "secret.key")), [])
     port = reactor.listenTCP(0, head_end.site, interface="127.0.0.1")
     try:
         body = (f'<s:Envelope xmlns:s="{SOAP_ENV}"><s:Body><r>'.encode() + b"<e/>" * 1_000_000
