@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="simulated meter response delay in seconds (a WAN meter)")
     add_store_arguments(demo, "var/cimhes-demo.sqlite")
     add_session_options(demo)
+    _tls_arguments(demo)
+    demo.add_argument("--tls-self-signed", action="store_true",
+                      help="serve HTTPS with a self-signed pair made beside the database "
+                           "(<db>.tls-cert.pem, <db>.tls-key.pem); the ready line names the "
+                           "certificate, which clients use as their CA bundle")
 
     serve = commands.add_parser("serve", help="the head-end alone, devices from an inventory file")
     serve.add_argument("--inventory", required=True, help="inventory JSON (from cimhes simulate)")
@@ -51,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--host", default="127.0.0.1")
     add_store_arguments(serve, "var/cimhes.sqlite")
     add_session_options(serve)
+    _tls_arguments(serve)
 
     add_admin_commands(commands, "var/cimhes.sqlite")
     commands.add_parser("simulate", help="a fleet of simulated IDIS meters (see simulate -h)",
@@ -81,6 +87,13 @@ def _database_url(value: str) -> str:
     return f"sqlite:///{path}"
 
 
+def _tls_arguments(parser) -> None:
+    parser.add_argument("--tls-cert", help="PEM certificate (chain) to serve HTTPS with")
+    parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
+    parser.add_argument("--ca-bundle",
+                        help="PEM CAs trusted for outgoing callbacks (default: the system's)")
+
+
 def _demo(args) -> int:
     from twisted.internet import reactor
 
@@ -94,13 +107,19 @@ def _demo(args) -> int:
     head_end = HeadEnd(reactor, _settings(args),
                        [DeviceAddress.from_inventory(e) for e in inventory["meters"]])
     reactor.addSystemEventTrigger("before", "shutdown", fleet.stop_all)
+    if args.tls_self_signed and not args.tls_cert:
+        from cimhes.endpoints.tls import make_self_signed
+
+        args.tls_cert, args.tls_key = f"{args.db}.tls-cert.pem", f"{args.db}.tls-key.pem"
+        make_self_signed(args.tls_cert, args.tls_key, [args.host])
     # A demo works with no set-up: a user holding every role, with a new password each run.
     password = secrets.token_urlsafe(12)
     head_end.users.add_user(DEMO_USER, password, list(Role), digest=True, actor="cimhes demo",
                             source="local", replace=True)
-    return _run(reactor, head_end, args.host, args.port,
+    extra = {"tls_cert": str(Path(args.tls_cert).resolve())} if args.tls_self_signed else {}
+    return _run(reactor, head_end, args,
                 meters=[entry["mrid"] for entry in inventory["meters"]],
-                user=DEMO_USER, password=password)
+                user=DEMO_USER, password=password, **extra)
 
 
 def _serve(args) -> int:
@@ -111,14 +130,17 @@ def _serve(args) -> int:
     ensure_descriptors(args.sessions, SPARE_DESCRIPTORS)
     devices = _read_inventory(Path(args.inventory))
     head_end = HeadEnd(reactor, _settings(args), devices)
-    return _run(reactor, head_end, args.host, args.port, meters=[d.mrid for d in devices])
+    return _run(reactor, head_end, args, meters=[d.mrid for d in devices])
 
 
 def _settings(args):
     from cimhes.endpoints.site import HeadEndSettings
 
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
     return HeadEndSettings(database_url=_database_url(args.db),
                            secret_key_file=secret_key_file(args.db, args.secret_key_file),
+                           callback_ca_bundle=args.ca_bundle,
                            **session_settings(args))
 
 
@@ -133,15 +155,23 @@ def _read_inventory(path: Path) -> list[DeviceAddress]:
         raise ValueError(f"{path} is not an inventory ({{\"meters\": [...]}}): {exc}") from None
 
 
-def _run(reactor, head_end, host: str, port: int, meters: list[str], **extra) -> int:
+def _run(reactor, head_end, args, meters: list[str], **extra) -> int:
+    host = args.host
     try:
-        listening = reactor.listenTCP(port, head_end.site, interface=host)
-    except CannotListenError:
+        if args.tls_cert:
+            from cimhes.endpoints.tls import server_options
+
+            listening = reactor.listenSSL(args.port, head_end.site,
+                                          server_options(args.tls_cert, args.tls_key),
+                                          interface=host)
+        else:
+            listening = reactor.listenTCP(args.port, head_end.site, interface=host)
+    except (CannotListenError, OSError, ValueError):
         head_end.store_runner.stop()  # its thread would keep the process alive
         raise
-    actual = listening.getHost().port
-    ready = {"ready": True, "base_url": f"http://{host}:{actual}", "meters": meters,
-             "services": {"GetMeterReadings": f"http://{host}:{actual}/cim/GetMeterReadings"},
+    base_url = f"{'https' if args.tls_cert else 'http'}://{host}:{listening.getHost().port}"
+    ready = {"ready": True, "base_url": base_url, "meters": meters,
+             "services": {"GetMeterReadings": f"{base_url}/cim/GetMeterReadings"},
              "pid": os.getpid(), **extra}
     print(json.dumps(ready), flush=True)
     reactor.run()  # Twisted's own SIGINT/SIGTERM handlers stop it cleanly

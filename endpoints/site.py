@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 from dataclasses import dataclass, field
+from functools import partial
 
 from twisted.web.resource import Resource
 
@@ -26,6 +27,7 @@ from cimhes.endpoints.meter_readings import (
     get_meter_readings_application,
 )
 from cimhes.endpoints.soap_resource import SoapResource
+from cimhes.endpoints.tls import callback_session
 from cimhes.engine.reading import MeterReadingService
 from cimhes.engine.store import Store, StoreRunner
 from cimhes.engine.users import Authenticator, Role, SecretBox, UserStore
@@ -41,6 +43,8 @@ class HeadEndSettings:
     # Key of the secrets the head-end must read back (PasswordDigest secrets); made if missing.
     secret_key_file: str = "var/cimhes-secret.key"
     door_limits: DoorLimits = field(default_factory=DoorLimits)  # HTTP: bodies, connections
+    # CAs trusted for outgoing HTTPS callbacks (endpoints/tls.py callback_session); None: system's.
+    callback_ca_bundle: str | None = None
 
 
 class _Index(Resource):
@@ -67,6 +71,8 @@ class HeadEnd:
         self.store.load_inventory(devices)
         self.users = UserStore(self.store, SecretBox.from_file(settings.secret_key_file))
         self.store_runner = StoreRunner(reactor, self.store)
+        # The one factory of HTTP sessions for outgoing calls (MDM callbacks, zeep publishers).
+        self.callback_session = partial(callback_session, settings.callback_ca_bundle)
         self.audit = AuditTrail(self.store_runner, self.users)
         self.doorkeeper = Doorkeeper(Authenticator(self.store_runner, self.users), self.audit)
         self.readings = MeterReadingService(

@@ -7,6 +7,7 @@ import zeep
 from zeep.transports import Transport
 from zeep.wsse.username import UsernameToken
 
+from cimhes.endpoints.tls import callback_session
 from cimhes.engine.users import Role
 
 TEST_USER = "mdm-test"
@@ -20,23 +21,26 @@ def add_test_user(head_end, name: str = TEST_USER, password: str = TEST_PASSWORD
                                    replace=True)
 
 
+def _session(ca_bundle) -> requests.Session:
+    return callback_session(ca_bundle)  # the head-end's own session factory: verifies TLS
+
+
 def basic_session(name: str = TEST_USER, password: str = TEST_PASSWORD,
-                  verify=True) -> requests.Session:
-    session = requests.Session()
+                  ca_bundle=None) -> requests.Session:
+    session = _session(ca_bundle)
     session.auth = (name, password)
-    session.verify = verify
     return session
 
 
 def zeep_client(wsdl_url: str, *, name: str = TEST_USER, password: str = TEST_PASSWORD,
-                how: str = "basic", plugins=(), verify=True) -> zeep.Client:
+                how: str = "basic", plugins=(), ca_bundle=None) -> zeep.Client:
     """A zeep client that authenticates with HTTP Basic (``how="basic"``), a UsernameToken with
-    PasswordText (``"text"``) or PasswordDigest (``"digest"``), or not at all (``"none"``)."""
+    PasswordText (``"text"``) or PasswordDigest (``"digest"``), or not at all (``"none"``);
+    HTTPS servers are verified against ``ca_bundle`` (else the system's CAs)."""
     if how == "basic":
-        transport = Transport(session=basic_session(name, password, verify))
+        transport = Transport(session=basic_session(name, password, ca_bundle))
         return zeep.Client(wsdl_url, transport=transport, plugins=list(plugins))
-    session = requests.Session()
-    session.verify = verify
+    session = _session(ca_bundle)
     wsse = None
     if how in ("text", "digest"):
         wsse = UsernameToken(name, password, use_digest=how == "digest")
