@@ -18,21 +18,18 @@ import ipaddress
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timezone
 
 from lxml import etree
 from twisted.internet.defer import inlineCallbacks
 
 from cimhes.cim.message import Error, ErrorCode, Reply, ReplyResult
 from cimhes.endpoints.soap_resource import CimFault
-from cimhes.engine.store import StoreRunner
 from cimhes.engine.users import (
-    AuditEntry,
+    AuditTrail,
     AuthenticationFailed,
     Authenticator,
     Principal,
     Role,
-    UserStore,
 )
 
 log = logging.getLogger(__name__)
@@ -134,28 +131,6 @@ def _is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host).is_loopback
     except ValueError:
         return False
-
-
-class AuditTrail:
-    """Appends audit entries on the store's thread; the request does not wait for the write,
-    but a failed write is logged."""
-
-    def __init__(self, runner: StoreRunner, users: UserStore,
-                 now: Callable[[], datetime] | None = None):
-        self._runner = runner
-        self._users = users
-        self.now = now or (lambda: datetime.now(timezone.utc))
-
-    def record(self, action: str, outcome: str, *, actor: str | None, source: str | None = None,
-               correlation_id: str | None = None, subject: str | None = None,
-               detail: str | None = None):
-        entry = AuditEntry(at=self.now(), actor=actor, action=action, outcome=outcome,
-                           source=source, correlation_id=correlation_id, subject=subject,
-                           detail=detail)
-        d = self._runner.call(self._users.append_audit, [entry])
-        d.addErrback(lambda f: log.error("writing the audit trail failed: %s",
-                                         f.getErrorMessage()))
-        return d
 
 
 class Doorkeeper:

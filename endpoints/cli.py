@@ -17,6 +17,7 @@ from twisted.internet.error import CannotListenError
 
 from cimhes.drivers import DeviceAddress
 from cimhes.drivers.limits import SPARE_DESCRIPTORS
+from cimhes.engine.rate_limits import DEFAULT_CONTROL_LIMITS, ControlLimit
 from cimhes.engine.users import Role
 from cimhes.endpoints.admin_cli import (
     add_admin_commands,
@@ -92,6 +93,10 @@ def _tls_arguments(parser) -> None:
     parser.add_argument("--tls-key", help="PEM private key of --tls-cert")
     parser.add_argument("--ca-bundle",
                         help="PEM CAs trusted for outgoing callbacks (default: the system's)")
+    parser.add_argument("--control-limit", action="append", type=ControlLimit.parse,
+                        metavar="KIND:user|group:COUNT/SECONDS",
+                        help="a rate limit on controls, e.g. disconnect:user:10/60 "
+                             "(repeatable; given any, they replace the defaults)")
 
 
 def _demo(args) -> int:
@@ -141,6 +146,7 @@ def _settings(args):
     return HeadEndSettings(database_url=_database_url(args.db),
                            secret_key_file=secret_key_file(args.db, args.secret_key_file),
                            callback_ca_bundle=args.ca_bundle,
+                           control_limits=tuple(args.control_limit or DEFAULT_CONTROL_LIMITS),
                            **session_settings(args))
 
 

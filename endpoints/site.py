@@ -14,7 +14,7 @@ from twisted.web.resource import Resource
 from cimhes.cim.codec import encode_fault
 from cimhes.drivers import DeviceAddress
 from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, SessionLimits
-from cimhes.endpoints.auth import AuditTrail, Doorkeeper, SoapGuard
+from cimhes.endpoints.auth import Doorkeeper, SoapGuard
 from cimhes.endpoints.http_door import DoorLimits, LimitedSite
 from cimhes.endpoints.meter_readings import (
     WSDL_FILE as GET_METER_READINGS_WSDL,
@@ -29,8 +29,14 @@ from cimhes.endpoints.meter_readings import (
 from cimhes.endpoints.soap_resource import SoapResource
 from cimhes.endpoints.tls import callback_session
 from cimhes.engine.reading import MeterReadingService
+from cimhes.engine.rate_limits import (
+    DEFAULT_CONTROL_LIMITS,
+    ControlGate,
+    ControlLimit,
+    ControlRateLimiter,
+)
 from cimhes.engine.store import Store, StoreRunner
-from cimhes.engine.users import Authenticator, Role, SecretBox, UserStore
+from cimhes.engine.users import AuditTrail, Authenticator, Role, SecretBox, UserStore
 
 
 @dataclass
@@ -45,6 +51,8 @@ class HeadEndSettings:
     door_limits: DoorLimits = field(default_factory=DoorLimits)  # HTTP: bodies, connections
     # CAs trusted for outgoing HTTPS callbacks (endpoints/tls.py callback_session); None: system's.
     callback_ca_bundle: str | None = None
+    # Rate limits on controls (engine/rate_limits.py), applied by ControlGate.admit.
+    control_limits: tuple[ControlLimit, ...] = DEFAULT_CONTROL_LIMITS
 
 
 class _Index(Resource):
@@ -74,6 +82,9 @@ class HeadEnd:
         # The one factory of HTTP sessions for outgoing calls (MDM callbacks, zeep publishers).
         self.callback_session = partial(callback_session, settings.callback_ca_bundle)
         self.audit = AuditTrail(self.store_runner, self.users)
+        # The control service's hook: rate limits before a control, audit of each outcome.
+        self.control_gate = ControlGate(
+            ControlRateLimiter(settings.control_limits, reactor.seconds), self.audit)
         self.doorkeeper = Doorkeeper(Authenticator(self.store_runner, self.users), self.audit)
         self.readings = MeterReadingService(
             reactor, self.store_runner, concurrency=settings.read_concurrency,

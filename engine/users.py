@@ -388,6 +388,28 @@ def _audit_row(entry: AuditEntry) -> AuditRecord:
     return AuditRecord(**{**entry.__dict__, "detail": detail})
 
 
+class AuditTrail:
+    """Appends audit entries on the store's thread; the request does not wait for the write,
+    but a failed write is logged."""
+
+    def __init__(self, runner: StoreRunner, users: UserStore,
+                 now: Callable[[], datetime] | None = None):
+        self._runner = runner
+        self._users = users
+        self.now = now or (lambda: datetime.now(timezone.utc))
+
+    def record(self, action: str, outcome: str, *, actor: str | None, source: str | None = None,
+               correlation_id: str | None = None, subject: str | None = None,
+               detail: str | None = None):
+        entry = AuditEntry(at=self.now(), actor=actor, action=action, outcome=outcome,
+                           source=source, correlation_id=correlation_id, subject=subject,
+                           detail=detail)
+        d = self._runner.call(self._users.append_audit, [entry])
+        d.addErrback(lambda f: log.error("writing the audit trail failed: %s",
+                                         f.getErrorMessage()))
+        return d
+
+
 # ------------------------------------------------------------------------------ verification
 
 
