@@ -20,6 +20,15 @@ DRIVERS = {
 }
 
 
+def needs_window(reading_type: str) -> bool | None:
+    """Whether a driver serving `reading_type` reads it as interval data over a time window;
+    None when no registered driver serves it (the caller then judges by the code's parts)."""
+    for driver in DRIVERS.values():
+        if driver.serves(reading_type):
+            return driver.needs_window(reading_type)
+    return None
+
+
 def driver_for(device_type: str) -> IdisMeterDriver:
     """The driver for `device_type`; KeyError naming the known types if there is none."""
     try:
@@ -29,4 +38,4 @@ def driver_for(device_type: str) -> IdisMeterDriver:
                        f"{sorted(DRIVERS)}") from None
 
 
-__all__ = ["DeviceAddress", "DRIVERS", "driver_for", "IdisMeterDriver", "MeterReadResult"]
+__all__ = ["DeviceAddress", "DRIVERS", "driver_for", "needs_window", "IdisMeterDriver", "MeterReadResult"]

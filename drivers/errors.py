@@ -97,3 +97,17 @@ class ObjectUnavailable(DeviceError):
         self.args = (device_mrid, reason, reading_type, data_access_result)
         self.reading_type = reading_type
         self.data_access_result = data_access_result
+
+
+class HistoryShortfall(DeviceError):
+    """The meter holds fewer values of this reading type in the window than the window spans (its
+    history is shorter, or rows are missing): what it has is returned, and this says what is not.
+    A warning, not a failure: `missing` values, the first of them at `first_missing`."""
+
+    def __init__(self, device_mrid: str, reason: str, reading_type: str, missing: int,
+                 first_missing) -> None:
+        super().__init__(device_mrid, reason)
+        self.args = (device_mrid, reason, reading_type, missing, first_missing)
+        self.reading_type = reading_type
+        self.missing = missing
+        self.first_missing = first_missing

@@ -1,10 +1,11 @@
 """IDIS meter driver: CIM reading types read from an IDIS meter's COSEM objects in one association.
 
-`READING_TYPE_MAP` is the one table saying where each CIM ReadingType lives in the meter.
-`IdisMeterDriver.read` opens one association (public client or LLS, as the inventory says), reads
-the clock, the registers asked for (value and scaler_unit), the load profile by range when
-interval types and a window are asked for, releases, and returns a `MeterReadResult`: the CIM
-`MeterReading` plus one error per reading type it could not serve.
+`READING_TYPE_MAP` (`cimhes.drivers.idis_catalogue`) is the one table saying where each CIM
+ReadingType lives in the meter. `IdisMeterDriver.read` opens one association (public client or
+LLS, as the inventory says), reads the clock, the registers asked for (value and scaler_unit), the
+profiles by range when interval types and a window are asked for, releases, and returns a
+`MeterReadResult`: the CIM `MeterReading` plus one error per reading type it could not serve
+(and one `HistoryShortfall` warning per type whose window reaches past what the meter keeps).
 
 Values are converted exactly: CIM value = raw * 10**scaler / 10**cim_multiplier, in Decimal.
 """
@@ -12,7 +13,7 @@ Values are converted exactly: CIM value = raw * 10**scaler / 10**cim_multiplier,
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from datetime import datetime
+from datetime import datetime, timedelta
 from decimal import Decimal
 from typing import Any
 
@@ -22,7 +23,21 @@ from twisted.logger import Logger
 from cimhes.cim.meter_readings import DeviceRef, IntervalBlock, IntervalReading, MeterReading, Name, Reading
 from cimhes.drivers.address import DeviceAddress
 from cimhes.drivers.dlms_session import ClientSession, DataAccessError, cosem_datetime
-from cimhes.drivers.errors import DeviceError, ObjectUnavailable, ProtocolError, UnsupportedReadingType
+from cimhes.drivers.errors import (
+    DeviceError,
+    HistoryShortfall,
+    ObjectUnavailable,
+    ProtocolError,
+    UnsupportedReadingType,
+)
+from cimhes.drivers.idis_catalogue import (
+    DEFAULT_READING_TYPES,
+    PROFILE_GENERIC_CLASS,
+    PROFILE_PERIODS,
+    READING_TYPE_MAP,
+    CosemSource,
+    Derivation,
+)
 from cimhes.drivers.limits import ConnectionPacer, SessionLimits
 from cimhes.drivers.transport import DlmsConnection, connect
 
@@ -30,55 +45,12 @@ log = Logger()
 
 CLOCK_OBIS = "0.0.1.0.0.255"
 CLOCK_CLASS = 8
-REGISTER_CLASS = 3
-PROFILE_GENERIC_CLASS = 7
-WH = 30  # DLMS unit enumeration: active energy, Wh
+# A register's present value answers a window that reaches the meter's clock; this much clock
+# difference between head-end and meter is tolerated before a window counts as past or future.
+CLOCK_TOLERANCE = timedelta(seconds=60)
 
-
-@dataclass(frozen=True)
-class CosemSource:
-    """Where one CIM reading type comes from in an IDIS meter.
-
-    register_obis: the register (class 3) whose attribute 2 holds the raw value and attribute 3
-        its scaler_unit; for an interval type, the register captured as a profile column.
-    profile_obis: for interval types, the profile generic (class 7) whose buffer holds the
-        column capturing register_obis attribute 2; None for register reads.
-    unit: the DLMS unit the register must report (the reading type's unit, without multiplier).
-    cim_multiplier: the reading type's power-of-ten multiplier (3 = k), divided out.
-    """
-
-    meaning: str
-    register_obis: str
-    profile_obis: str | None = None
-    unit: int = WH
-    cim_multiplier: int = 3
-
-    @property
-    def is_interval(self) -> bool:
-        return self.profile_obis is not None
-
-
-LOAD_PROFILE = "1.0.99.1.0.255"
-
-# CIM ReadingType mRID (IEC 61968-9 ed.2, 18 parts) -> COSEM source. The contract's table:
-# flowDirection 1 forward / 19 reverse, measuringPeriod 2 = fifteen minutes, tou 1/2 = tariffs,
-# multiplier 3 = k, unit 72 = Wh.
-READING_TYPE_MAP: dict[str, CosemSource] = {
-    "0.0.0.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0":
-        CosemSource("+A active energy import total register, kWh", "1.0.1.8.0.255"),
-    "0.0.0.1.19.1.12.0.0.0.0.0.0.0.0.3.72.0":
-        CosemSource("-A active energy export total register, kWh", "1.0.2.8.0.255"),
-    "0.0.0.1.1.1.12.0.0.0.0.1.0.0.0.3.72.0":
-        CosemSource("+A active energy import tariff 1 register, kWh", "1.0.1.8.1.255"),
-    "0.0.0.1.1.1.12.0.0.0.0.2.0.0.0.3.72.0":
-        CosemSource("+A active energy import tariff 2 register, kWh", "1.0.1.8.2.255"),
-    "0.0.2.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0":
-        CosemSource("+A active energy import, 15-minute load profile, kWh", "1.0.1.8.0.255",
-                    LOAD_PROFILE),
-    "0.0.2.1.19.1.12.0.0.0.0.0.0.0.0.3.72.0":
-        CosemSource("-A active energy export, 15-minute load profile, kWh", "1.0.2.8.0.255",
-                    LOAD_PROFILE),
-}
+__all__ = ["READING_TYPE_MAP", "DEFAULT_READING_TYPES", "CosemSource", "IdisMeterDriver",
+           "MeterReadResult", "cim_value"]
 
 
 @dataclass(frozen=True)
@@ -103,10 +75,10 @@ class _Plan:
     """What one read must fetch, worked out from the reading types before connecting."""
 
     wanted: list[str] = field(default_factory=list)        # supported reading types, in order
-    registers: list[str] = field(default_factory=list)     # OBIS whose value (attr 2) is read
-    scaler_units: list[str] = field(default_factory=list)  # OBIS whose scaler_unit is read
-    profiles: list[str] = field(default_factory=list)      # profile OBIS read by range
     errors: list[DeviceError] = field(default_factory=list)
+
+    def sources(self) -> list[tuple[str, CosemSource]]:
+        return [(reading_type, READING_TYPE_MAP[reading_type]) for reading_type in self.wanted]
 
 
 @dataclass
@@ -116,16 +88,28 @@ class _Answers:
 
     meter_time: datetime
     window: tuple[datetime, datetime] | None
-    raw_values: dict[str, int | DataAccessError] = field(default_factory=dict)
-    scaler_units: dict[str, tuple[int, int] | DataAccessError] = field(default_factory=dict)
-    # profile OBIS -> (capture_objects, buffer rows)
-    profiles: dict[str, tuple[Any, Any] | DataAccessError] = field(default_factory=dict)
+    # Register types answered from their history profile (window wholly before the clock).
+    historical: set[str] = field(default_factory=set)
+    # (class, obis, attribute) -> the value the GET gave
+    values: dict[tuple[int, str, int], Any] = field(default_factory=dict)
+    # (class, obis) -> (scaler, unit) of attribute 3
+    scaler_units: dict[tuple[int, str], tuple[int, int] | DataAccessError] = field(default_factory=dict)
+    # profile OBIS -> (capture_objects, [(row time, row)]) with every row the meter sent
+    profiles: dict[str, tuple[list, list[tuple[datetime, list]]] | DataAccessError] = field(
+        default_factory=dict)
 
 
 class IdisMeterDriver:
     """Reads IDIS meters (device type "idis-meter")."""
 
     device_type = "idis-meter"
+
+    def serves(self, reading_type: str) -> bool:
+        return reading_type in READING_TYPE_MAP
+
+    def needs_window(self, reading_type: str) -> bool:
+        """Whether `reading_type` is interval data, read over a time window."""
+        return READING_TYPE_MAP[reading_type].is_interval
 
     def read(self, reactor: Any, device: DeviceAddress, reading_types: list[str],
              start: datetime | None, end: datetime | None, limits: SessionLimits | float,
@@ -134,16 +118,18 @@ class IdisMeterDriver:
         meter cannot be read at all (ConnectionFailed, Timeout, AssociationRefused,
         ProtocolError).
 
-        `reading_types` empty means every type in READING_TYPE_MAP (the device's default set,
-        as an empty GetMeterReadings ReadingType list asks). Interval types are read when
+        `reading_types` empty means `DEFAULT_READING_TYPES`. Interval types are read when
         `start` is given: the intervals lying inside [start, end], i.e. the rows stamped
         start < time <= end (a row's time is the end of its interval), `end` defaulting to the
-        meter's clock.
-        Without `start` they give no IntervalBlock (and no error). `limits` bound the session
-        (`SessionLimits`; a number is the connect and response timeout, other limits at their
-        defaults); `pacer` spaces new connections. Every DeviceError, raised or in the
-        result, names the device by mRID, name and host:port. Cancelling the Deferred aborts
-        the connection.
+        meter's clock. Without `start` they give no IntervalBlock (and no error).
+        Register types give their present value stamped with the meter's clock, unless a
+        window is given that lies wholly before the clock (beyond `CLOCK_TOLERANCE`): then the
+        billing values their history profile captured at start <= time <= end. A window the
+        meter's history does not cover gives what exists and a `HistoryShortfall` per type.
+        `limits` bound the session (`SessionLimits`; a number is the connect and response
+        timeout, other limits at their defaults); `pacer` spaces new connections. Every
+        DeviceError, raised or in the result, names the device by mRID, name and host:port.
+        Cancelling the Deferred aborts the connection.
         """
         reading = Deferred.fromCoroutine(self._read(
             reactor, device, reading_types, start, end, SessionLimits.of(limits), pacer))
@@ -153,7 +139,7 @@ class IdisMeterDriver:
     def _plan(self, device: DeviceAddress, reading_types: list[str],
               with_profile: bool) -> _Plan:
         plan = _Plan()
-        for reading_type in dict.fromkeys(reading_types or READING_TYPE_MAP):
+        for reading_type in dict.fromkeys(reading_types or DEFAULT_READING_TYPES):
             source = READING_TYPE_MAP.get(reading_type)
             if source is None:
                 plan.errors.append(UnsupportedReadingType(
@@ -163,13 +149,6 @@ class IdisMeterDriver:
             if source.is_interval and not with_profile:
                 continue
             plan.wanted.append(reading_type)
-            if source.is_interval:
-                if source.profile_obis not in plan.profiles:
-                    plan.profiles.append(source.profile_obis)
-            elif source.register_obis not in plan.registers:
-                plan.registers.append(source.register_obis)
-            if source.register_obis not in plan.scaler_units:
-                plan.scaler_units.append(source.register_obis)
         return plan
 
     async def _read(self, reactor: Any, device: DeviceAddress, reading_types: list[str],
@@ -189,7 +168,7 @@ class IdisMeterDriver:
 
     async def _converse(self, connection: DlmsConnection, session: ClientSession, plan: _Plan,
                         start: datetime | None, end: datetime | None) -> _Answers:
-        """The one association: AARQ, clock, registers, profile by range, RLRQ."""
+        """The one association: AARQ, clock, registers, profiles by range, RLRQ."""
         mrid = session.device_mrid
         await connection.request(session.associate(), "AARQ")
 
@@ -201,28 +180,45 @@ class IdisMeterDriver:
         if isinstance(clock, DataAccessError):
             raise ProtocolError(mrid, f"clock unreadable: {clock.reason}")
         meter_time = _datetime_or_error(mrid, clock.value, "clock time")
-        window = None
-        if plan.profiles:
-            window = (start, end if end is not None else meter_time)
+        window = None if start is None else (start, end if end is not None else meter_time)
         answers = _Answers(meter_time, window)
 
-        for obis in plan.scaler_units:
-            if obis in plan.registers:
-                answers.raw_values[obis] = _register_value(
-                    mrid, obis, await get(REGISTER_CLASS, obis, 2))
-            answers.scaler_units[obis] = _scaler_unit(
-                mrid, obis, await get(REGISTER_CLASS, obis, 3))
+        values: dict[tuple[int, str, int], None] = {}
+        scalers: dict[tuple[int, str], None] = {}
+        profiles: dict[str, None] = {}
+        for reading_type, source in plan.sources():
+            if source.unit is not None:
+                scalers[(source.class_id, source.obis)] = None
+            if source.is_interval:
+                profiles[source.profile_obis] = None
+            elif (window is not None and source.history_profile is not None
+                  and window[1] + CLOCK_TOLERANCE < meter_time):
+                answers.historical.add(reading_type)
+                profiles[source.history_profile] = None
+            else:
+                values[(source.class_id, source.obis, source.attribute)] = None
+                if source.timestamp_attribute is not None:
+                    values[(source.class_id, source.obis, source.timestamp_attribute)] = None
 
-        for profile in plan.profiles:
+        for key in values:
+            answer = await get(*key)
+            answers.values[key] = answer if isinstance(answer, DataAccessError) else answer.value
+        for class_id, obis in scalers:
+            answers.scaler_units[(class_id, obis)] = _scaler_unit(
+                mrid, obis, await get(class_id, obis, 3))
+
+        for profile in profiles:
             captures = await get(PROFILE_GENERIC_CLASS, profile, 3)
             if isinstance(captures, DataAccessError):
                 answers.profiles[profile] = captures
                 continue
+            # From the capture before the window: a deltaData value needs the row before it.
+            since = PROFILE_PERIODS[profile].floor(window[0])
             rows = await connection.request(
-                session.get_rows_by_range(profile, *window),
-                f"GET {profile} buffer from {window[0].isoformat()} to {window[1].isoformat()}")
+                session.get_rows_by_range(profile, since, window[1]),
+                f"GET {profile} buffer from {since.isoformat()} to {window[1].isoformat()}")
             answers.profiles[profile] = (rows if isinstance(rows, DataAccessError)
-                                         else (captures.value, rows.value))
+                                         else _timed_rows(mrid, profile, captures.value, rows.value))
 
         try:
             await connection.request(session.release(), "RLRQ")
@@ -247,47 +243,107 @@ def _located_failure(failure: Any, device: DeviceAddress) -> Any:
 
 def _meter_read_result(device: DeviceAddress, plan: _Plan, answers: _Answers) -> MeterReadResult:
     """Convert the meter's answers to CIM: values exact in the CIM unit, one error per
-    reading type that could not be served."""
+    reading type that could not be served, one warning per type short of history."""
     mrid = device.mrid
     errors = list(plan.errors)
     readings: list[Reading] = []
     blocks: list[IntervalBlock] = []
-    timed_rows: dict[str, tuple[list, list[tuple[datetime, list]]]] = {}
-    for reading_type in plan.wanted:
-        source = READING_TYPE_MAP[reading_type]
-        scaler_unit = answers.scaler_units[source.register_obis]
-        problem = _unusable(mrid, reading_type, source, scaler_unit)
-        if problem is not None:
-            errors.append(problem)
-            continue
-        scaler = scaler_unit[0]
-        if not source.is_interval:
-            raw = answers.raw_values[source.register_obis]
-            if isinstance(raw, DataAccessError):
-                errors.append(_unavailable(mrid, reading_type, source.register_obis, raw))
+    for reading_type, source in plan.sources():
+        scaler = 0
+        if source.unit is not None:
+            scaler_unit = answers.scaler_units[(source.class_id, source.obis)]
+            problem = _unusable(mrid, reading_type, source, scaler_unit)
+            if problem is not None:
+                errors.append(problem)
                 continue
-            readings.append(Reading(reading_type, cim_value(raw, scaler, source.cim_multiplier),
-                                    answers.meter_time))
+            scaler = scaler_unit[0]
+        if source.is_interval or reading_type in answers.historical:
+            profile = source.profile_obis or source.history_profile
+            answer = answers.profiles[profile]
+            if isinstance(answer, DataAccessError):
+                errors.append(_unavailable(mrid, reading_type, profile, answer))
+                continue
+            captures, rows = answer
+            column = _column(captures, source.obis, source.attribute)
+            if column is None:
+                raise ProtocolError(mrid, f"{profile} does not capture {source.obis} "
+                                    f"attribute {source.attribute}")
+            if source.is_interval:
+                values, expected = _interval_values(mrid, profile, source, rows, column,
+                                                    answers)
+                blocks.append(IntervalBlock(reading_type, [
+                    IntervalReading(at, cim_value(raw, scaler, source.cim_multiplier))
+                    for at, raw in values]))
+            else:
+                values, expected = _billing_values(mrid, profile, rows, column, answers)
+                readings.extend(Reading(reading_type, cim_value(raw, scaler, source.cim_multiplier),
+                                        at) for at, raw in values)
+            shortfall = _shortfall(mrid, reading_type, profile, expected, values, answers)
+            if shortfall is not None:
+                errors.append(shortfall)
             continue
-        profile = source.profile_obis
-        answer = answers.profiles[profile]
-        if isinstance(answer, DataAccessError):
-            errors.append(_unavailable(mrid, reading_type, profile, answer))
+        raw = answers.values[(source.class_id, source.obis, source.attribute)]
+        if isinstance(raw, DataAccessError):
+            errors.append(_unavailable(mrid, reading_type, source.obis, raw))
             continue
-        if profile not in timed_rows:  # both profile types share the rows' decoded times
-            timed_rows[profile] = _timed_rows(mrid, profile, *answer, *answers.window)
-        captures, rows = timed_rows[profile]
-        column = _column(captures, source.register_obis, 2)
-        if column is None:
-            raise ProtocolError(mrid, f"{profile} does not capture {source.register_obis} "
-                                "attribute 2")
-        blocks.append(IntervalBlock(reading_type, [
-            IntervalReading(at, cim_value(_integer(mrid, profile, row[column]), scaler,
-                                          source.cim_multiplier))
-            for at, row in rows]))
+        at = answers.meter_time
+        if source.timestamp_attribute is not None:
+            stamp = answers.values[(source.class_id, source.obis, source.timestamp_attribute)]
+            if isinstance(stamp, DataAccessError):
+                errors.append(_unavailable(mrid, reading_type, source.obis, stamp))
+                continue
+            at = _datetime_or_error(mrid, stamp, f"{source.obis} attribute "
+                                    f"{source.timestamp_attribute}")
+        raw = _integer(mrid, source.obis, raw)
+        readings.append(Reading(reading_type, cim_value(raw, scaler, source.cim_multiplier), at))
     meter_reading = MeterReading(DeviceRef(mrid, (Name(device.name),)), readings, blocks,
                                  answers.window)
     return MeterReadResult(meter_reading, tuple(errors))
+
+
+def _interval_values(mrid: str, profile: str, source: CosemSource, rows: list, column: int,
+                     answers: _Answers) -> tuple[list[tuple[datetime, int]], list[datetime]]:
+    """(time, raw value) of each interval in the window, and the times the window spans."""
+    start, end = answers.window
+    period = PROFILE_PERIODS[profile]
+    expected = period.instants(start, min(end, answers.meter_time))
+    by_time = {at: _integer(mrid, profile, row[column]) for at, row in rows}
+    values = []
+    for at in sorted(by_time):
+        if not start < at <= end:
+            continue
+        if source.derivation is Derivation.DELTA:
+            before = by_time.get(period.previous(at))
+            if before is None:
+                continue  # the interval's start was not captured: no delta, counted as missing
+            values.append((at, by_time[at] - before))
+        else:
+            values.append((at, by_time[at]))
+    return values, expected
+
+
+def _billing_values(mrid: str, profile: str, rows: list, column: int,
+                    answers: _Answers) -> tuple[list[tuple[datetime, int]], list[datetime]]:
+    """The register's values captured at start <= time <= end, and the capture times spanned."""
+    start, end = answers.window
+    expected = PROFILE_PERIODS[profile].instants(start, min(end, answers.meter_time),
+                                                 include_start=True)
+    values = [(at, _integer(mrid, profile, row[column])) for at, row in rows if start <= at <= end]
+    return values, expected
+
+
+def _shortfall(mrid: str, reading_type: str, profile: str, expected: list[datetime],
+               values: list[tuple[datetime, int]], answers: _Answers) -> HistoryShortfall | None:
+    got = {at for at, _ in values}
+    missing = [at for at in expected if at not in got]
+    if not missing:
+        return None
+    oldest = min(got).isoformat() if got else "none"
+    return HistoryShortfall(
+        mrid, f"{profile} gives {len(got)} of the {len(expected)} values of reading type "
+        f"{reading_type} in {answers.window[0].isoformat()} .. {answers.window[1].isoformat()}; "
+        f"{len(missing)} missing, from {missing[0].isoformat()} (the meter's history does not "
+        f"reach them; oldest value returned: {oldest})", reading_type, len(missing), missing[0])
 
 
 def _datetime_or_error(mrid: str, value: Any, what: str) -> datetime:
@@ -297,14 +353,6 @@ def _datetime_or_error(mrid: str, value: Any, what: str) -> datetime:
         return cosem_datetime(value)
     except ValueError as failure:
         raise ProtocolError(mrid, f"{what}: {failure}") from None
-
-
-def _register_value(mrid: str, obis: str, answer: Any) -> int | DataAccessError:
-    if isinstance(answer, DataAccessError):
-        return answer
-    if not isinstance(answer.value, int) or isinstance(answer.value, bool):
-        raise ProtocolError(mrid, f"register {obis} value is {answer.value!r}, not an integer")
-    return answer.value
 
 
 def _scaler_unit(mrid: str, obis: str, answer: Any) -> tuple[int, int] | DataAccessError:
@@ -327,10 +375,10 @@ def _unavailable(mrid: str, reading_type: str, obis: str,
 def _unusable(mrid: str, reading_type: str, source: CosemSource,
               scaler_unit: tuple[int, int] | DataAccessError) -> DeviceError | None:
     if isinstance(scaler_unit, DataAccessError):
-        return _unavailable(mrid, reading_type, source.register_obis, scaler_unit)
+        return _unavailable(mrid, reading_type, source.obis, scaler_unit)
     if scaler_unit[1] != source.unit:
         return UnsupportedReadingType(
-            mrid, f"register {source.register_obis} reports unit {scaler_unit[1]}, reading type "
+            mrid, f"register {source.obis} reports unit {scaler_unit[1]}, reading type "
             f"{reading_type} needs unit {source.unit}", reading_type)
     return None
 
@@ -348,19 +396,17 @@ def _column(captures: list, obis: str, attribute: int) -> int | None:
     return None
 
 
-def _integer(mrid: str, profile: str, value: Any) -> int:
+def _integer(mrid: str, where: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
-        raise ProtocolError(mrid, f"{profile} row value {value!r} is not an integer")
+        raise ProtocolError(mrid, f"{where} value {value!r} is not an integer")
     return value
 
 
-def _timed_rows(mrid: str, profile: str, captures: Any, rows: Any, start: datetime,
-                end: datetime) -> tuple[list, list[tuple[datetime, list]]]:
-    """The buffer's rows with their clock column decoded, kept when start < time <= end.
-
-    A row is stamped with the end of its interval, so the row at `start` closes the interval
-    before the window and is dropped; the meter's range selection is inclusive at both ends, and
-    a meter that over-delivers does not widen the window either."""
+def _timed_rows(mrid: str, profile: str, captures: Any,
+                rows: Any) -> tuple[list, list[tuple[datetime, list]]]:
+    """The buffer's rows with their clock column decoded (which rows a reading type keeps is
+    decided per type: the meter's range selection is inclusive at both ends, and a meter that
+    over-delivers must not widen the window)."""
     if not isinstance(captures, list):
         raise ProtocolError(mrid, f"{profile} capture_objects is {captures!r}, not an array")
     time_column = _column(captures, CLOCK_OBIS, 2)
@@ -369,12 +415,10 @@ def _timed_rows(mrid: str, profile: str, captures: Any, rows: Any, start: dateti
     if not isinstance(rows, list):
         raise ProtocolError(mrid, f"{profile} buffer is {rows!r}, not an array")
     width = len(captures)
-    kept = []
+    timed = []
     for row in rows:
         if not isinstance(row, list) or len(row) != width:
             raise ProtocolError(mrid, f"{profile} row {row!r} does not have {width} columns")
         # A null date-time (IDIS compressed profiles) would need the capture period: not read.
-        at = _datetime_or_error(mrid, row[time_column], f"{profile} row time")
-        if start < at <= end:
-            kept.append((at, row))
-    return captures, kept
+        timed.append((_datetime_or_error(mrid, row[time_column], f"{profile} row time"), row))
+    return captures, timed

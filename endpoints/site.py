@@ -26,6 +26,7 @@ from cimhes.endpoints.meter_readings import (
     GetMeterReadingsDoor,
     get_meter_readings_application,
 )
+from cimhes.endpoints.reading_types import ReadingTypesResource
 from cimhes.endpoints.soap_resource import SoapResource
 from cimhes.endpoints.tls import callback_session
 from cimhes.engine.reading import MeterReadingService
@@ -98,6 +99,8 @@ class HeadEnd:
                                   SoapGuard(self.doorkeeper,
                                             {"GetMeterReadings": Role.READINGS_READER},
                                             encode_fault)))
+        # What the head-end serves, as the WSDLs: public, no credentials needed.
+        cim.putChild(b"reading-types", ReadingTypesResource())
         root = _Index([GET_METER_READINGS])
         root.putChild(b"cim", cim)
         root.putChild(b"", root)

@@ -17,13 +17,14 @@ from twisted.internet.defer import DeferredList, DeferredSemaphore, inlineCallba
 from cimhes.cim.message import Error, ErrorCode, ErrorLevel, ReplyResult
 from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings, MeterReading
 from cimhes.cim.reading_type import ReadingType
-from cimhes.drivers import DeviceAddress, MeterReadResult, driver_for
+from cimhes.drivers import DeviceAddress, MeterReadResult, driver_for, needs_window
 from cimhes.drivers.errors import (
     AnswerTooLarge,
     AssociationRefused,
     ConnectionFailed,
     DeviceError,
     HeadEndExhausted,
+    HistoryShortfall,
     ObjectUnavailable,
     ProtocolError,
     Timeout,
@@ -44,6 +45,11 @@ DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCode] = {
     ObjectUnavailable: ErrorCode.DEVICE_PROTOCOL_ERROR,
     AnswerTooLarge: ErrorCode.DEVICE_PROTOCOL_ERROR,
     HeadEndExhausted: ErrorCode.INTERNAL_ERROR,  # the head-end's own limit, not the device's
+    HistoryShortfall: ErrorCode.PARTIAL_RESULT,
+}
+# Device errors that are warnings: the values that exist were returned.
+DEVICE_ERROR_LEVELS: dict[type[DeviceError], ErrorLevel] = {
+    HistoryShortfall: ErrorLevel.WARNING,
 }
 
 
@@ -174,7 +180,10 @@ def _readable_reading_types(codes: list[str], has_window: bool, errors: list[Err
                                 reason=f"ReadingType {code!r}: {exc}", id=code,
                                 object_type="ReadingType"))
             continue
-        if not has_window and (reading_type.measuring_period or reading_type.macro_period):
+        interval = needs_window(reading_type.mrid)
+        if interval is None:
+            interval = bool(reading_type.measuring_period or reading_type.macro_period)
+        if not has_window and interval:
             errors.append(Error(
                 code=ErrorCode.MISSING_PARAMETER,
                 reason=f"ReadingType {code} is interval data and needs a time window "
@@ -191,7 +200,8 @@ def _first_name(ref: DeviceRef) -> str | None:
 
 def _device_error(device: DeviceAddress, error: DeviceError) -> Error:
     return Error(code=DEVICE_ERROR_CODES.get(type(error), ErrorCode.DEVICE_PROTOCOL_ERROR),
-                 reason=str(error), id=device.mrid, id_kind="uuid", object_type="EndDevice")
+                 level=DEVICE_ERROR_LEVELS.get(type(error), ErrorLevel.FATAL), reason=str(error),
+                 id=device.mrid, id_kind="uuid", object_type="EndDevice")
 
 
 def _failed_device(device: DeviceAddress, failure) -> Error:

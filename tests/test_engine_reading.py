@@ -161,3 +161,38 @@ def test_readings_that_cannot_be_stored_still_reach_the_caller_with_a_warning(fl
     (error,) = outcome.errors
     assert error.code == ErrorCode.INTERNAL_ERROR.value and error.level.value == "WARNING"
     assert "2 of 2 devices' readings" in error.reason and "not stored" in error.reason
+
+
+MAX_DEMAND = "8.8.2.6.1.1.8.0.0.0.0.0.0.0.0.3.38.0"
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_register_type_with_period_parts_needs_no_window_when_the_driver_reads_it_as_a_register(
+        fleet, store):
+    # Maximum demand carries measuringPeriod 15 min, but it is a register: the catalogue says so.
+    devices = _devices(fleet)[:1]
+    store[0].load_inventory(devices)
+    service = MeterReadingService(reactor, store[1], timeout=3.0)
+    outcome = yield service.read(_request(devices, [MAX_DEMAND]))
+    assert outcome.result is ReplyResult.OK, outcome.errors
+    [reading] = outcome.meter_readings[0].readings
+    assert reading.reading_type == MAX_DEMAND and reading.timestamp < NOW
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_window_past_the_meters_history_is_partial_with_a_warning_and_stores_what_exists(
+        fleet, store):
+    devices = _devices(fleet)[:1]
+    store[0].load_inventory(devices)
+    service = MeterReadingService(reactor, store[1], timeout=5.0)
+    start = NOW - timedelta(days=36)  # the 15-minute profile keeps 35 days
+    outcome = yield service.read(_request(devices, [PLUS_A_PROFILE], start, NOW))
+    assert outcome.result is ReplyResult.PARTIAL
+    (warning,) = outcome.errors
+    assert (warning.code, warning.level.value, warning.id) == (
+        ErrorCode.PARTIAL_RESULT.value, "WARNING", devices[0].mrid)
+    assert "96 missing" in warning.reason and PLUS_A_PROFILE in warning.reason
+    [block] = outcome.meter_readings[0].interval_blocks
+    assert len(block.readings) == 35 * 96
+    stored = yield store[1].run("stored_values", devices[0].mrid, PLUS_A_PROFILE)
+    assert len(stored) == 35 * 96

@@ -83,3 +83,36 @@ def test_gurux_public_client_and_wrong_password():
         associate(session, intruder)
     assert (refused.value.result, refused.value.diagnostic) == (1, 13)
     assert session.state is State.IDLE
+
+
+def test_gurux_decodes_the_billing_profiles_max_demand_and_disconnector():
+    from gurux_dlms.objects import GXDLMSDisconnectControl, GXDLMSExtendedRegister
+
+    session = MeterSession(METER, clock=lambda: NOW)
+    client = GXDLMSClient(True, 1, 1, Authentication.LOW, "12345678", InterfaceType.WRAPPER)
+    associate(session, client)
+    for obis, rows, start in (("1.0.99.2.0.255", meter_model.daily_rows, datetime(2024, 5, 1, tzinfo=UTC)),
+                              ("0.0.98.1.0.255", meter_model.billing_rows, datetime(2024, 1, 1, tzinfo=UTC))):
+        profile = GXDLMSProfileGeneric(obis)
+        read(session, client, profile, 3)
+        assert [(obj.logicalName, d.attributeIndex) for obj, d in profile.captureObjects] == [
+            ("0.0.1.0.0.255", 2), *((o, 2) for o in meter_model.BILLING_REGISTERS)]
+        end = NOW
+        client.updateValue(profile, 2, exchange(session, client,
+                                                client.readRowsByRange(profile, start, end)).value)
+        expected = rows(METER.serial, start, end)
+        assert len(profile.buffer) == len(expected) > 3
+        for (stamp, *values), (at, *want) in zip(profile.buffer, expected):
+            assert stamp.value.astimezone(UTC) == at and values == want
+
+    demand = GXDLMSExtendedRegister("1.0.1.6.0.255")
+    for attribute in (3, 2, 5):
+        read(session, client, demand, attribute)
+    value, captured = meter_model.max_demand(METER.serial, NOW)
+    assert demand.value == value and int(demand.unit) == 27
+    assert demand.captureTime.value.astimezone(UTC) == captured
+
+    disconnector = GXDLMSDisconnectControl("0.0.96.3.10.255")
+    for attribute in (2, 3, 4):
+        read(session, client, disconnector, attribute)
+    assert (disconnector.outputState, int(disconnector.controlState)) == (True, 1)

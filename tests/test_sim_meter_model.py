@@ -83,7 +83,13 @@ def test_scaler_unit_table():
     assert meter_model.SCALER_UNIT == {
         "1.0.1.8.0.255": (0, 30), "1.0.2.8.0.255": (1, 30),
         "1.0.1.8.1.255": (0, 30), "1.0.1.8.2.255": (0, 30),
+        # instantaneous: W (27), 0.1 V (35), mA (33)
+        "1.0.1.7.0.255": (0, 27),
+        "1.0.21.7.0.255": (0, 27), "1.0.41.7.0.255": (0, 27), "1.0.61.7.0.255": (0, 27),
+        "1.0.32.7.0.255": (-1, 35), "1.0.52.7.0.255": (-1, 35), "1.0.72.7.0.255": (-1, 35),
+        "1.0.31.7.0.255": (-3, 33), "1.0.51.7.0.255": (-3, 33), "1.0.71.7.0.255": (-3, 33),
     }
+    assert meter_model.EXTENDED_SCALER_UNIT == {"1.0.1.6.0.255": (0, 27)}
 
 
 def test_profile_rows_are_register_values_at_each_boundary():
@@ -124,3 +130,55 @@ def test_unknown_serials_are_refused(serial):
 def test_time_before_epoch_is_refused():
     with pytest.raises(ValueError, match="before the simulation epoch"):
         register_raw("CIMHES000001", IMPORT_TOTAL, EPOCH - timedelta(seconds=1))
+
+
+def oracle_import_wh(k, i):
+    return 30 + (7 * k + 11 * i) % 40 + (40 if 24 <= i < 36 else 0) + (90 if 68 <= i < 88 else 0)
+
+
+@pytest.mark.parametrize("at", [datetime(2024, 3, 1, 12, 7, 30, tzinfo=UTC),
+                                datetime(2024, 7, 9, 23, 59, 59, tzinfo=UTC), EPOCH])
+@pytest.mark.parametrize("k", [1, 5, 333])
+def test_instantaneous_values_follow_the_docstring(k, at):
+    serial = meter_identity(k).serial
+    n = (at.hour * 60 + at.minute) // 15
+    total = 4 * oracle_import_wh(k, n)
+    assert register_raw(serial, "1.0.1.7.0.255", at) == total
+    phases = [register_raw(serial, obis, at) for obis in ("1.0.21.7.0.255", "1.0.41.7.0.255", "1.0.61.7.0.255")]
+    assert sum(phases) == total and phases[1] == phases[2] == total // 3
+    for p, (u, i, power) in enumerate(zip(("1.0.32.7.0.255", "1.0.52.7.0.255", "1.0.72.7.0.255"),
+                                          ("1.0.31.7.0.255", "1.0.51.7.0.255", "1.0.71.7.0.255"), phases), 1):
+        volts = register_raw(serial, u, at)
+        assert volts == 2300 + (13 * k + 7 * p + 3 * n) % 41 - 20
+        assert 2280 <= volts <= 2320
+        assert register_raw(serial, i, at) == power * 10000 // volts
+
+
+@pytest.mark.parametrize("at", [datetime(2024, 3, 1, 0, 10, tzinfo=UTC),   # nothing complete yet
+                                datetime(2024, 3, 1, 2, 0, tzinfo=UTC),    # a few intervals
+                                datetime(2024, 3, 1, 19, 31, tzinfo=UTC),  # past the evening peak
+                                datetime(2024, 3, 17, 5, 0, tzinfo=UTC)])  # days into the month
+def test_max_demand_is_the_largest_completed_interval_of_the_month(at):
+    k = 4
+    month = at.replace(day=1, hour=0, minute=0, second=0)
+    best, when = 0, month
+    cursor = month
+    while cursor + timedelta(minutes=15) <= at:  # walk every completed interval: the oracle
+        i = (cursor.hour * 60 + cursor.minute) // 15
+        demand = 4 * oracle_import_wh(k, i)
+        if demand > best:
+            best, when = demand, cursor + timedelta(minutes=15)
+        cursor += timedelta(minutes=15)
+    assert meter_model.max_demand(meter_identity(k).serial, at) == (best, when)
+
+
+def test_daily_and_billing_rows_are_register_values_at_midnights_and_month_starts():
+    serial = meter_identity(6).serial
+    end = datetime(2024, 5, 3, 12, 0, tzinfo=UTC)
+    daily = meter_model.daily_rows(serial, datetime(2024, 4, 29, 0, 0, 1, tzinfo=UTC), end)
+    assert [row[0].day for row in daily] == [30, 1, 2, 3]
+    monthly = meter_model.billing_rows(serial, datetime(2023, 6, 1, tzinfo=UTC), end)
+    assert [row[0].month for row in monthly] == [1, 2, 3, 4, 5]  # nothing before EPOCH
+    for at, *values in daily + monthly:
+        assert at.hour == at.minute == 0
+        assert values == [register_raw(serial, obis, at) for obis in meter_model.BILLING_REGISTERS]

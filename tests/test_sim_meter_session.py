@@ -144,7 +144,7 @@ def test_each_register_reads_the_model_value_and_scaler_unit(associated, obis, s
     assert value[:5].hex() == "c401c10006"
     assert struct.unpack(">I", value[5:])[0] == register_raw(METER.serial, obis, NOW)
     scaler, unit = scaler_unit
-    assert ask(associated, get_normal(3, obis, 3)).hex() == f"c401c100" "0202" f"0f{scaler:02x}" f"16{unit:02x}"
+    assert ask(associated, get_normal(3, obis, 3)).hex() == f"c401c100" "0202" f"0f{scaler & 0xFF:02x}" f"16{unit:02x}"
     assert ask(associated, get_normal(3, obis, 1)).hex() == "c401c100" "0906" + meter_model_obis(obis)
 
 
