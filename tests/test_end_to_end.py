@@ -46,7 +46,7 @@ def kwh(raw: int, obis: str) -> Decimal:
 
 @pytest.fixture
 def fleet():
-    fleet = start_fleet(reactor, 3, clock=lambda: NOW, base_index=FIRST_METER)
+    fleet = start_fleet(reactor, 3, clock=lambda: NOW, base_index=FIRST_METER, port=0)
     yield fleet
     pytest_twisted.blockon(fleet.stop_all())
 
