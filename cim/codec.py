@@ -629,7 +629,13 @@ def _encode_error(parent: etree._Element, error: Error) -> None:
     if error.xpath is not None:
         # xs:QName: a prefixed name whose prefix is declared right here, on the element itself.
         match = _CLARK.fullmatch(error.xpath)
-        if match and match.group(1):
+        # lxml drops a declaration no tag uses when the tree is moved into the SOAP envelope, and
+        # reuses the prefix in scope for a namespace declared twice: so take that prefix if any.
+        in_scope = match and match.group(1) and next(
+            (p for p, ns in node.nsmap.items() if p and ns == match.group(1)), None)
+        if in_scope:
+            _sub(node, m, "xpath", f"{in_scope}:{match.group(2)}")
+        elif match and match.group(1):
             qname = etree.SubElement(node, _q(m, "xpath"), nsmap={"e": match.group(1)})
             qname.text = f"e:{match.group(2)}"
         else:

@@ -102,8 +102,11 @@ class ErrorCode(str, enum.Enum):
     UNSUPPORTED_READING_TYPE = "2.3", "a requested reading type is not supported for the device"
     OBJECT_NOT_FOUND = "2.4", "a referenced object (device, usage point ...) is not known"
     UNSUPPORTED_REQUEST = "2.5", "the request asks for something this head-end does not do"
-    TOO_MANY_OBJECTS = "2.6", "the request asks for more objects or readings than allowed"
-    CONTROL_RATE_LIMITED = "3.2", "too many controls of this kind in the limit's window; retry later"
+    # 3.1 and 3.2 are the 61968-100 "too many items" and "too many pending requests".
+    TOO_MANY_OBJECTS = "3.1", "the request names more items (devices, readings) than one request may"
+    TOO_MANY_PENDING = "3.2", ("too many requests of this caller pending, or in a rate limit's "
+                               "window; retry later")
+    CONTROL_RATE_LIMITED = "3.2", "(an alias of TOO_MANY_PENDING: a control rate limit)"
     NOT_AUTHENTICATED = "7.1", "no credentials, or credentials the head-end does not accept"
     NOT_AUTHORIZED = "7.2", "the authenticated user holds no role that allows this request"
     CLEARTEXT_PASSWORD_REFUSED = "7.3", "a clear-text password over plain HTTP from another host; use TLS"

@@ -22,10 +22,12 @@ from cimhes.cim.codec import (
     encode_fault,
     encode_meter_readings_response,
 )
+from cimhes.cim.header_limits import check_header
 from cimhes.cim.message import Reply, ReplyResult, reply_header
 from cimhes.cim.meter_readings import MeterReadingsResponse
 from cimhes.endpoints.soap_resource import CimFault, soap_application
-from cimhes.engine.reading import MeterReadingService
+from cimhes.engine.admission import Admission, Refused
+from cimhes.engine.reading import MeterReadingService, ReadOutcome
 from cimhes.engine.store import RequestSummary, StoreRunner
 
 WSDL_NAME = "GetMeterReadings"
@@ -49,21 +51,35 @@ class GetMeterReadingsDoor:
     """Answers GetMeterReadings requests with the engine's readings."""
 
     def __init__(self, readings: MeterReadingService, store: StoreRunner,
-                 now: Callable[[], datetime] | None = None):
+                 now: Callable[[], datetime] | None = None, admission: Admission | None = None):
         self._readings = readings
         self._store = store
         self._now = now or (lambda: datetime.now(timezone.utc))
+        self._admission = admission or Admission()
 
     @inlineCallbacks
-    def get_meter_readings(self, element):
+    def get_meter_readings(self, element, caller: str | None = None):
+        """`caller` is who is asking (`caller_of`); without one the request counts against its
+        Header User.UserID."""
         received_at = self._now()
         try:
             request = decode_get_meter_readings(element)
+            check_header(request.header)
         except CodecError as exc:
             reply = Reply(ReplyResult.FAILED, errors=(exc.to_error(),))
             raise CimFault("Client", exc.reason, encode_fault(reply))
 
-        outcome = yield self._readings.read(request)
+        asked = len(request.end_devices) + len(request.usage_points)
+        try:
+            admitted = self._admission.admit(
+                caller or request.header.user_id or "anonymous", asked)
+        except Refused as refused:
+            outcome = ReadOutcome(errors=[refused.error], devices_asked=asked)
+        else:
+            try:
+                outcome = yield self._readings.read(request)
+            finally:
+                admitted.release()
         reply = Reply(outcome.result, errors=tuple(outcome.errors))
         header = replace(reply_header(request.header, self._now(), source=SOURCE),
                          message_id=str(uuid.uuid4()))
@@ -88,6 +104,19 @@ def get_meter_readings_application(door: GetMeterReadingsDoor):
         @rpc(AnyXml, _body_style="bare", _in_message_name="GetMeterReadings",
              _returns=AnyXml, _operation_name="GetMeterReadings")
         def GetMeterReadings(ctx, element):
-            return door.get_meter_readings(element)
+            return door.get_meter_readings(element, caller_of(ctx))
 
     return soap_application(GetMeterReadingsService, tns=MESSAGE_NS, name=WSDL_NAME)
+
+
+def caller_of(ctx) -> str | None:
+    """Who a SOAP request counts against: its authenticated user (endpoints/auth.py), else the
+    client's address. (A Header User.UserID is the caller's own claim, so it is used only when
+    neither is known.)"""
+    name = getattr(getattr(ctx, "udc", None), "name", None)
+    if name:
+        return f"user {name}"
+    request = getattr(ctx.transport, "req", None)
+    address = request.getClientAddress() if request is not None else None
+    host = getattr(address, "host", None)
+    return f"address {host}" if host else None

@@ -29,6 +29,7 @@ from cimhes.endpoints.meter_readings import (
 from cimhes.endpoints.reading_types import ReadingTypesResource
 from cimhes.endpoints.soap_resource import SoapResource
 from cimhes.endpoints.tls import callback_session
+from cimhes.engine.admission import Admission, RequestLimits
 from cimhes.engine.reading import MeterReadingService
 from cimhes.engine.rate_limits import (
     DEFAULT_CONTROL_LIMITS,
@@ -54,6 +55,7 @@ class HeadEndSettings:
     callback_ca_bundle: str | None = None
     # Rate limits on controls (engine/rate_limits.py), applied by ControlGate.admit.
     control_limits: tuple[ControlLimit, ...] = DEFAULT_CONTROL_LIMITS
+    request_limits: RequestLimits = field(default_factory=RequestLimits)  # devices, pending
 
 
 class _Index(Resource):
@@ -92,7 +94,8 @@ class HeadEnd:
             limits=(settings.session_limits if settings.device_timeout is None
                     else SessionLimits.of(settings.device_timeout)),
             connections_per_second=settings.connections_per_second)
-        door = GetMeterReadingsDoor(self.readings, self.store_runner)
+        self.admission = Admission(settings.request_limits)
+        door = GetMeterReadingsDoor(self.readings, self.store_runner, admission=self.admission)
         cim = Resource()
         cim.putChild(GET_METER_READINGS.encode(),
                      SoapResource(get_meter_readings_application(door), GET_METER_READINGS_WSDL,
