@@ -1,4 +1,4 @@
-"""The `cimhes` command: `demo`, `serve`, `simulate`, and the administration of users and audit.
+"""The `cimhes` command: `demo`, `serve`, `simulate`, `db`, and users and audit administration.
 
 Scripts drive these commands, so their output is a contract: once a server accepts requests it
 prints one JSON line on stdout (`{"ready": true, "base_url": ..., ...}`); logs go to stderr.
@@ -28,6 +28,7 @@ from cimhes.endpoints.admin_cli import (
 from cimhes.endpoints.session_options import add_session_options, ensure_descriptors, session_settings
 
 DEMO_USER = "demo"
+from cimhes.endpoints.db import add_db_commands, run_db_command
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -60,6 +61,8 @@ def main(argv: list[str] | None = None) -> int:
     _tls_arguments(serve)
 
     add_admin_commands(commands, "var/cimhes.sqlite")
+    add_db_commands(commands)
+
     commands.add_parser("simulate", help="a fleet of simulated IDIS meters (see simulate -h)",
                         add_help=False)
 
@@ -70,12 +73,21 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, stream=sys.stderr,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    # Alembic narrates its set-up at INFO; cimhes.engine.schema logs what an upgrade applied.
+    logging.getLogger("alembic").setLevel(logging.WARNING)
+    # Imported here: `simulate` needs no database, and starts faster without one.
+    from cimhes.engine.schema import SchemaOutOfDate
+    from cimhes.engine.store import StoreUnavailable
+
     try:
         if args.command in ("user", "audit"):
             return run_admin(args, _database_url)
+        if args.command == "db":
+            return run_db_command(args, _database_url)
         return _demo(args) if args.command == "demo" else _serve(args)
-    except (CannotListenError, OSError, ValueError) as exc:
-        # What a user can fix (a port in use, a bad inventory file) is said in one line.
+    except (CannotListenError, OSError, ValueError, StoreUnavailable, SchemaOutOfDate) as exc:
+        # What a user can fix (a port in use, a bad inventory file, a database down or without
+        # its driver) is said in one line.
         print(f"cimhes {args.command}: error: {exc}", file=sys.stderr)
         return 2
 

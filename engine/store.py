@@ -13,10 +13,13 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 from sqlalchemy import (
+    JSON,
     BigInteger,
     ForeignKey,
+    Index,
     Integer,
     String,
+    Text,
     UniqueConstraint,
     create_engine,
     event,
@@ -24,7 +27,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
-from sqlalchemy.engine import Engine
+from sqlalchemy.engine import URL, Engine, make_url
+from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 from twisted.internet.defer import Deferred
@@ -34,6 +38,7 @@ from twisted.python.threadpool import ThreadPool
 
 from cimhes.cim.meter_readings import MeterReading
 from cimhes.drivers import DRIVERS, DeviceAddress
+from cimhes.engine import schema
 
 
 class EpochMillis(TypeDecorator):
@@ -64,6 +69,16 @@ class Base(DeclarativeBase):
     pass
 
 
+class Route(Base):
+    """How devices are reached and which share a bottleneck: a data concentrator's segment, a
+    cellular cell, a direct IP network. The per-route session bounds are configuration."""
+
+    __tablename__ = "route"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    kind: Mapped[str | None] = mapped_column(String(32))
+
+
 class Device(Base):
     """A metering end device the head-end can reach: its CIM identity and its DLMS address."""
 
@@ -78,6 +93,7 @@ class Device(Base):
     server_address: Mapped[int] = mapped_column(Integer)
     authentication: Mapped[str] = mapped_column(String(16))
     password: Mapped[str | None] = mapped_column(String(64))
+    route_id: Mapped[int | None] = mapped_column(ForeignKey("route.id"), index=True)
 
     def address(self) -> DeviceAddress:
         return DeviceAddress(
@@ -88,8 +104,49 @@ class Device(Base):
         )
 
 
+class DeviceGroup(Base):
+    """A CIM EndDeviceGroup: devices read, scheduled or controlled together."""
+
+    __tablename__ = "device_group"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    name: Mapped[str] = mapped_column(String(128), unique=True)
+    mrid: Mapped[str | None] = mapped_column(String(64), unique=True)
+
+
+class DeviceGroupMember(Base):
+    __tablename__ = "device_group_member"
+    group_id: Mapped[int] = mapped_column(ForeignKey("device_group.id"), primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("device.id"), primary_key=True, index=True)
+
+
+class UsagePoint(Base):
+    """A CIM UsagePoint: the place that is metered, which outlives the meters that serve it."""
+
+    __tablename__ = "usage_point"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    mrid: Mapped[str] = mapped_column(String(64), unique=True)
+    name: Mapped[str | None] = mapped_column(String(128), index=True)
+
+
+class UsagePointMeter(Base):
+    """Which meter served a usage point when: from `served_from` until `served_to` (excluded),
+    `served_to` None while it still does."""
+
+    __tablename__ = "usage_point_meter"
+    __table_args__ = (UniqueConstraint("usage_point_id", "served_from"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    usage_point_id: Mapped[int] = mapped_column(ForeignKey("usage_point.id"))
+    device_id: Mapped[int] = mapped_column(ForeignKey("device.id"), index=True)
+    served_from: Mapped[datetime] = mapped_column(EpochMillis())
+    served_to: Mapped[datetime | None] = mapped_column(EpochMillis())
+
+
 class ReadingRecord(Base):
-    """One value read from a device: a register reading or one interval of a profile."""
+    """One value read from a device: a register reading or one interval of a profile.
+
+    One row per device, reading type and time: the same value stored again changes nothing, a
+    different one replaces it and the database itself records the change in
+    `reading_correction` (a trigger made by the store's first migration)."""
 
     __tablename__ = "reading"
     __table_args__ = (UniqueConstraint("device_id", "reading_type", "timestamp"),)
@@ -99,22 +156,83 @@ class ReadingRecord(Base):
     timestamp: Mapped[datetime] = mapped_column(EpochMillis())
     value: Mapped[str] = mapped_column(String(40))
     read_at: Mapped[datetime] = mapped_column(EpochMillis())
+    source: Mapped[str] = mapped_column(String(32))
+
+
+class ReadingCorrection(Base):
+    """The trace of a stored value replaced by a different one: what it was, what it became,
+    when and from where (written by the database's trigger on `reading`, never by code)."""
+
+    __tablename__ = "reading_correction"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    reading_id: Mapped[int] = mapped_column(ForeignKey("reading.id"), index=True)
+    old_value: Mapped[str] = mapped_column(String(40))
+    old_read_at: Mapped[datetime] = mapped_column(EpochMillis())
+    old_source: Mapped[str] = mapped_column(String(32))
+    new_value: Mapped[str] = mapped_column(String(40))
+    corrected_at: Mapped[datetime] = mapped_column(EpochMillis())
+    source: Mapped[str] = mapped_column(String(32))
+
+
+class EndDeviceEventRecord(Base):
+    """One CIM EndDeviceEvent: what a device logged (or pushed), when, in which log.
+
+    `event_type` is the CIM EndDeviceEventType (four dotted numbers), `dlms_code` the device's
+    own event code, `log` the event log it came from (the profile's OBIS code, or a name), and
+    `details` the EndDeviceEventDetail name/value pairs. The same event fetched twice is stored
+    once (by device, log, time and DLMS code)."""
+
+    __tablename__ = "end_device_event"
+    __table_args__ = (UniqueConstraint("device_id", "log", "created_at", "dlms_code"),
+                      Index("ix_end_device_event_device_time", "device_id", "created_at"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    device_id: Mapped[int] = mapped_column(ForeignKey("device.id"))
+    created_at: Mapped[datetime] = mapped_column(EpochMillis())
+    event_type: Mapped[str] = mapped_column(String(32))
+    dlms_code: Mapped[int | None] = mapped_column(Integer)
+    log: Mapped[str] = mapped_column(String(64))
+    details: Mapped[dict | None] = mapped_column(JSON)
+    read_at: Mapped[datetime] = mapped_column(EpochMillis())
 
 
 class RequestRecord(Base):
-    """One CIM request and how it was answered: the ground the SLA reports will stand on."""
+    """One CIM request and how it was answered: the ground the SLA reports will stand on.
+    An asynchronous request is recorded when it arrives; `replied_at` and `result` stay empty
+    until it is answered."""
 
     __tablename__ = "request"
     id: Mapped[int] = mapped_column(primary_key=True)
     message_id: Mapped[str | None] = mapped_column(String(128), index=True)
+    correlation_id: Mapped[str | None] = mapped_column(String(128), index=True)
     noun: Mapped[str] = mapped_column(String(64))
     verb: Mapped[str] = mapped_column(String(16))
     source: Mapped[str | None] = mapped_column(String(128))
+    reply_address: Mapped[str | None] = mapped_column(String(1024))
     received_at: Mapped[datetime] = mapped_column(EpochMillis())
-    replied_at: Mapped[datetime] = mapped_column(EpochMillis())
-    result: Mapped[str] = mapped_column(String(16))
+    replied_at: Mapped[datetime | None] = mapped_column(EpochMillis())
+    result: Mapped[str | None] = mapped_column(String(16))
     devices_asked: Mapped[int] = mapped_column(Integer)
-    devices_failed: Mapped[int] = mapped_column(Integer)
+    devices_failed: Mapped[int | None] = mapped_column(Integer)
+
+
+class OutboxMessage(Base):
+    """A message that must reach another system (MDM, DMS), written in the same transaction as
+    the data it reports, and pending until published (a transactional
+    outbox): a crash between storing and publishing loses nothing."""
+
+    __tablename__ = "outbox"
+    __table_args__ = (Index("ix_outbox_pending", "destination", "published_at", "next_attempt_at"),)
+    id: Mapped[int] = mapped_column(primary_key=True)
+    destination: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(64))
+    correlation_id: Mapped[str | None] = mapped_column(String(128))
+    request_id: Mapped[int | None] = mapped_column(ForeignKey("request.id"), index=True)
+    payload: Mapped[str] = mapped_column(Text)
+    created_at: Mapped[datetime] = mapped_column(EpochMillis())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(EpochMillis())
+    published_at: Mapped[datetime | None] = mapped_column(EpochMillis())
+    last_error: Mapped[str | None] = mapped_column(String(1024))
 
 
 @dataclass(frozen=True)
@@ -130,15 +248,30 @@ class RequestSummary:
     devices_failed: int
 
 
+class StoreUnavailable(Exception):
+    """The database cannot be used: no driver for its URL, not reachable, or its schema not
+    current. The message is one line for an operator and never holds a password."""
+
+
 class Store:
-    """Blocking unit-of-work methods over one database URL."""
+    """Blocking unit-of-work methods over one database URL.
+
+    Opening it checks the schema: an embedded SQLite database is brought up to date by the
+    migrations (created if new); any other must already be current (`cimhes db upgrade`), so
+    that several processes sharing a server never race to alter it."""
 
     def __init__(self, url: str):
-        self.engine: Engine = create_engine(url)
-        if self.engine.dialect.name == "sqlite":
-            event.listen(self.engine, "connect", _sqlite_pragmas)
-        Base.metadata.create_all(self.engine)
+        self.engine: Engine = open_database(url)
+        try:
+            if self.engine.dialect.name == "sqlite":
+                schema.upgrade(self.engine)
+            else:
+                schema.require_current(self.engine)
+        except (SQLAlchemyError, schema.SchemaOutOfDate) as exc:
+            self.engine.dispose()
+            raise StoreUnavailable(f"database {_shown(self.engine.url)}: {_first_line(exc)}") from exc
         self._session = sessionmaker(self.engine, expire_on_commit=False)
+        self._upsert_readings = _upsert_readings(self.engine.dialect.name)
 
     def load_inventory(self, devices: Iterable[DeviceAddress]) -> int:
         """Insert or update devices by mRID; returns how many were given. A device whose type
@@ -178,8 +311,12 @@ class Store:
                     found[row.name] = row.address()
         return found
 
-    def save_meter_readings(self, meter_readings: Sequence[MeterReading], read_at: datetime) -> int:
-        """Store every value of the given meter readings; a value already stored is kept once."""
+    def save_meter_readings(self, meter_readings: Sequence[MeterReading], read_at: datetime,
+                            source: str = "read") -> int:
+        """Store every value of the given meter readings in one transaction, in bulk: a value
+        already stored is kept once, a different value for the same device, reading type and
+        time replaces it (and the database traces the correction, see `ReadingCorrection`).
+        `source` says what produced the values ("read", "push", ...). Returns the rows given."""
         with self._session.begin() as session:
             ids = dict(session.execute(
                 select(Device.mrid, Device.id).where(
@@ -189,14 +326,14 @@ class Store:
                 device_id = ids[meter_reading.meter.mrid]
                 for reading in meter_reading.readings:
                     rows.append(_row(device_id, reading.reading_type, reading.timestamp,
-                                     reading.value, read_at))
+                                     reading.value, read_at, source))
                 for block in meter_reading.interval_blocks:
                     for interval in block.readings:
                         rows.append(_row(device_id, block.reading_type, interval.timestamp,
-                                         interval.value, read_at))
+                                         interval.value, read_at, source))
             if rows:
-                # A Core insert on the table: the ORM's bulk path costs more than SQLite itself.
-                session.connection().execute(self._insert_ignoring_duplicates(), rows)
+                # A Core statement on the table: the ORM's bulk path costs more than the database.
+                session.connection().execute(self._upsert_readings, rows)
         return len(rows)
 
     def stored_values(self, mrid: str, reading_type: str) -> list[tuple[datetime, Decimal]]:
@@ -221,18 +358,73 @@ class Store:
                 for r in session.scalars(select(RequestRecord).order_by(RequestRecord.id))
             ]
 
-    def _insert_ignoring_duplicates(self):
-        insert = postgresql_insert if self.engine.dialect.name == "postgresql" else sqlite_insert
-        return insert(ReadingRecord.__table__).on_conflict_do_nothing(
-            index_elements=["device_id", "reading_type", "timestamp"])
-
     def close(self) -> None:
         self.engine.dispose()
 
 
-def _row(device_id: int, reading_type: str, timestamp: datetime, value, read_at: datetime) -> dict:
+def open_database(url: str) -> Engine:
+    """An engine for `url`, connected once to prove it works; StoreUnavailable if it does not
+    (a driver missing, a server down, a bad URL), in one line without the password."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError as exc:
+        raise StoreUnavailable(f"database URL {url.split('@')[-1]!r} is not valid: {exc}") from None
+    options: dict = {}
+    backend = parsed.drivername.split("+")[0]
+    if backend != "sqlite":
+        # A server that went away (restart, fail-over) costs a reconnect, not a failed unit of work.
+        options["pool_pre_ping"] = True
+    if backend == "postgresql":
+        options["connect_args"] = {"connect_timeout": CONNECT_TIMEOUT_S}  # libpq's, any driver
+    try:
+        engine = create_engine(parsed, **options)
+    except (ImportError, NoSuchModuleError) as exc:
+        raise StoreUnavailable(
+            f"database {_shown(parsed)}: no driver for {parsed.drivername!r} ({_first_line(exc)}); "
+            f"for PostgreSQL install cimhes[postgresql] and use postgresql+psycopg://") from None
+    if engine.dialect.name == "sqlite":
+        event.listen(engine, "connect", _sqlite_pragmas)
+    try:
+        with engine.connect():
+            pass
+    except SQLAlchemyError as exc:
+        engine.dispose()
+        raise StoreUnavailable(f"database {_shown(parsed)} is not reachable: "
+                               f"{_first_line(exc.orig or exc)}") from None
+    return engine
+
+
+# How long opening a connection to a database server may take before it is called unreachable.
+CONNECT_TIMEOUT_S = 10
+
+
+def _shown(url: URL) -> str:
+    return url.render_as_string(hide_password=True)
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else type(exc).__name__
+
+
+def _row(device_id: int, reading_type: str, timestamp: datetime, value, read_at: datetime,
+         source: str) -> dict:
     return {"device_id": device_id, "reading_type": reading_type, "timestamp": timestamp,
-            "value": str(value), "read_at": read_at}
+            "value": str(value), "read_at": read_at, "source": source}
+
+
+def _upsert_readings(dialect: str):
+    """INSERT .. ON CONFLICT (device, reading type, time) DO UPDATE the value, only where it
+    differs: the same value twice writes nothing, a new one replaces the old (SQLite and
+    PostgreSQL spell it alike)."""
+    insert = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}[dialect]
+    table = ReadingRecord.__table__
+    statement = insert(table)
+    return statement.on_conflict_do_update(
+        index_elements=[table.c.device_id, table.c.reading_type, table.c.timestamp],
+        set_={"value": statement.excluded.value, "read_at": statement.excluded.read_at,
+              "source": statement.excluded.source},
+        where=table.c.value != statement.excluded.value)
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -1,0 +1,1 @@
+"""Schema revisions, one Alembic branch per owning module (file names start with the branch)."""

@@ -1,0 +1,45 @@
+"""Fixtures every test module may use: the databases (see tests/databases.py)."""
+from __future__ import annotations
+
+import os
+
+import pytest
+
+from .databases import POSTGRES_ENV, PostgresServer, postgres_or_skip
+
+
+@pytest.fixture(scope="session")
+def postgres_server():
+    """The run's PostgreSQL server, or None when CIMHES_TEST_POSTGRES names none."""
+    admin_url = os.environ.get(POSTGRES_ENV)
+    if not admin_url:
+        yield None
+        return
+    server = PostgresServer(admin_url)
+    yield server
+    server.close()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def database_url(request, tmp_path):
+    """A database `Store` opens as it is (SQLite: a new file it migrates itself; PostgreSQL: a
+    new database already at every head revision, as `cimhes db upgrade` leaves it)."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'store.sqlite'}"
+        return
+    server = postgres_or_skip(request)
+    url = server.new_database(migrated=True)
+    yield url
+    server.drop(url)
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def empty_database_url(request, tmp_path):
+    """A database with no tables at all, on each kind of server."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.sqlite'}"
+        return
+    server = postgres_or_skip(request)
+    url = server.new_database(migrated=False)
+    yield url
+    server.drop(url)
