@@ -46,10 +46,10 @@ def run_db_command(args: argparse.Namespace, database_url) -> int:
         if args.db_command == "upgrade":
             schema.upgrade(engine)
         with engine.connect() as connection:
-            current = schema.current_heads(connection)
-        expected = schema.expected_heads()
-        print(json.dumps({"database": shown, "revisions": sorted(current),
-                          "current": current == expected}))
-        return 0 if current == expected else 1
+            applied = schema.applied_revisions(connection)
+        missing = schema.all_revisions() - applied
+        print(json.dumps({"database": shown, "applied": sorted(applied),
+                          "missing": sorted(missing), "current": not missing}))
+        return 0 if not missing else 1
     finally:
         engine.dispose()

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Connection, Engine
 # The modules whose models are tables; a module that adds tables adds itself here.
 MODEL_MODULES = (
     "cimhes.engine.store",
+    "cimhes.engine.users",
 )
 
 log = logging.getLogger(__name__)
@@ -68,33 +69,41 @@ def upgrade(engine: Engine) -> None:
     immediate transaction; PostgreSQL: an advisory lock), so the second finds the work done."""
     with engine.connect() as connection:
         _refuse_unversioned(connection)
-        before = current_heads(connection)
+        before = applied_revisions(connection)
         command.upgrade(alembic_config(connection), "heads")
         connection.commit()
-        after = current_heads(connection)
-    if after != before:
-        log.info("database schema upgraded from %s to %s", sorted(before) or "nothing",
-                 sorted(after))
+        applied = applied_revisions(connection) - before
+    if applied:
+        log.info("database schema upgraded: applied %s", ", ".join(sorted(applied)))
 
 
-def expected_heads() -> set[str]:
-    return set(ScriptDirectory.from_config(alembic_config()).get_heads())
+def _script() -> ScriptDirectory:
+    return ScriptDirectory.from_config(alembic_config())
 
 
-def current_heads(connection: Connection) -> set[str]:
-    return set(MigrationContext.configure(connection).get_current_heads())
+def all_revisions() -> set[str]:
+    """Every revision of every branch: what a current database has applied."""
+    return {r.revision for r in _script().walk_revisions()}
+
+
+def applied_revisions(connection: Connection) -> set[str]:
+    """The revisions a database has applied: those alembic_version names and everything below
+    them (Alembic records only heads, and leaves out a revision another depends on)."""
+    heads = MigrationContext.configure(connection).get_current_heads()
+    if not heads:
+        return set()
+    return {r.revision for r in _script().iterate_revisions(heads, "base")}
 
 
 def require_current(engine: Engine) -> None:
-    """Raise SchemaOutOfDate unless the database is at every head revision."""
+    """Raise SchemaOutOfDate unless the database has applied every revision."""
     with engine.connect() as connection:
-        current = current_heads(connection)
-    expected = expected_heads()
-    if current != expected:
-        missing = ", ".join(sorted(expected - current)) or "none"
+        applied = applied_revisions(connection)
+    missing = all_revisions() - applied
+    if missing:
         raise SchemaOutOfDate(
-            f"the database schema is not current (revisions {', '.join(sorted(current)) or 'none'}"
-            f", missing {missing}); run `cimhes db upgrade --db URL`")
+            f"the database schema is not current (missing revisions {', '.join(sorted(missing))})"
+            f"; run `cimhes db upgrade --db URL`")
 
 
 def differences(connection: Connection) -> list:
@@ -125,7 +134,7 @@ def new_revision(message: str, branch: str, database_url: str) -> str:
     engine = create_engine(database_url)
     try:
         upgrade(engine)
-        script = ScriptDirectory.from_config(alembic_config())
+        script = _script()
         mine = [r.revision for r in script.walk_revisions() if r.revision.startswith(f"{branch}_")]
         rev_id = f"{branch}_{len(mine) + 1:04d}"
         with engine.connect() as connection:
