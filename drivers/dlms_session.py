@@ -7,6 +7,9 @@ small explicit state machine says what may happen next:
 
     IDLE --associate()--> ASSOCIATING --AARE accepted--> ASSOCIATED
                                       --AARE rejected--> IDLE   (event: AssociationRefused)
+                                      --AARE accepted, HLS--> AUTHENTICATION_DUE
+                                                              (event: AuthenticationRequired)
+    AUTHENTICATION_DUE --authenticate()--> AUTHENTICATING --f(CtoS) right--> ASSOCIATED
     ASSOCIATED --get()/get_rows_by_range()--> AWAITING_DATA --last block--> ASSOCIATED
     ASSOCIATED --release()--> RELEASING --RLRE--> IDLE
     any --wrapper header broken--> BROKEN   (the byte stream is out of step: only closing helps)
@@ -32,6 +35,7 @@ reason gurux gives:
 from __future__ import annotations
 
 import enum
+import secrets
 import struct
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -42,7 +46,24 @@ from gurux_dlms.enums import Authentication, InterfaceType, ObjectType, RequestT
 from gurux_dlms.objects import GXDLMSObject, GXDLMSProfileGeneric
 
 from cimhes.drivers.axdr import AxdrError, ber_length, decode_data
-from cimhes.drivers.errors import AssociationRefused, DeviceError, ProtocolError
+from cimhes.drivers.ciphering import (
+    GENERAL_GLO_CIPHERING,
+    PLAIN_TAGS,
+    CipheredChannel,
+    CipheringError,
+    CountersExhausted,
+    HlsGmac,
+    ReplayedCounter,
+)
+from cimhes.drivers.ciphering import ber_length as encode_ber_length
+from cimhes.drivers.errors import (
+    AssociationRefused,
+    AuthenticationFailed,
+    DeviceError,
+    HeadEndExhausted,
+    ProtocolError,
+    ReplayDetected,
+)
 
 WRAPPER_VERSION = 0x0001
 WRAPPER_HEADER = struct.Struct(">HHHH")  # version, source wPort, destination wPort, length
@@ -88,6 +109,23 @@ ASSOCIATION_DIAGNOSTICS = {
 ASSOCIATION_RESULTS = {1: "rejected-permanent", 2: "rejected-transient"}
 
 AUTHENTICATIONS = {"none": Authentication.NONE, "low": Authentication.LOW}
+SECURITIES = (*AUTHENTICATIONS, "hls-gmac")
+
+# HLS-GMAC association (Green Book: AARQ/AARE of a ciphered LN context, mechanism 5).
+CONTEXT_LN_CIPHERING = bytes.fromhex("60857405080103")  # 2.16.756.5.8.1.3
+MECHANISM_HLS_GMAC = bytes.fromhex("60857405080205")  # 2.16.756.5.8.2.5
+DIAGNOSTIC_AUTHENTICATION_FAILURE = 13
+DIAGNOSTIC_AUTHENTICATION_REQUIRED = 14
+ACTION_REQUEST = 0xC3
+ACTION_RESPONSE = 0xC7
+ASSOCIATION_LN_CLASS = 15
+ASSOCIATION_LN = bytes((0, 0, 40, 0, 0, 255))  # the current association
+REPLY_TO_HLS_AUTHENTICATION = 1  # method 1 of the association LN object
+CHALLENGE_SIZE = 16  # CtoS, within the 8..64 octets the Green Book allows
+# Conformance a ciphered session proposes: get, selective-access, block-transfer-with-get,
+# action (for reply_to_HLS_authentication).
+HLS_CONFORMANCE = (1 << (23 - 11)) | (1 << (23 - 19)) | (1 << (23 - 21)) | (1 << (23 - 23))
+CLIENT_MAX_PDU_SIZE = 0xFFFF
 
 
 class LocalProtocolError(RuntimeError):
@@ -97,6 +135,8 @@ class LocalProtocolError(RuntimeError):
 class State(enum.Enum):
     IDLE = "idle"
     ASSOCIATING = "associating"
+    AUTHENTICATION_DUE = "authentication due"
+    AUTHENTICATING = "authenticating"
     ASSOCIATED = "associated"
     AWAITING_DATA = "awaiting data"
     RELEASING = "releasing"
@@ -108,6 +148,11 @@ class Associated:
     """The meter accepted the association; `max_pdu_size` is its negotiated receive PDU size."""
 
     max_pdu_size: int
+
+
+@dataclass(frozen=True)
+class AuthenticationRequired:
+    """HLS: the meter accepted the AARQ and sent its challenge; `authenticate()` answers it."""
 
 
 @dataclass(frozen=True)
@@ -141,7 +186,7 @@ class Released:
     """The meter answered the release request; the session is IDLE again."""
 
 
-Event = Union[Associated, AttributeValue, DataAccessError, NextBlockRequest, Released, DeviceError]
+Event = Union[Associated, AuthenticationRequired, AttributeValue, DataAccessError, NextBlockRequest, Released, DeviceError]
 
 
 _DATE_TIME = struct.Struct(">HBBBBBBBhB")
@@ -175,18 +220,26 @@ class ClientSession:
     """One DLMS/COSEM association with one meter, as a pure state machine (see module doc)."""
 
     def __init__(self, device_mrid: str, client_address: int = 16, server_address: int = 1,
-                 authentication: str = "none", password: str | None = None) -> None:
-        if authentication not in AUTHENTICATIONS:
-            raise ValueError(f"authentication {authentication!r} is not one of "
-                             f"{sorted(AUTHENTICATIONS)}")
-        if authentication == "low" and not password:
-            raise ValueError("authentication 'low' needs a password")
+                 security: str = "none", password: str | None = None,
+                 hls: HlsGmac | None = None) -> None:
+        if security not in SECURITIES:
+            raise ValueError(f"security {security!r} is not one of {list(SECURITIES)}")
+        if security == "low" and not password:
+            raise ValueError("security 'low' needs a password")
+        if (security == "hls-gmac") != (hls is not None):
+            raise ValueError("security 'hls-gmac' goes with its HlsGmac settings, and only it")
         self.device_mrid = device_mrid
         self.client_address = client_address
         self.server_address = server_address
+        # HLS: gurux builds the plain APDUs (as for a public client); this module builds the
+        # AARQ and RLRQ, reads the AARE and ciphers everything (cimhes.drivers.ciphering).
         self._client = GXDLMSClient(
-            True, client_address, server_address, AUTHENTICATIONS[authentication],
-            password if authentication == "low" else None, InterfaceType.WRAPPER)
+            True, client_address, server_address,
+            AUTHENTICATIONS.get(security, Authentication.NONE),
+            password if security == "low" else None, InterfaceType.WRAPPER)
+        self._channel = CipheredChannel(hls) if hls is not None else None
+        self._challenge = b""  # CtoS we sent (HLS)
+        self._server_challenge = b""  # StoC the meter sent (HLS)
         self._state = State.IDLE
         self._buffer = bytearray()
         self._blocks: list[tuple[int, bytes]] = []  # (block number, raw-data) of a long GET
@@ -200,11 +253,40 @@ class ClientSession:
 
     # -- requests: each returns the bytes to send --------------------------------------------
 
+    @property
+    def ciphered(self) -> bool:
+        return self._channel is not None
+
+    @property
+    def last_server_counter(self) -> int:
+        """The largest invocation counter accepted from the meter (-1: none; HLS only)."""
+        return self._channel.last_peer_counter if self._channel is not None else -1
+
+    @property
+    def next_client_counter(self) -> int:
+        """The first of this session's reserved client counters not used yet (HLS only)."""
+        return self._channel.next_counter if self._channel is not None else 0
+
     def associate(self) -> bytes:
         self._expect_state(State.IDLE, "associate")
-        data = self._client.aarqRequest()[0]
+        if self._channel is not None:
+            data = self._frame(self._hls_aarq())
+        else:
+            data = bytes(self._client.aarqRequest()[0])
         self._state = State.ASSOCIATING
-        return bytes(data)
+        return data
+
+    def authenticate(self) -> bytes:
+        """HLS pass 3: reply_to_HLS_authentication with f(StoC), ciphered."""
+        self._expect_state(State.AUTHENTICATION_DUE, "authenticate")
+        self._next_invoke_id()
+        self._invoke_id = self._client.settings.invokeId & 0x0F
+        answer = self._count(self._channel.challenge_answer, self._server_challenge)
+        apdu = (bytes((ACTION_REQUEST, 0x01, 0xC0 | self._invoke_id, 0x00, ASSOCIATION_LN_CLASS))
+                + ASSOCIATION_LN + bytes((REPLY_TO_HLS_AUTHENTICATION, 0x01, 0x09, len(answer)))
+                + answer)
+        self._state = State.AUTHENTICATING
+        return self._frame(self._count(self._channel.protect, apdu))
 
     def get(self, class_id: int, obis: str, attribute: int) -> bytes:
         """GET one attribute (normal; the meter may answer with block transfer)."""
@@ -229,9 +311,12 @@ class ClientSession:
 
     def release(self) -> bytes:
         self._expect_state(State.ASSOCIATED, "release")
-        data = self._client.releaseRequest()[0]
+        if self._channel is not None:
+            data = self._frame(bytes((0x62, 0x03, 0x80, 0x01, 0x00)))  # RLRQ, reason normal
+        else:
+            data = bytes(self._client.releaseRequest()[0])
         self._state = State.RELEASING
-        return bytes(data)
+        return data
 
     # -- replies ----------------------------------------------------------------------------
 
@@ -276,8 +361,42 @@ class ClientSession:
     def _start_get(self, messages: list) -> bytes:
         self._blocks = []
         self._invoke_id = self._client.settings.invokeId & 0x0F
+        data = self._protect(bytes(messages[0]))
         self._state = State.AWAITING_DATA
-        return bytes(messages[0])
+        return data
+
+    def _frame(self, apdu: bytes) -> bytes:
+        return WRAPPER_HEADER.pack(WRAPPER_VERSION, self.client_address, self.server_address,
+                                   len(apdu)) + apdu
+
+    def _protect(self, frame: bytes) -> bytes:
+        """A gurux-built wrapper frame, with its APDU ciphered when the session is (HLS)."""
+        if self._channel is None:
+            return frame
+        return self._frame(self._count(self._channel.protect, frame[WRAPPER_HEADER.size:]))
+
+    def _count(self, operation, *args):
+        try:
+            return operation(*args)
+        except CountersExhausted as exhausted:
+            raise HeadEndExhausted(self.device_mrid, str(exhausted)) from None
+
+    def _hls_aarq(self) -> bytes:
+        """AARQ for HLS-GMAC: ciphered LN context, calling-AP-title = the client's system
+        title, mechanism 5, CtoS, and the InitiateRequest as glo-initiate-request."""
+        self._challenge = secrets.token_bytes(CHALLENGE_SIZE)
+        title = self._channel.settings.client_system_title
+        initiate = (bytes((0x01, 0x00, 0x00, 0x00, 0x06, 0x5F, 0x1F, 0x04, 0x00))
+                    + HLS_CONFORMANCE.to_bytes(3, "big")
+                    + CLIENT_MAX_PDU_SIZE.to_bytes(2, "big"))
+        ciphered = self._count(self._channel.protect, initiate)
+        body = (_ber(0xA1, _ber(0x06, CONTEXT_LN_CIPHERING))
+                + _ber(0xA6, _ber(0x04, title))
+                + bytes((0x8A, 0x02, 0x07, 0x80))
+                + _ber(0x8B, MECHANISM_HLS_GMAC)
+                + _ber(0xAC, _ber(0x80, self._challenge))
+                + _ber(0xBE, _ber(0x04, ciphered)))
+        return _ber(0x60, body)
 
     def _error(self, reason: str) -> ProtocolError:
         return ProtocolError(self.device_mrid, reason)
@@ -287,10 +406,39 @@ class ClientSession:
         if not apdu:
             return self._fail_request("empty APDU in wrapper frame")
         tag = apdu[0]
+        if tag == EXCEPTION_RESPONSE and self._channel is not None and apdu[1:3] == b"\x01\x05":
+            self._fail_request("")
+            return AuthenticationFailed(
+                self.device_mrid, "authentication failed: the meter could not decipher the "
+                "request (exception-response deciphering-error); it holds other keys")
+        if tag == EXCEPTION_RESPONSE and self._channel is not None and apdu[1:3] == b"\x01\x06":
+            return self._fail_request(
+                "the meter refused the head-end's invocation counter as already used "
+                "(exception-response invocation-counter-error)")
         if tag == CONFIRMED_SERVICE_ERROR or tag == EXCEPTION_RESPONSE:
             return self._fail_request(f"meter answered with {_apdu_name(tag)} {apdu.hex()}")
         if self._state is State.ASSOCIATING:
+            if self._channel is not None:
+                return self._on_hls_aare(apdu, tag)
             return self._on_aare(frame, tag)
+        if self._channel is not None and tag != RLRE:
+            if tag not in PLAIN_TAGS and tag != GENERAL_GLO_CIPHERING:
+                return self._fail_request(
+                    f"unciphered {_apdu_name(tag)} in a ciphered association, refused")
+            try:
+                apdu = self._channel.unprotect(apdu)
+            except ReplayedCounter as replay:
+                self._fail_request("")
+                return ReplayDetected(self.device_mrid, f"answer refused as a replay: {replay}",
+                                      replay.counter, replay.last_seen)
+            except CipheringError as failure:
+                self._fail_request("")
+                return AuthenticationFailed(
+                    self.device_mrid, f"authentication failed: the meter's answer does not "
+                    f"decipher with the keys held for it ({failure})")
+            tag = apdu[0]
+        if self._state is State.AUTHENTICATING:
+            return self._on_hls_reply(apdu, tag)
         if self._state is State.AWAITING_DATA:
             return self._on_get_response(apdu)
         if self._state is State.RELEASING:
@@ -303,7 +451,7 @@ class ClientSession:
     def _fail_request(self, reason: str) -> ProtocolError:
         """The request in flight failed; go back to where it started, association intact."""
         self._blocks = []
-        if self._state is State.ASSOCIATING:
+        if self._state in (State.ASSOCIATING, State.AUTHENTICATING):
             self._state = State.IDLE
         elif self._state in (State.AWAITING_DATA, State.RELEASING):
             self._state = State.ASSOCIATED
@@ -332,6 +480,91 @@ class ClientSession:
             return self._error("meter asks for high level authentication, not supported")
         self._state = State.ASSOCIATED
         self.max_pdu_size = self._client.settings.maxPduSize
+        return Associated(self.max_pdu_size)
+
+    def _on_hls_aare(self, apdu: bytes, tag: int) -> Event:
+        """The AARE of an HLS-GMAC association (read here: gurux would decipher it with its
+        own slow cipher)."""
+        if tag != AARE:
+            return self._fail_request(f"expected AARE, got {_apdu_name(tag)}")
+        try:
+            fields = _ber_fields(apdu)
+            result = _ber_integer(fields, 0xA2)
+            diagnostic = _ber_diagnostic(fields)
+        except (ValueError, IndexError) as failure:
+            return self._fail_request(f"malformed AARE {apdu.hex()}: {failure}")
+        if result != 0:
+            self._state = State.IDLE
+            words = (f"AARE {ASSOCIATION_RESULTS.get(result, f'result {result}')}, diagnostic "
+                     f"{ASSOCIATION_DIAGNOSTICS.get(diagnostic, str(diagnostic))}")
+            if diagnostic == DIAGNOSTIC_AUTHENTICATION_FAILURE:
+                return AuthenticationFailed(
+                    self.device_mrid, f"authentication failed: the meter refused the "
+                    f"HLS-GMAC association ({words}); the encryption key, authentication key "
+                    "or the head-end's system title is not the one the meter holds")
+            return AssociationRefused(self.device_mrid, words, result, diagnostic)
+        expected = self._channel.settings.server_system_title
+        try:
+            title = _inner(fields.get(0xA4), 0x04)
+            challenge = _inner(fields.get(0xAA), 0x80)
+            user_information = _inner(fields.get(0xBE), 0x04)
+        except ValueError as failure:
+            return self._fail_request(f"AARE for HLS-GMAC: {failure}")
+        if title != expected:
+            self._state = State.IDLE
+            return AuthenticationFailed(
+                self.device_mrid, f"authentication failed: the meter's system title is "
+                f"{title.hex()}, the inventory says {expected.hex()}")
+        if diagnostic != DIAGNOSTIC_AUTHENTICATION_REQUIRED or not 8 <= len(challenge) <= 64:
+            return self._fail_request("AARE for HLS-GMAC lacks the authentication-required "
+                                      "diagnostic or an 8..64 octet challenge")
+        try:
+            initiate = self._channel.unprotect(user_information)
+        except ReplayedCounter as replay:
+            self._state = State.IDLE
+            return ReplayDetected(self.device_mrid, f"AARE refused as a replay: {replay}",
+                                  replay.counter, replay.last_seen)
+        except CipheringError as failure:
+            self._state = State.IDLE
+            return AuthenticationFailed(
+                self.device_mrid, "authentication failed: the meter's AARE does not decipher "
+                f"with the keys held for it ({failure})")
+        if len(initiate) < 14 or initiate[0] != 0x08 or initiate[1] != 0:
+            return self._fail_request(f"AARE holds no InitiateResponse: {initiate.hex()}")
+        self.max_pdu_size = int.from_bytes(initiate[10:12], "big")
+        self._client.settings.maxPduSize = self.max_pdu_size
+        self._server_challenge = challenge
+        self._state = State.AUTHENTICATION_DUE
+        return AuthenticationRequired()
+
+    def _on_hls_reply(self, apdu: bytes, tag: int) -> Event:
+        """HLS pass 4: the action-response carrying f(CtoS)."""
+        if tag != ACTION_RESPONSE or len(apdu) < 5 or apdu[1] != 0x01:
+            return self._fail_request(f"expected action-response to HLS authentication, got "
+                                      f"{apdu[:8].hex()}")
+        if apdu[2] & 0x0F != self._invoke_id:
+            return self._fail_request(f"action-response {apdu[:3].hex()} does not answer "
+                                      f"invoke-id {self._invoke_id}")
+        if apdu[3] != 0:
+            self._state = State.IDLE
+            return AuthenticationFailed(
+                self.device_mrid, f"authentication failed: the meter refused f(StoC) with "
+                f"action-result {apdu[3]} (the authentication key is not the meter's)")
+        try:
+            if apdu[4:6] != b"\x01\x00":
+                raise AxdrError("no return data")
+            answer = decode_data(apdu, 6)
+            if not isinstance(answer, bytes):
+                raise AxdrError("return data is not an octet-string")
+            self._channel.check_challenge_answer(answer, self._challenge)
+        except AxdrError as failure:
+            return self._fail_request(f"action-response to HLS authentication: {failure}")
+        except CipheringError as failure:
+            self._state = State.IDLE
+            return AuthenticationFailed(
+                self.device_mrid, f"authentication failed: the meter's f(CtoS) is wrong "
+                f"({failure})")
+        self._state = State.ASSOCIATED
         return Associated(self.max_pdu_size)
 
     def _on_get_response(self, apdu: bytes) -> Event:
@@ -386,7 +619,8 @@ class ClientSession:
         if not last:
             # GET-Request-Next carries the number of the block just received.
             self._client.settings.blockIndex = number
-            return NextBlockRequest(bytes(self._client.receiverReady(RequestTypes.DATABLOCK)))
+            return NextBlockRequest(self._protect(
+                bytes(self._client.receiverReady(RequestTypes.DATABLOCK))))
         value = decode_data(b"".join(raw for _, raw in self._blocks))
         return self._finish_get(AttributeValue(value))
 
@@ -394,6 +628,48 @@ class ClientSession:
         self._blocks = []
         self._state = State.ASSOCIATED
         return event
+
+
+def _ber(tag: int, content: bytes) -> bytes:
+    return bytes((tag,)) + encode_ber_length(len(content)) + content
+
+
+def _ber_fields(apdu: bytes) -> dict[int, bytes]:
+    """Contents of each single-byte-tagged field of an ACSE APDU (which must fill it)."""
+    size, position = ber_length(apdu, 1)
+    if position + size != len(apdu):
+        raise ValueError(f"length {size} does not match the {len(apdu) - position} octets")
+    fields: dict[int, bytes] = {}
+    while position < len(apdu):
+        tag = apdu[position]
+        size, start = ber_length(apdu, position + 1)
+        if start + size > len(apdu):
+            raise ValueError(f"field 0x{tag:02x} at offset {position} overruns the APDU")
+        fields[tag] = apdu[start:start + size]
+        position = start + size
+    return fields
+
+
+def _inner(content: bytes | None, tag: int) -> bytes:
+    """The contents of the one TLV with `tag` inside an explicitly tagged field."""
+    if not content or content[0] != tag:
+        raise ValueError(f"field missing or without inner tag 0x{tag:02x}")
+    size, start = ber_length(content, 1)
+    if start + size != len(content):
+        raise ValueError(f"inner length {size} does not fill the field")
+    return content[start:]
+
+
+def _ber_integer(fields: dict[int, bytes], tag: int) -> int:
+    return int.from_bytes(_inner(fields.get(tag), 0x02), "big")
+
+
+def _ber_diagnostic(fields: dict[int, bytes]) -> int:
+    # result-source-diagnostic: [1] acse-service-user or [2] acse-service-provider, INTEGER
+    content = fields.get(0xA3)
+    if not content or content[0] not in (0xA1, 0xA2):
+        raise ValueError("result-source-diagnostic missing")
+    return int.from_bytes(_inner(_inner(content, content[0]), 0x02), "big")
 
 
 def _apdu_name(tag: int) -> str:

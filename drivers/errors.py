@@ -111,3 +111,20 @@ class HistoryShortfall(DeviceError):
         self.reading_type = reading_type
         self.missing = missing
         self.first_missing = first_missing
+
+
+class AuthenticationFailed(DeviceError):
+    """The device and the head-end do not hold the same keys or system titles: the meter
+    refused the ciphered association, or its answers do not authenticate (HLS-GMAC)."""
+
+
+class ReplayDetected(DeviceError):
+    """The device answered with an invocation counter not larger than the last one seen from
+    it: a replayed (or forged) APDU, refused. The engine records it as a security event."""
+
+    def __init__(self, device_mrid: str, reason: str, counter: int = 0,
+                 last_seen: int = 0) -> None:
+        super().__init__(device_mrid, reason)
+        self.args = (device_mrid, reason, counter, last_seen)
+        self.counter = counter
+        self.last_seen = last_seen
