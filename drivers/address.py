@@ -5,10 +5,25 @@ from __future__ import annotations
 from dataclasses import dataclass, fields
 from typing import Any, Mapping
 
+from cimhes.drivers.ciphering import KEY_SIZE, SYSTEM_TITLE_SIZE, SecurityKeys
+
+# security -> what it means (the inventory's "security" values).
+SECURITIES = {
+    "none": "no authentication: the public client (SAP 16)",
+    "low": "low level security (LLS): a password, SAP 1",
+    "hls-gmac": "high level security with GMAC (mechanism 5), APDUs authenticated and "
+                "encrypted with AES-GCM-128 (security suite 0), SAP 1",
+}
+
 
 @dataclass(frozen=True)
 class DeviceAddress:
-    """One entry of the inventory file's "meters" list (see the inventory format)."""
+    """One entry of the inventory file's "meters" list (see the inventory format).
+
+    `security` says how the head-end associates; "hls-gmac" needs the meter's `system_title`
+    (8 octets), `encryption_key` (the global unicast key) and `authentication_key` (16 octets
+    each), all hex. Neither keys nor password ever show in a repr.
+    """
 
     mrid: str
     name: str
@@ -17,8 +32,39 @@ class DeviceAddress:
     port: int = 4059
     client_address: int = 16
     server_address: int = 1
-    authentication: str = "none"  # "none" (public client, SAP 16) or "low" (LLS, SAP 1)
+    security: str = "none"
     password: str | None = None
+    system_title: str | None = None
+    encryption_key: str | None = None
+    authentication_key: str | None = None
+
+    def __post_init__(self) -> None:
+        if self.security not in SECURITIES:
+            raise ValueError(f"device {self.mrid}: security {self.security!r} is not one of "
+                             f"{sorted(SECURITIES)}")
+        if self.security == "low" and not self.password:
+            raise ValueError(f"device {self.mrid}: security 'low' needs a password")
+        hls = self.security == "hls-gmac"
+        for name, size in (("system_title", SYSTEM_TITLE_SIZE), ("encryption_key", KEY_SIZE),
+                           ("authentication_key", KEY_SIZE)):
+            value = getattr(self, name)
+            if value is None:
+                if hls:
+                    raise ValueError(f"device {self.mrid}: security 'hls-gmac' needs {name}")
+                continue
+            if not hls:
+                raise ValueError(f"device {self.mrid}: {name} is given but security is "
+                                 f"{self.security!r}, not 'hls-gmac'")
+            try:
+                raw = bytes.fromhex(value) if isinstance(value, str) else None
+            except ValueError:
+                raw = None
+            # The value itself stays out of the message: it may be a key.
+            if raw is None:
+                raise ValueError(f"device {self.mrid}: {name} is not a hex string")
+            if len(raw) != size:
+                raise ValueError(f"device {self.mrid}: {name} must be {size} octets "
+                                 f"({2 * size} hex digits), got {len(raw)}")
 
     @classmethod
     def from_inventory(cls, entry: Mapping[str, Any]) -> "DeviceAddress":
@@ -29,9 +75,15 @@ class DeviceAddress:
             raise ValueError(f"inventory entry has unknown keys {sorted(unknown)}")
         return cls(**entry)
 
+    def security_keys(self) -> SecurityKeys:
+        """The meter's keys as bytes (HLS-GMAC only)."""
+        return SecurityKeys(bytes.fromhex(self.encryption_key),
+                            bytes.fromhex(self.authentication_key))
+
     def __repr__(self) -> str:
-        # The password stays out of logs and tracebacks.
+        # The password and the keys stay out of logs and tracebacks.
+        title = f", system_title={self.system_title!r}" if self.system_title else ""
         return (f"DeviceAddress(mrid={self.mrid!r}, name={self.name!r}, "
                 f"device_type={self.device_type!r}, host={self.host!r}, port={self.port}, "
                 f"client_address={self.client_address}, server_address={self.server_address}, "
-                f"authentication={self.authentication!r})")
+                f"security={self.security!r}{title})")

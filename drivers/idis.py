@@ -22,7 +22,12 @@ from twisted.logger import Logger
 
 from cimhes.cim.meter_readings import DeviceRef, IntervalBlock, IntervalReading, MeterReading, Name, Reading
 from cimhes.drivers.address import DeviceAddress
-from cimhes.drivers.dlms_session import ClientSession, DataAccessError, cosem_datetime
+from cimhes.drivers.dlms_session import (
+    AuthenticationRequired,
+    ClientSession,
+    DataAccessError,
+    cosem_datetime,
+)
 from cimhes.drivers.errors import (
     DeviceError,
     HistoryShortfall,
@@ -39,6 +44,7 @@ from cimhes.drivers.idis_catalogue import (
     Derivation,
 )
 from cimhes.drivers.limits import ConnectionPacer, SessionLimits
+from cimhes.drivers.security import HeadEndSecurity, session_ended, session_security
 from cimhes.drivers.transport import DlmsConnection, connect
 
 log = Logger()
@@ -113,7 +119,8 @@ class IdisMeterDriver:
 
     def read(self, reactor: Any, device: DeviceAddress, reading_types: list[str],
              start: datetime | None, end: datetime | None, limits: SessionLimits | float,
-             pacer: ConnectionPacer | None = None) -> Deferred:
+             pacer: ConnectionPacer | None = None,
+             security: HeadEndSecurity | None = None) -> Deferred:
         """Deferred[MeterReadResult]; fails with a DeviceError naming the device when the
         meter cannot be read at all (ConnectionFailed, Timeout, AssociationRefused,
         ProtocolError).
@@ -127,12 +134,14 @@ class IdisMeterDriver:
         billing values their history profile captured at start <= time <= end. A window the
         meter's history does not cover gives what exists and a `HistoryShortfall` per type.
         `limits` bound the session (`SessionLimits`; a number is the connect and response
-        timeout, other limits at their defaults); `pacer` spaces new connections. Every
+        timeout, other limits at their defaults); `pacer` spaces new connections; `security`
+        (the head-end's system title and counter book) serves HLS-GMAC meters. Every
         DeviceError, raised or in the result, names the device by mRID, name and host:port.
         Cancelling the Deferred aborts the connection.
         """
         reading = Deferred.fromCoroutine(self._read(
-            reactor, device, reading_types, start, end, SessionLimits.of(limits), pacer))
+            reactor, device, reading_types, start, end, SessionLimits.of(limits), pacer,
+            security))
         return reading.addCallbacks(_located_result, _located_failure,
                                     callbackArgs=(device,), errbackArgs=(device,))
 
@@ -153,24 +162,34 @@ class IdisMeterDriver:
 
     async def _read(self, reactor: Any, device: DeviceAddress, reading_types: list[str],
                     start: datetime | None, end: datetime | None, limits: SessionLimits,
-                    pacer: ConnectionPacer | None) -> MeterReadResult:
+                    pacer: ConnectionPacer | None,
+                    security: HeadEndSecurity | None) -> MeterReadResult:
         if start is not None and start.tzinfo is None or end is not None and end.tzinfo is None:
             raise ValueError("start and end must be timezone-aware")
         plan = self._plan(device, reading_types, with_profile=start is not None)
+        hls = await session_security(reactor, device, limits, pacer, security)
         session = ClientSession(device.mrid, device.client_address, device.server_address,
-                                device.authentication, device.password)
+                                device.security, device.password, hls)
         connection = await connect(reactor, device, session, limits, pacer)
+        failure = None
         try:
             answers = await self._converse(connection, session, plan, start, end)
+        except DeviceError as error:
+            failure = error
+            raise
         finally:
             connection.close()
+            await session_ended(device, session, hls, security, failure)
         return _meter_read_result(device, plan, answers)
 
     async def _converse(self, connection: DlmsConnection, session: ClientSession, plan: _Plan,
                         start: datetime | None, end: datetime | None) -> _Answers:
         """The one association: AARQ, clock, registers, profiles by range, RLRQ."""
         mrid = session.device_mrid
-        await connection.request(session.associate(), "AARQ")
+        if isinstance(await connection.request(session.associate(), "AARQ"),
+                      AuthenticationRequired):
+            await connection.request(session.authenticate(),
+                                     "reply_to_HLS_authentication (HLS-GMAC pass 3)")
 
         async def get(class_id: int, obis: str, attribute: int) -> Any:
             return await connection.request(session.get(class_id, obis, attribute),

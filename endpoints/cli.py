@@ -44,6 +44,11 @@ def main(argv: list[str] | None = None) -> int:
                       help="DLMS port of every simulated meter (default 4059)")
     demo.add_argument("--delay", type=float, default=0.0,
                       help="simulated meter response delay in seconds (a WAN meter)")
+    demo.add_argument("--security", choices=["low", "hls-gmac", "mixed"], default="low",
+                      help="how the simulated meters associate (default low; hls-gmac: HLS-GMAC "
+                           "with suite 0, keys in the inventory file)")
+    demo.add_argument("--inventory", default="var/cimhes-demo-inventory.json",
+                      help="where the demo writes its fleet's inventory (with keys: mode 0600)")
     add_store_arguments(demo, "var/cimhes-demo.sqlite")
     add_session_options(demo)
     _tls_arguments(demo)
@@ -115,12 +120,15 @@ def _demo(args) -> int:
     from twisted.internet import reactor
 
     from cimhes.endpoints.site import HeadEnd
-    from cimhes.fixtures.fleet import start_fleet
+    from cimhes.fixtures.fleet import start_fleet, write_inventory
 
     # The simulated meters' listening and accepted sockets live in this process too.
     ensure_descriptors(args.sessions, SPARE_DESCRIPTORS + 2 * args.meters)
-    fleet = start_fleet(reactor, args.meters, response_delay=args.delay, port=args.meter_port)
+    fleet = start_fleet(reactor, args.meters, response_delay=args.delay, port=args.meter_port,
+                        security=args.security)
     inventory = fleet.inventory()
+    Path(args.inventory).parent.mkdir(parents=True, exist_ok=True)
+    write_inventory(args.inventory, fleet)
     head_end = HeadEnd(reactor, _settings(args),
                        [DeviceAddress.from_inventory(e) for e in inventory["meters"]])
     reactor.addSystemEventTrigger("before", "shutdown", fleet.stop_all)
@@ -136,7 +144,7 @@ def _demo(args) -> int:
     extra = {"tls_cert": str(Path(args.tls_cert).resolve())} if args.tls_self_signed else {}
     return _run(reactor, head_end, args,
                 meters=[entry["mrid"] for entry in inventory["meters"]],
-                user=DEMO_USER, password=password, **extra)
+                inventory=str(args.inventory), user=DEMO_USER, password=password, **extra)
 
 
 def _serve(args) -> int:

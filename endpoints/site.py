@@ -14,6 +14,7 @@ from twisted.web.resource import Resource
 from cimhes.cim.codec import encode_fault
 from cimhes.drivers import DeviceAddress
 from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, SessionLimits
+from cimhes.drivers.security import DEFAULT_CLIENT_SYSTEM_TITLE, HeadEndSecurity
 from cimhes.endpoints.auth import Doorkeeper, SoapGuard
 from cimhes.endpoints.http_door import DoorLimits, LimitedSite
 from cimhes.endpoints.meter_readings import (
@@ -37,6 +38,7 @@ from cimhes.engine.rate_limits import (
     ControlLimit,
     ControlRateLimiter,
 )
+from cimhes.engine.security import CounterStore, StoredCounters
 from cimhes.engine.store import Store, StoreRunner
 from cimhes.engine.users import AuditTrail, Authenticator, Role, SecretBox, UserStore
 
@@ -56,6 +58,8 @@ class HeadEndSettings:
     # Rate limits on controls (engine/rate_limits.py), applied by ControlGate.admit.
     control_limits: tuple[ControlLimit, ...] = DEFAULT_CONTROL_LIMITS
     request_limits: RequestLimits = field(default_factory=RequestLimits)  # devices, pending
+    # The head-end's DLMS system title (HLS-GMAC), 8 octets hex.
+    client_system_title: str = DEFAULT_CLIENT_SYSTEM_TITLE
 
 
 class _Index(Resource):
@@ -84,6 +88,8 @@ class HeadEnd:
         self.store_runner = StoreRunner(reactor, self.store)
         # The one factory of HTTP sessions for outgoing calls (MDM callbacks, zeep publishers).
         self.callback_session = partial(callback_session, settings.callback_ca_bundle)
+        self.counters = StoredCounters(self.store_runner, CounterStore(self.store))
+        security = HeadEndSecurity(bytes.fromhex(settings.client_system_title), self.counters)
         self.audit = AuditTrail(self.store_runner, self.users)
         # The control service's hook: rate limits before a control, audit of each outcome.
         self.control_gate = ControlGate(
@@ -96,6 +102,8 @@ class HeadEnd:
             connections_per_second=settings.connections_per_second)
         self.admission = Admission(settings.request_limits)
         door = GetMeterReadingsDoor(self.readings, self.store_runner, admission=self.admission)
+            connections_per_second=settings.connections_per_second, security=security)
+        door = GetMeterReadingsDoor(self.readings, self.store_runner)
         cim = Resource()
         cim.putChild(GET_METER_READINGS.encode(),
                      SoapResource(get_meter_readings_application(door), GET_METER_READINGS_WSDL,

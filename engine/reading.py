@@ -21,15 +21,18 @@ from cimhes.drivers import DeviceAddress, MeterReadResult, driver_for, needs_win
 from cimhes.drivers.errors import (
     AnswerTooLarge,
     AssociationRefused,
+    AuthenticationFailed,
     ConnectionFailed,
     DeviceError,
     HeadEndExhausted,
     HistoryShortfall,
     ObjectUnavailable,
     ProtocolError,
+    ReplayDetected,
     Timeout,
     UnsupportedReadingType,
 )
+from cimhes.drivers.security import HeadEndSecurity
 from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, ConnectionPacer, SessionLimits
 from cimhes.engine.store import ReadingWriter, StoreRunner
 
@@ -40,6 +43,8 @@ DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCode] = {
     Timeout: ErrorCode.DEVICE_TIMEOUT,
     ConnectionFailed: ErrorCode.DEVICE_UNREACHABLE,
     AssociationRefused: ErrorCode.DEVICE_REFUSED,
+    AuthenticationFailed: ErrorCode.DEVICE_REFUSED,  # HLS-GMAC: keys or system titles differ
+    ReplayDetected: ErrorCode.DEVICE_PROTOCOL_ERROR,  # refused, and recorded as security event
     ProtocolError: ErrorCode.DEVICE_PROTOCOL_ERROR,
     UnsupportedReadingType: ErrorCode.UNSUPPORTED_READING_TYPE,
     ObjectUnavailable: ErrorCode.DEVICE_PROTOCOL_ERROR,
@@ -77,7 +82,8 @@ class MeterReadingService:
     def __init__(self, reactor, store: StoreRunner, *, concurrency: int = 200,
                  limits: SessionLimits | None = None, timeout: float | None = None,
                  connections_per_second: float = DEFAULT_CONNECTIONS_PER_SECOND,
-                 now: Callable[[], datetime] | None = None):
+                 now: Callable[[], datetime] | None = None,
+                 security: HeadEndSecurity | None = None):
         """`concurrency` bounds the sessions open at once, `connections_per_second` the new
         connections (0: unpaced), `limits` each session (`timeout` alone is the short form:
         connect and response timeout, other limits at their defaults)."""
@@ -88,6 +94,7 @@ class MeterReadingService:
                                   else SessionLimits())
         self._pacer = ConnectionPacer(reactor, connections_per_second)
         self._now = now or (lambda: datetime.now(timezone.utc))
+        self._security = security  # for HLS-GMAC meters: system title, counter book
         self._writer = ReadingWriter(store, self._now)
 
     @inlineCallbacks
@@ -135,7 +142,7 @@ class MeterReadingService:
     def _read_device(self, device: DeviceAddress, reading_types, start, end):
         driver = driver_for(device.device_type)
         return driver.read(self._reactor, device, reading_types, start, end, self._limits,
-                           self._pacer)
+                           self._pacer, self._security)
 
     @inlineCallbacks
     def _resolve(self, request: GetMeterReadings, outcome: ReadOutcome):

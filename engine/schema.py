@@ -26,6 +26,7 @@ from sqlalchemy.engine import Connection, Engine
 MODEL_MODULES = (
     "cimhes.engine.store",
     "cimhes.engine.users",
+    "cimhes.engine.security",
 )
 
 log = logging.getLogger(__name__)

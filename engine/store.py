@@ -91,16 +91,21 @@ class Device(Base):
     port: Mapped[int] = mapped_column(Integer)
     client_address: Mapped[int] = mapped_column(Integer)
     server_address: Mapped[int] = mapped_column(Integer)
-    authentication: Mapped[str] = mapped_column(String(16))
+    security: Mapped[str] = mapped_column(String(16))  # none / low / hls-gmac
     password: Mapped[str | None] = mapped_column(String(64))
     route_id: Mapped[int | None] = mapped_column(ForeignKey("route.id"), index=True)
+    # HLS-GMAC: the meter's system title and keys, hex (cimhes.drivers.address)
+    system_title: Mapped[str | None] = mapped_column(String(16))
+    encryption_key: Mapped[str | None] = mapped_column(String(32))
+    authentication_key: Mapped[str | None] = mapped_column(String(32))
 
     def address(self) -> DeviceAddress:
         return DeviceAddress(
             mrid=self.mrid, name=self.name, device_type=self.device_type, host=self.host,
             port=self.port, client_address=self.client_address,
-            server_address=self.server_address, authentication=self.authentication,
-            password=self.password,
+            server_address=self.server_address, security=self.security,
+            password=self.password, system_title=self.system_title,
+            encryption_key=self.encryption_key, authentication_key=self.authentication_key,
         )
 
 
@@ -293,8 +298,11 @@ class Store:
                 row.port = address.port
                 row.client_address = address.client_address
                 row.server_address = address.server_address
-                row.authentication = address.authentication
+                row.security = address.security
                 row.password = address.password
+                row.system_title = address.system_title
+                row.encryption_key = address.encryption_key
+                row.authentication_key = address.authentication_key
                 session.add(row)
                 count += 1
         return count

@@ -129,7 +129,7 @@ def test_a_bad_inventory_is_one_clear_line_and_exit_code_2(tmp_path):
     inventory = tmp_path / "inventory.json"
     inventory.write_text(json.dumps({"meters": [{
         "mrid": "m-1", "name": "X1", "device_type": "gas-meter", "host": "127.0.1.9",
-        "port": 4059, "client_address": 1, "server_address": 1, "authentication": "low",
+        "port": 4059, "client_address": 1, "server_address": 1, "security": "low",
         "password": "12345678"}]}))
     for content, expected in [(None, "gas-meter"), ("{", "is not JSON"),
                               ('{"devices": []}', "is not an inventory")]:
@@ -155,3 +155,64 @@ def test_a_port_in_use_is_one_clear_line_and_exit_code_2(tmp_path):
                               capture_output=True, text=True, timeout=30)
     assert done.returncode == 2
     assert "Address already in use" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_hls_gmac_fleets_write_their_keys_to_the_inventory_and_are_read_with_them(tmp_path):
+    inventory = tmp_path / "hls.json"
+    fleet, ready = _start("simulate", "--meters", "2", "--port", "0", "--security", "hls-gmac",
+                          "--inventory", str(inventory))
+    try:
+        entries = json.loads(inventory.read_text())["meters"]
+        assert inventory.stat().st_mode & 0o077 == 0  # keys: readable by the owner only
+        for entry in entries:
+            assert entry["security"] == "hls-gmac" and "password" not in entry
+            assert len(bytes.fromhex(entry["system_title"])) == 8
+            assert len(bytes.fromhex(entry["encryption_key"])) == 16
+            assert len(bytes.fromhex(entry["authentication_key"])) == 16
+        db = str(tmp_path / "serve.sqlite")
+        _admin("user", "add", "mdm", "--role", "readings-reader", "--password-stdin",
+               "--db", db, stdin="mdm-password-1\n")
+        server, served = _start("serve", "--inventory", str(inventory), "--port", "0",
+                                "--db", db)
+        try:
+            reply = _read_registers(served["base_url"], served["meters"], "mdm",
+                                    "mdm-password-1")
+            assert reply.Reply.Result == "OK", reply.Reply
+        finally:
+            assert _stop(server, signal.SIGTERM) == 0
+        logs = server.stderr.read()
+        assert not [e for e in entries if e["encryption_key"] in logs or e["authentication_key"] in logs]
+    finally:
+        assert _stop(fleet, signal.SIGTERM) == 0
+
+
+def test_demo_with_hls_gmac_names_its_inventory_in_the_ready_line(tmp_path):
+    inventory = tmp_path / "demo-inventory.json"
+    process, ready = _start("demo", "--port", "0", "--meters", "2", "--meter-port", "0",
+                            "--security", "hls-gmac", "--inventory", str(inventory),
+                            "--db", str(tmp_path / "demo.sqlite"))
+    try:
+        assert ready["inventory"] == str(inventory)
+        entries = json.loads(inventory.read_text())["meters"]
+        assert [e["mrid"] for e in entries] == ready["meters"]
+        assert all(e["security"] == "hls-gmac" and e["encryption_key"] for e in entries)
+        reply = _read_registers(ready["base_url"], ready["meters"], ready["user"],
+                                ready["password"])
+        assert reply.Reply.Result == "OK", reply.Reply
+    finally:
+        assert _stop(process) == 0
+
+
+def test_an_inventory_key_that_is_not_hex_is_refused_without_showing_it(tmp_path):
+    inventory = tmp_path / "inventory.json"
+    secret = "zz" + "11" * 15
+    inventory.write_text(json.dumps({"meters": [{
+        "mrid": "m-1", "name": "X1", "device_type": "idis-meter", "host": "127.0.1.9",
+        "client_address": 1, "security": "hls-gmac", "system_title": "43494d0000000001",
+        "encryption_key": secret, "authentication_key": "22" * 16}]}))
+    done = subprocess.run([str(CIMHES), "serve", "--inventory", str(inventory), "--port", "0",
+                           "--db", str(tmp_path / "x.sqlite")],
+                          capture_output=True, text=True, timeout=30)
+    assert done.returncode == 2
+    assert "m-1" in done.stderr and "encryption_key is not a hex string" in done.stderr
+    assert secret not in done.stderr and "22" * 16 not in done.stderr

@@ -369,7 +369,7 @@ def test_an_object_the_meter_refuses_is_an_error_for_its_reading_type_only():
 def test_inventory_entry_becomes_an_address_without_showing_its_password():
     entry = {"mrid": "m", "name": "CIMHES000001", "device_type": "idis-meter",
              "host": "127.0.1.1", "port": 4059, "client_address": 1, "server_address": 1,
-             "authentication": "low", "password": "12345678"}
+             "security": "low", "password": "12345678"}
     address = DeviceAddress.from_inventory(entry)
     assert address.password == "12345678" and "12345678" not in repr(address)
     with pytest.raises(ValueError, match="route"):

@@ -268,3 +268,33 @@ def test_keys_stay_out_of_every_repr():
                      repr(GlobalCipher(settings.keys)), repr(security)))
     assert secrets_in(text) == []
     assert session.state is State.IDLE
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"encryption_key": "00" * 15}, "encryption_key must be 16 octets"),
+    ({"authentication_key": "xy" * 16}, "authentication_key is not a hex string"),
+    ({"system_title": "00" * 9}, "system_title must be 8 octets"),
+    ({"system_title": None}, "needs system_title"),
+    ({"security": "hls"}, "is not one of"),
+    ({"security": "low", "password": "x"}, "system_title is given but security is 'low'"),
+])
+def test_the_inventory_refuses_bad_security_fields_by_name(changes, message):
+    from cimhes.drivers import DeviceAddress
+
+    entry = {"mrid": "m-1", "name": "X1", "device_type": "idis-meter", "host": "127.0.0.1",
+             "client_address": 1, "security": "hls-gmac", "system_title": "43494d0000000007",
+             "encryption_key": EK.hex(), "authentication_key": AK.hex()}
+    entry.update(changes)
+    with pytest.raises(ValueError) as refused:
+        DeviceAddress.from_inventory(entry)
+    assert message in str(refused.value) and "m-1" in str(refused.value)
+    assert secrets_in(str(refused.value)) == []
+
+
+def test_a_device_address_shows_its_system_title_but_never_its_keys():
+    from cimhes.drivers import DeviceAddress
+
+    device = DeviceAddress("m-1", "X1", "idis-meter", "127.0.0.1", 4059, 1, 1, "hls-gmac",
+                           None, "43494d0000000007", EK.hex(), AK.hex())
+    assert "43494d0000000007" in repr(device) and secrets_in(repr(device) + str(device)) == []
+    assert device.security_keys() == SecurityKeys(EK, AK)
