@@ -99,11 +99,9 @@ class HeadEnd:
             reactor, self.store_runner, concurrency=settings.read_concurrency,
             limits=(settings.session_limits if settings.device_timeout is None
                     else SessionLimits.of(settings.device_timeout)),
-            connections_per_second=settings.connections_per_second)
+            connections_per_second=settings.connections_per_second, security=security)
         self.admission = Admission(settings.request_limits)
         door = GetMeterReadingsDoor(self.readings, self.store_runner, admission=self.admission)
-            connections_per_second=settings.connections_per_second, security=security)
-        door = GetMeterReadingsDoor(self.readings, self.store_runner)
         cim = Resource()
         cim.putChild(GET_METER_READINGS.encode(),
                      SoapResource(get_meter_readings_application(door), GET_METER_READINGS_WSDL,
