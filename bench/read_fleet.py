@@ -179,7 +179,8 @@ def timed_store_class():
 
 
 async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: int,
-                           timeout: float, database: Path, fleet: FleetProcess):
+                           timeout: float, database: Path, fleet: FleetProcess,
+                           profile: int = 0):
     from sqlalchemy import func, select
 
     from cimhes.cim.message import Header
@@ -198,10 +199,20 @@ async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: 
             end_devices=[DeviceRef(mrid=entry["mrid"]) for entry in inventory],
             reading_types=[*REGISTER_TYPES, *PROFILE_TYPES], start=window[0], end=window[1])
 
+        profiler = None
+        if profile:
+            import cProfile
+            profiler = cProfile.Profile()
+            profiler.enable()
         fleet_cpu, cpu, wall = fleet.cpu(), process_cpu(), time.perf_counter()
         outcome = await service.read(request)
         wall, cpu = time.perf_counter() - wall, process_cpu() - cpu
         fleet_cpu = fleet.cpu() - fleet_cpu
+        if profiler is not None:
+            profiler.disable()
+            import pstats
+            print("profile of the reactor thread (cProfile; the store thread is not in it):")
+            pstats.Stats(profiler).sort_stats("tottime").print_stats(profile)
 
         check_outcome(outcome, inventory)
         with store.engine.connect() as connection:
@@ -424,7 +435,7 @@ async def one_run(reactor, args, delay: float, workdir: Path) -> None:
 
         ours, engine = await read_with_cimhes(
             reactor, inventory, window, args.concurrency, args.timeout,
-            workdir / f"cimhes-{delay:g}.sqlite", fleet)
+            workdir / f"cimhes-{delay:g}.sqlite", fleet, args.profile)
         sample_size = args.sample_delayed if delay > 0 else args.sample
         sample = spread(inventory, sample_size)
         print(f"cimhes done in {ours.wall:.1f} s; baseline reads {len(sample)} meters "
@@ -482,6 +493,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="meters the baseline reads in an undelayed run (0: all)")
     parser.add_argument("--sample-delayed", type=int, default=50,
                         help="meters the baseline reads in a delayed run (50)")
+    parser.add_argument("--profile", type=int, default=0, metavar="N",
+                        help="print the N costliest functions of the reactor thread (cProfile)")
     args = parser.parse_args(argv)
     args.delay = args.delay or [0.0, 0.1]
     if args.meters < 1 or args.concurrency < 1:

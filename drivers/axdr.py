@@ -89,7 +89,22 @@ def _decode(data: bytes, offset: int) -> tuple[Any, int]:
         count, offset = ber_length(data, offset)
         items = []
         append = items.append
+        size = len(data)
         for _ in range(count):
+            # Scalars and short octet-strings inline: a profile buffer is thousands of them,
+            # and a call per value was most of the decoding time.
+            item_tag = data[offset] if offset < size else None
+            fixed = _FIXED.get(item_tag)
+            if fixed is not None and offset + 1 + fixed.size <= size:
+                append(fixed.unpack_from(data, offset + 1)[0])
+                offset += 1 + fixed.size
+                continue
+            if item_tag == OCTET_STRING and offset + 1 < size and data[offset + 1] < 0x80:
+                end = offset + 2 + data[offset + 1]
+                if end <= size:
+                    append(data[offset + 2:end])
+                    offset = end
+                    continue
             item, offset = _decode(data, offset)
             append(item)
         return items, offset

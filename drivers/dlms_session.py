@@ -21,9 +21,11 @@ was, so the caller may still release politely. Calling a method in the wrong sta
 the caller and raises `LocalProtocolError`.
 
 Gurux-dlms's GXDLMSClient (Logical Name referencing, InterfaceType.WRAPPER, authentication NONE
-or LOW) builds every request (AARQ, GET-Request-Normal with or without the range selective
-access, GET-Request-Next, RLRQ) and parses the AARE. This module does the rest, each for a
+or LOW) builds the AARQ and RLRQ and parses the AARE. This module does the rest, each for a
 reason gurux gives:
+- it builds the GET requests (normal, by range, next): gurux's builder cost more CPU than the
+  rest of the session for a dozen fixed bytes, and its autoIncreaseInvokeID never takes effect
+  (tests/test_drivers_requests.py checks the bytes against gurux's);
 - it splits the TCP stream into wrapper frames and checks version and wPorts (gurux scans for a
   0x0001 word and silently skips bytes it does not like);
 - it reads GET-Responses (normal and with datablock) and decodes their Data with
@@ -42,8 +44,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any, Union
 
 from gurux_dlms import GXDLMSClient, GXDLMSException, GXReplyData
-from gurux_dlms.enums import Authentication, InterfaceType, ObjectType, RequestTypes
-from gurux_dlms.objects import GXDLMSObject, GXDLMSProfileGeneric
+from gurux_dlms.enums import Authentication, InterfaceType
 
 from cimhes.drivers.axdr import AxdrError, ber_length, decode_data
 from cimhes.drivers.ciphering import (
@@ -67,6 +68,23 @@ from cimhes.drivers.errors import (
 
 WRAPPER_VERSION = 0x0001
 WRAPPER_HEADER = struct.Struct(">HHHH")  # version, source wPort, destination wPort, length
+
+# GET requests (Green Book 9.3, xDLMS Get-Request), built here: gurux's builder was the largest
+# part of the client's CPU after its decoder, for a few fixed bytes per request.
+GET_REQUEST = 0xC0
+GET_REQUEST_NORMAL = 1
+GET_REQUEST_NEXT = 2
+INVOKE_PRIORITY = 0xC0  # Invoke-Id-And-Priority: priority high, service class confirmed
+PROFILE_GENERIC_CLASS = 7
+_GET_NORMAL = struct.Struct(">BBBH6sBB")  # tag, kind, invoke, class, OBIS, attribute, selection
+_GET_NEXT = struct.Struct(">BBBI")        # tag, kind, invoke, block number
+# Selective access: selector 1 (range_descriptor), structure of 4: the restricting object
+# (capture_object_definition of the clock 0.0.1.0.0.255 attribute 2), from and to as
+# octet-string date-times, and an empty selected_values array (all columns).
+_DATE_TIME_TAG = bytes.fromhex("090c")  # octet-string of 12
+_RANGE_ON_CLOCK = bytes.fromhex("01020402041200080906" "0000010000ff" "0f02120000") + _DATE_TIME_TAG
+_ALL_COLUMNS = bytes.fromhex("0100")
+_DATE_TIME_OCTETS = struct.Struct(">HBBBBBBBhB")
 
 # APDU tags (Green Book, xDLMS / ACSE APDUs) of the answers this client expects.
 AARE = 0x61
@@ -291,23 +309,24 @@ class ClientSession:
     def get(self, class_id: int, obis: str, attribute: int) -> bytes:
         """GET one attribute (normal; the meter may answer with block transfer)."""
         self._expect_state(State.ASSOCIATED, "get")
-        self._next_invoke_id()
-        target = GXDLMSObject(ObjectType(class_id), obis)
-        return self._start_get(self._client.read(target, attribute))
+        invoke = self._next_invoke_id()
+        return self._start_get(invoke, _GET_NORMAL.pack(
+            GET_REQUEST, GET_REQUEST_NORMAL, INVOKE_PRIORITY | invoke, class_id,
+            _logical_name(obis), attribute, 0))
 
     def get_rows_by_range(self, obis: str, start: datetime, end: datetime) -> bytes:
         """GET a profile generic's buffer (attribute 2) with a range_descriptor on the clock
         (class 8, 0.0.1.0.0.255, attribute 2): rows with start <= time <= end, all columns."""
         self._expect_state(State.ASSOCIATED, "get_rows_by_range")
         if start.tzinfo is None or end.tzinfo is None:
-            # gurux would read a naive datetime as the host's local time.
             raise LocalProtocolError("get_rows_by_range needs timezone-aware datetimes")
-        self._next_invoke_id()
-        profile = GXDLMSProfileGeneric(obis)
-        # No capture objects set: gurux then restricts on the clock 0.0.1.0.0.255 attribute 2.
+        invoke = self._next_invoke_id()
         # Sent in UTC so the date-times carry deviation 0, as the meters keep their clock.
-        return self._start_get(self._client.readRowsByRange(
-            profile, start.astimezone(timezone.utc), end.astimezone(timezone.utc)))
+        return self._start_get(invoke, b"".join((
+            _GET_NORMAL.pack(GET_REQUEST, GET_REQUEST_NORMAL, INVOKE_PRIORITY | invoke,
+                             PROFILE_GENERIC_CLASS, _logical_name(obis), 2, 1),
+            _RANGE_ON_CLOCK, _cosem_datetime_octets(start), _DATE_TIME_TAG,
+            _cosem_datetime_octets(end), _ALL_COLUMNS)))
 
     def release(self) -> bytes:
         self._expect_state(State.ASSOCIATED, "release")
@@ -351,19 +370,19 @@ class ClientSession:
         if self._state is not state:
             raise LocalProtocolError(f"cannot {action} in state {self._state.value}")
 
-    def _next_invoke_id(self) -> None:
+    def _next_invoke_id(self) -> int:
         """A fresh invoke-id (1..15, cycling) for each GET, so an earlier answer replayed is
-        refused by `_on_get_response`. Set here: gurux's autoIncreaseInvokeID writes
-        `settings.invokeID` while requests read `settings.invokeId`, so it never takes effect."""
-        self._client.settings.invokeId = self._next_invoke
-        self._next_invoke = self._next_invoke % 15 + 1
+        refused by `_on_get_response`. (Gurux's autoIncreaseInvokeID would not do: it writes
+        `settings.invokeID` while its requests read `settings.invokeId`.)"""
+        invoke = self._next_invoke
+        self._next_invoke = invoke % 15 + 1
+        return invoke
 
-    def _start_get(self, messages: list) -> bytes:
+    def _start_get(self, invoke: int, apdu: bytes) -> bytes:
         self._blocks = []
-        self._invoke_id = self._client.settings.invokeId & 0x0F
-        data = self._protect(bytes(messages[0]))
+        self._invoke_id = invoke
         self._state = State.AWAITING_DATA
-        return data
+        return self._protect(self._frame(apdu))
 
     def _frame(self, apdu: bytes) -> bytes:
         return WRAPPER_HEADER.pack(WRAPPER_VERSION, self.client_address, self.server_address,
@@ -572,7 +591,6 @@ class ClientSession:
 
         Done here rather than by gurux's GXReplyData handling: gurux decodes the finished value
         with its slow generic decoder (see `cimhes.drivers.axdr`) and never checks invoke-ids.
-        Gurux still builds every request, including GET-Request-Next (`receiverReady`).
         """
         if apdu[0] != GET_RESPONSE:
             return self._fail_request(f"expected get-response, got {_apdu_name(apdu[0])}")
@@ -618,9 +636,8 @@ class ClientSession:
         self._blocks.append((number, apdu[start:]))
         if not last:
             # GET-Request-Next carries the number of the block just received.
-            self._client.settings.blockIndex = number
-            return NextBlockRequest(self._protect(
-                bytes(self._client.receiverReady(RequestTypes.DATABLOCK))))
+            return NextBlockRequest(self._protect(self._frame(_GET_NEXT.pack(
+                GET_REQUEST, GET_REQUEST_NEXT, INVOKE_PRIORITY | self._invoke_id, number))))
         value = decode_data(b"".join(raw for _, raw in self._blocks))
         return self._finish_get(AttributeValue(value))
 
@@ -670,6 +687,28 @@ def _ber_diagnostic(fields: dict[int, bytes]) -> int:
     if not content or content[0] not in (0xA1, 0xA2):
         raise ValueError("result-source-diagnostic missing")
     return int.from_bytes(_inner(_inner(content, content[0]), 0x02), "big")
+
+
+_LOGICAL_NAMES: dict[str, bytes] = {}
+
+
+def _logical_name(obis: str) -> bytes:
+    """The 6 octets of an OBIS code "a.b.c.d.e.f" (a meter's few codes, converted once)."""
+    octets = _LOGICAL_NAMES.get(obis)
+    if octets is None:
+        octets = bytes(int(part) for part in obis.split("."))
+        if len(octets) != 6:
+            raise LocalProtocolError(f"OBIS code {obis!r} does not have six parts")
+        _LOGICAL_NAMES[obis] = octets
+    return octets
+
+
+def _cosem_datetime_octets(moment: datetime) -> bytes:
+    """The 12 date-time octets (Blue Book 4.1.6.1) of `moment` in UTC: deviation 0, day of week
+    not specified, hundredths 0, status 0 (as gurux sends them)."""
+    utc = moment.astimezone(timezone.utc)
+    return _DATE_TIME_OCTETS.pack(utc.year, utc.month, utc.day, 0xFF, utc.hour, utc.minute,
+                                  utc.second, 0, 0, 0)
 
 
 def _apdu_name(tag: int) -> str:
