@@ -9,7 +9,7 @@ IntervalBlocks of IntervalReadings, each tied to a reading type code. The XML fo
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timezone
 from decimal import Decimal
 
 from cimhes.cim.message import Header, Reply
@@ -46,7 +46,8 @@ class DeviceRef:
 
 
 def _aware(value: datetime | None, what: str) -> None:
-    if value is not None and value.utcoffset() is None:
+    # UTC first: the drivers' times all are, and this runs for every interval of every meter.
+    if value is not None and value.tzinfo is not timezone.utc and value.utcoffset() is None:
         raise ValueError(f"{what} must be timezone-aware, got {value!r}")
 
 
@@ -96,7 +97,8 @@ class IntervalReading:
     qualities: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "qualities", tuple(self.qualities))
+        if type(self.qualities) is not tuple:
+            object.__setattr__(self, "qualities", tuple(self.qualities))
         _aware(self.timestamp, "IntervalReading.timestamp")
 
 

@@ -14,6 +14,7 @@ a str of "0"/"1"; array and structure list.
 
 from __future__ import annotations
 
+import operator
 import struct
 from typing import Any
 
@@ -87,6 +88,10 @@ def _decode(data: bytes, offset: int) -> tuple[Any, int]:
         return fixed.unpack_from(data, offset)[0], offset + fixed.size
     if tag == ARRAY or tag == STRUCTURE:
         count, offset = ber_length(data, offset)
+        if tag == ARRAY and count >= _UNIFORM_MIN:
+            uniform = _uniform_array(data, offset, count)
+            if uniform is not None:
+                return uniform
         items = []
         append = items.append
         size = len(data)
@@ -130,3 +135,88 @@ def _decode(data: bytes, offset: int) -> tuple[Any, int]:
         raw, offset = _take(data, offset, (bits + 7) // 8)
         return "".join(f"{byte:08b}" for byte in raw)[:bits], offset
     raise AxdrError(f"unknown or unsupported type tag {tag} at offset {offset - 1}")
+
+
+# -- arrays of same-shaped elements (a profile buffer) -----------------------------------------
+#
+# A profile buffer is an array of rows that are all encoded alike: structure{octet-string(12),
+# double-long-unsigned, ...}. When the first element holds only fixed-size values and short
+# octet-strings, every element has the same length and layout, so the whole array is unpacked
+# by one struct.iter_unpack, each element's type tags checked against the first's. Any element
+# that differs sends the array back to the general decoder, which says what is wrong.
+
+_UNIFORM_MIN = 8
+_FORMATS = {5: "i", 6: "I", 13: "b", 15: "b", 16: "h", 17: "B", 18: "H", 20: "q", 21: "Q",
+            22: "B", 23: "f", 24: "d"}
+
+
+def _element_layout(data: bytes, offset: int) -> tuple | None:
+    """(struct, tag field indexes, their values, value field indexes, is_structure) for the
+    element at `offset`, or None if it holds anything but scalars and short octet-strings."""
+    tag = data[offset] if offset < len(data) else None
+    fmt = [">"]
+    tag_fields: list[int] = []
+    tag_values: list[int] = []
+    value_fields: list[int] = []
+
+    def scalar(at: int) -> int | None:
+        item_tag = data[at] if at < len(data) else None
+        code = _FORMATS.get(item_tag)
+        if code is not None:
+            tag_fields.append(len(fmt) - 1)
+            tag_values.append(item_tag)
+            value_fields.append(len(fmt))
+            fmt.extend(("B", code))
+            return at + 1 + struct.calcsize(">" + code)
+        if item_tag == OCTET_STRING and at + 1 < len(data) and data[at + 1] < 0x80:
+            size = data[at + 1]
+            tag_fields.extend((len(fmt) - 1, len(fmt)))
+            tag_values.extend((OCTET_STRING, size))
+            value_fields.append(len(fmt) + 1)
+            fmt.extend(("B", "B", f"{size}s"))
+            return at + 2 + size
+        return None
+
+    if tag == STRUCTURE:
+        if offset + 1 >= len(data) or not 0 < data[offset + 1] < 0x80:
+            return None
+        tag_fields.extend((0, 1))
+        tag_values.extend((STRUCTURE, data[offset + 1]))
+        fmt.extend(("B", "B"))
+        at = offset + 2
+        for _ in range(data[offset + 1]):
+            at = scalar(at)
+            if at is None:
+                return None
+        is_structure = True
+    else:
+        at = scalar(offset)
+        if at is None:
+            return None
+        is_structure = False
+    layout = struct.Struct("".join(fmt))
+    # (indexes count unpacked fields: the position in fmt less the leading ">")
+    tags_of = operator.itemgetter(*tag_fields)
+    values_of = operator.itemgetter(*value_fields)
+    expected = tuple(tag_values) if len(tag_values) > 1 else tag_values[0]
+    return layout, tags_of, expected, values_of, is_structure, len(value_fields)
+
+
+def _uniform_array(data: bytes, offset: int, count: int) -> tuple[list, int] | None:
+    layout = _element_layout(data, offset)
+    if layout is None:
+        return None
+    row, tags_of, expected, values_of, is_structure, width = layout
+    end = offset + count * row.size
+    if end > len(data):
+        return None
+    items = []
+    append = items.append
+    for fields in row.iter_unpack(memoryview(data)[offset:end]):
+        if tags_of(fields) != expected:
+            return None
+        if is_structure:
+            append(list(values_of(fields)) if width > 1 else [values_of(fields)])
+        else:
+            append(values_of(fields))
+    return items, end

@@ -17,6 +17,7 @@ from twisted.internet.error import CannotListenError
 
 from cimhes.drivers import DeviceAddress
 from cimhes.drivers.limits import SPARE_DESCRIPTORS
+from cimhes.engine.garbage_collection import tune_for_throughput
 from cimhes.engine.rate_limits import DEFAULT_CONTROL_LIMITS, ControlLimit
 from cimhes.engine.users import Role
 from cimhes.endpoints.admin_cli import (
@@ -195,6 +196,7 @@ def _run(reactor, head_end, args, meters: list[str], **extra) -> int:
     except (CannotListenError, OSError, ValueError):
         head_end.store_runner.stop()  # its thread would keep the process alive
         raise
+    tune_for_throughput()
     base_url = f"{'https' if args.tls_cert else 'http'}://{host}:{listening.getHost().port}"
     ready = {"ready": True, "base_url": base_url, "meters": meters,
              "services": {"GetMeterReadings": f"{base_url}/cim/GetMeterReadings"},

@@ -277,6 +277,7 @@ class Store:
             raise StoreUnavailable(f"database {_shown(self.engine.url)}: {_first_line(exc)}") from exc
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._upsert_readings = _upsert_readings(self.engine.dialect.name)
+        self._upsert_readings_positional = _positional_sql(self._upsert_readings, self.engine)
 
     def load_inventory(self, devices: Iterable[DeviceAddress]) -> int:
         """Insert or update devices by mRID; returns how many were given. A device whose type
@@ -329,18 +330,45 @@ class Store:
             ids = dict(session.execute(
                 select(Device.mrid, Device.id).where(
                     Device.mrid.in_([m.meter.mrid for m in meter_readings]))).all())
+            # On SQLite the DB-API's executemany runs the compiled upsert itself, rows as
+            # tuples with each instant converted once (a fleet's intervals share their times):
+            # SQLAlchemy's per-row parameter processing cost more than SQLite's insert
+            # (bench/store_readings.py). Elsewhere the Core statement, rows as dicts.
+            positional = self._upsert_readings_positional
+            if positional is not None:
+                millis: dict[datetime, int] = {}
+                to_millis = EpochMillis().process_bind_param
+
+                def stamp(moment: datetime) -> int:
+                    value = millis.get(moment)
+                    if value is None:
+                        value = millis[moment] = to_millis(moment, None)
+                    return value
+
+                def row(*values) -> tuple:
+                    return values
+            else:
+                def stamp(moment: datetime) -> datetime:
+                    return moment
+
+                def row(*values) -> dict:
+                    return dict(zip(_READING_COLUMNS, values))
+
+            read_at_key = stamp(read_at)
             rows = []
             for meter_reading in meter_readings:
                 device_id = ids[meter_reading.meter.mrid]
                 for reading in meter_reading.readings:
-                    rows.append(_row(device_id, reading.reading_type, reading.timestamp,
-                                     reading.value, read_at, source))
+                    rows.append(row(device_id, reading.reading_type, stamp(reading.timestamp),
+                                    str(reading.value), read_at_key, source))
                 for block in meter_reading.interval_blocks:
+                    reading_type = block.reading_type
                     for interval in block.readings:
-                        rows.append(_row(device_id, block.reading_type, interval.timestamp,
-                                         interval.value, read_at, source))
-            if rows:
-                # A Core statement on the table: the ORM's bulk path costs more than the database.
+                        rows.append(row(device_id, reading_type, stamp(interval.timestamp),
+                                        str(interval.value), read_at_key, source))
+            if rows and positional is not None:
+                session.connection().exec_driver_sql(positional, rows)
+            elif rows:
                 session.connection().execute(self._upsert_readings, rows)
         return len(rows)
 
@@ -415,10 +443,16 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else type(exc).__name__
 
 
-def _row(device_id: int, reading_type: str, timestamp: datetime, value, read_at: datetime,
-         source: str) -> dict:
-    return {"device_id": device_id, "reading_type": reading_type, "timestamp": timestamp,
-            "value": str(value), "read_at": read_at, "source": source}
+_READING_COLUMNS = ("device_id", "reading_type", "timestamp", "value", "read_at", "source")
+
+
+def _positional_sql(statement, engine: Engine) -> str | None:
+    """`statement` compiled for `engine` with its parameters in `_READING_COLUMNS` order, if the
+    driver takes positional parameters (SQLite's qmark); else None."""
+    compiled = statement.compile(dialect=engine.dialect, column_keys=list(_READING_COLUMNS))
+    if engine.dialect.paramstyle != "qmark" or compiled.positiontup != list(_READING_COLUMNS):
+        return None
+    return compiled.string
 
 
 def _upsert_readings(dialect: str):
