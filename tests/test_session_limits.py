@@ -2,7 +2,7 @@
 connections, the file-descriptor check at start, and 200 sessions at once on real sockets."""
 from __future__ import annotations
 
-import os
+import json
 import resource
 import subprocess
 import sys
@@ -150,43 +150,71 @@ async def _settled(fleet) -> bool:
 
 
 
-@pytest_twisted.ensureDeferred
-async def test_no_descriptor_left_is_the_head_ends_error_not_the_meters(tmp_path):
-    fleet = start_fleet(reactor, 3, clock=lambda: NOW, base_index=1201, port=0)
-    store = Store(f"sqlite:///{tmp_path / 'few.sqlite'}")
+# Run in a process of its own: in a shared test process another test's socket closing late
+# would free a descriptor below the limit and let one connect through.
+_NO_DESCRIPTOR_LEFT = r"""
+import json, os, resource, sys
+from datetime import datetime, timezone
+from twisted.internet import reactor
+from twisted.internet.defer import ensureDeferred
+from cimhes.cim.message import Header
+from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings
+from cimhes.drivers import DeviceAddress
+from cimhes.drivers.limits import SessionLimits
+from cimhes.engine.reading import MeterReadingService
+from cimhes.engine.store import Store, StoreRunner
+from cimhes.fixtures.fleet import start_fleet
+
+async def main():
+    fleet = start_fleet(reactor, 3, port=0, base_index=1201)
+    store = Store("sqlite:///" + sys.argv[1])
     runner = StoreRunner(reactor, store)
+    devices = [DeviceAddress(**entry) for entry in fleet.inventory()["meters"]]
+    store.load_inventory(devices)
+    service = MeterReadingService(reactor, runner, limits=SessionLimits.of(2.0))
+    request = GetMeterReadings(
+        header=Header(verb="get", noun="MeterReadings"),
+        end_devices=[DeviceRef(mrid=d.mrid) for d in devices], usage_points=[],
+        reading_types=["0.0.0.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0"])
+    first = await service.read(request)  # warms the store up
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    in_use = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
+    resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, hard))
+    holes = []
     try:
-        devices = [DeviceAddress(**entry) for entry in fleet.inventory()["meters"]]
-        store.load_inventory(devices)
-        service = MeterReadingService(reactor, runner, limits=SessionLimits.of(2.0))
-        request = GetMeterReadings(
-            header=Header(verb="get", noun="MeterReadings"),
-            end_devices=[DeviceRef(mrid=d.mrid) for d in devices], usage_points=[],
-            reading_types=[REGISTER])
-        assert (await service.read(request)).result is ReplyResult.OK  # store warmed up
-        # Not one descriptor more may be opened: every connect fails before reaching a meter.
-        in_use = max(int(fd) for fd in os.listdir("/proc/self/fd")) + 1
-        resource.setrlimit(resource.RLIMIT_NOFILE, (in_use, hard))
-        holes = []
-        try:
-            while True:  # fill the gaps below the limit
-                holes.append(os.open(os.devnull, os.O_RDONLY))
-        except OSError:
-            pass
-        try:
-            outcome = await service.read(request)
-        finally:
-            for fd in holes:
-                os.close(fd)
-            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
-        assert outcome.result is ReplyResult.FAILED
-        assert [error.code for error in outcome.errors] == [ErrorCode.INTERNAL_ERROR] * 3
-        for device, error in zip(devices, outcome.errors):
-            assert error.id == device.mrid
-            assert "HeadEndExhausted" in error.reason
-            assert "no file descriptor left" in error.reason
-    finally:
-        await fleet.stop_all()
-        runner.stop()
-        store.close()
+        while True:  # fill the gaps below the limit: not one descriptor more may be opened
+            holes.append(os.open(os.devnull, os.O_RDONLY))
+    except OSError:
+        pass
+    outcome = await service.read(request)
+    for fd in holes:
+        os.close(fd)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+    print(json.dumps({"first": first.result.value, "result": outcome.result.value,
+                      "mrids": [d.mrid for d in devices],
+                      "errors": [[e.code.value if hasattr(e.code, "value") else e.code, e.id,
+                                  e.reason] for e in outcome.errors]}))
+    runner.stop()
+    await fleet.stop_all()
+
+def run():
+    done = ensureDeferred(main())
+    done.addErrback(lambda failure: print(failure.getTraceback(), file=sys.stderr))
+    done.addBoth(lambda _: reactor.stop())
+
+reactor.callWhenRunning(run)
+reactor.run()
+"""
+
+
+def test_no_descriptor_left_is_the_head_ends_error_not_the_meters(tmp_path):
+    done = subprocess.run([sys.executable, "-c", _NO_DESCRIPTOR_LEFT, str(tmp_path / "f.sqlite")],
+                          capture_output=True, text=True, timeout=60)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads(done.stdout.strip().splitlines()[-1])
+    assert report["first"] == "OK"
+    assert report["result"] == "FAILED"
+    assert [error[1] for error in report["errors"]] == report["mrids"]
+    for code, _, reason in report["errors"]:
+        assert code == ErrorCode.INTERNAL_ERROR.value
+        assert "HeadEndExhausted" in reason and "no file descriptor left" in reason
