@@ -16,6 +16,7 @@ from pathlib import Path
 from twisted.internet.error import CannotListenError
 
 from cimhes.drivers import DeviceAddress
+from cimhes.endpoints.process_log import start_logging
 from cimhes.drivers.limits import SPARE_DESCRIPTORS
 from cimhes.engine.garbage_collection import tune_for_throughput
 from cimhes.engine.rate_limits import DEFAULT_CONTROL_LIMITS, ControlLimit
@@ -77,8 +78,7 @@ def main(argv: list[str] | None = None) -> int:
         from cimhes.fixtures.fleet import simulate_main
         return simulate_main(argv[1:])
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    start_logging(logging.INFO)
     # Alembic narrates its set-up at INFO; cimhes.engine.schema logs what an upgrade applied.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # Imported here: `simulate` needs no database, and starts faster without one.

@@ -159,8 +159,9 @@ class SoapResource(Resource):
         if p_ctx.in_error is not None:
             return self._fault_now(request, p_ctx.in_error, p_ctx)
 
-        gone = request.notifyFinish()  # errbacks if the client hangs up before the answer
-        gone.addErrback(lambda _: setattr(p_ctx, "client_gone", True))
+        # Errbacks if the client hangs up before the answer: said in one line; the work goes on
+        # and is stored, and `_write` then finds no channel to answer on.
+        request.notifyFinish().addErrback(_hung_up, request)
         if self._guard is None:
             d = maybeDeferred(self._call, p_ctx)
         else:
@@ -203,8 +204,8 @@ class SoapResource(Resource):
         return NOT_DONE_YET
 
     def _write(self, request, p_ctx, code: int):
-        if request.finished or getattr(p_ctx, "client_gone", False):
-            return  # the engine's work is stored all the same; nobody is left to answer
+        if request.finished or request.channel is None:
+            return  # the client hung up (logged once); the engine's work is stored all the same
         p_ctx.out_protocol.serialize(p_ctx, p_ctx.out_protocol.RESPONSE)
         data = etree.tostring(p_ctx.out_document, xml_declaration=True, encoding="UTF-8")
         request.setResponseCode(code)
@@ -233,6 +234,13 @@ def _content_type_refusal(content_type: str | None) -> tuple[int, Fault] | None:
     shown = repr(content_type[:64]) if content_type else "missing"
     return 415, Fault("Client.ContentType", f"Content-Type {shown}: a SOAP 1.1 request is "
                       "sent as text/xml")
+
+
+def _hung_up(reason: Failure, request) -> None:
+    peer = request.getClientAddress()
+    log.info("client %s hung up before the answer to %s %s (%s); the request is still carried "
+             "out and stored", getattr(peer, "host", peer), request.method.decode("ascii", "replace"),
+             request.path.decode("utf-8", "replace"), reason.getErrorMessage())
 
 
 def log_failure(failure: Failure) -> None:
