@@ -73,10 +73,10 @@ def run_admin(args, database_url) -> int:
         for role in Role:
             print(f"{role.value:<20} {role.meaning}")
         return 0
-    store = Store(database_url(args.db))
+    secret_box = SecretBox.from_file(Path(secret_key_file(args.db, args.secret_key_file)))
+    store = Store(database_url(args.db), secret_box)
     try:
-        users = UserStore(store, SecretBox.from_file(Path(secret_key_file(args.db,
-                                                                          args.secret_key_file))))
+        users = UserStore(store, secret_box)
         actor = f"cli:{getpass.getuser()}"
         if args.command == "audit":
             return _export(users, args)

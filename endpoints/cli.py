@@ -13,9 +13,11 @@ import secrets
 import sys
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
 from twisted.internet.error import CannotListenError
 
 from cimhes.drivers import DeviceAddress
+from cimhes.engine import redaction
 from cimhes.endpoints.process_log import start_logging
 from cimhes.drivers.limits import SPARE_DESCRIPTORS
 from cimhes.engine.garbage_collection import tune_for_throughput
@@ -95,6 +97,10 @@ def main(argv: list[str] | None = None) -> int:
         # What a user can fix (a port in use, a bad inventory file, a database down or without
         # its driver) is said in one line.
         print(f"cimhes {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except SQLAlchemyError as exc:
+        # A locked or unreachable database: one line, never the SQL and its parameters.
+        print(f"cimhes {args.command}: error: {redaction.summary(exc)}", file=sys.stderr)
         return 2
 
 

@@ -81,10 +81,11 @@ class HeadEnd:
     on the given reactor."""
 
     def __init__(self, reactor, settings: HeadEndSettings, devices: list[DeviceAddress]):
-        self.store = Store(settings.database_url)
+        secret_box = SecretBox.from_file(settings.secret_key_file)
+        self.store = Store(settings.database_url, secret_box)
         # Before any thread starts: a refused inventory must leave nothing running.
         self.store.load_inventory(devices)
-        self.users = UserStore(self.store, SecretBox.from_file(settings.secret_key_file))
+        self.users = UserStore(self.store, secret_box)
         self.store_runner = StoreRunner(reactor, self.store)
         # The one factory of HTTP sessions for outgoing calls (MDM callbacks, zeep publishers).
         self.callback_session = partial(callback_session, settings.callback_ca_bundle)

@@ -31,6 +31,7 @@ from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
 from cimhes.cim.codec import MAX_DOCUMENT_BYTES, CodecError, parse_xml
+from cimhes.engine import redaction
 from cimhes.xsd import UnknownDocument, wsdl_text, xsd_text
 
 log = logging.getLogger(__name__)
@@ -191,8 +192,11 @@ class SoapResource(Resource):
     def _fail(self, failure: Failure, request, p_ctx):
         exc = failure.value
         if not isinstance(exc, Fault):
-            log.error("service failed: %s", failure.getTraceback())
-            exc = Fault("Server", f"internal error: {exc.__class__.__name__}: {exc}")
+            # The caller learns the kind of failure and a reference, never SQL or values.
+            ref = redaction.reference()
+            log.error("service failed: %s", redaction.log_line(failure, ref))
+            exc = Fault("Server", f"internal error ({redaction.summary(exc)}); log reference "
+                                  f"{ref}")
         p_ctx.out_error = exc
         self._write(request, p_ctx, 500)
 
@@ -244,4 +248,4 @@ def _hung_up(reason: Failure, request) -> None:
 
 
 def log_failure(failure: Failure) -> None:
-    log.error("answering a SOAP request failed: %s", failure.getTraceback())
+    log.error("answering a SOAP request failed: %s", redaction.log_line(failure))

@@ -34,6 +34,7 @@ from cimhes.drivers.errors import (
 )
 from cimhes.drivers.security import HeadEndSecurity
 from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, ConnectionPacer, SessionLimits
+from cimhes.engine import redaction
 from cimhes.engine.store import ReadingWriter, StoreRunner
 
 log = logging.getLogger(__name__)
@@ -132,11 +133,11 @@ class MeterReadingService:
         stored = yield DeferredList(saves, consumeErrors=True)
         failures = [value for succeeded, value in stored if not succeeded]
         if failures:  # the readings still go back to the caller
-            log.error("storing readings failed: %s", failures[0].getTraceback())
+            log.error("storing readings failed: %s", redaction.log_line(failures[0]))
             outcome.errors.append(Error(
                 code=ErrorCode.INTERNAL_ERROR, level=ErrorLevel.WARNING,
                 reason=f"{len(failures)} of {len(saves)} devices' readings below were read "
-                       f"but not stored: {failures[0].getErrorMessage()}"))
+                       f"but not stored: {redaction.summary(failures[0].value)}"))
         return outcome
 
     def _read_device(self, device: DeviceAddress, reading_types, start, end):
@@ -214,8 +215,9 @@ def _device_error(device: DeviceAddress, error: DeviceError) -> Error:
 def _failed_device(device: DeviceAddress, failure) -> Error:
     if isinstance(failure.value, DeviceError):
         return _device_error(device, failure.value)
-    log.error("reading %s failed unexpectedly: %s", device.mrid, failure.getTraceback())
+    ref = redaction.reference()
+    log.error("reading %s failed unexpectedly: %s", device.mrid, redaction.log_line(failure, ref))
     exc = failure.value
     return Error(code=ErrorCode.INTERNAL_ERROR, reason=f"EndDevice {device.mrid}: internal error "
-                 f"while reading ({exc.__class__.__name__}: {exc})",
+                 f"while reading ({redaction.summary(exc)}; log reference {ref})",
                  id=device.mrid, id_kind="uuid", object_type="EndDevice")

@@ -39,6 +39,7 @@ from twisted.python.threadpool import ThreadPool
 from cimhes.cim.meter_readings import MeterReading
 from cimhes.drivers import DRIVERS, DeviceAddress
 from cimhes.engine import schema
+from cimhes.engine.sealed import Sealed, SecretBox, attach_secret_box, private_database_file
 
 
 class EpochMillis(TypeDecorator):
@@ -92,12 +93,14 @@ class Device(Base):
     client_address: Mapped[int] = mapped_column(Integer)
     server_address: Mapped[int] = mapped_column(Integer)
     security: Mapped[str] = mapped_column(String(16))  # none / low / hls-gmac
-    password: Mapped[str | None] = mapped_column(String(64))
+    # Secrets are sealed at rest (engine/sealed.py); their columns' names say they hold no
+    # plain text.
+    password: Mapped[str | None] = mapped_column("sealed_password", Sealed())
     route_id: Mapped[int | None] = mapped_column(ForeignKey("route.id"), index=True)
     # HLS-GMAC: the meter's system title and keys, hex (cimhes.drivers.address)
     system_title: Mapped[str | None] = mapped_column(String(16))
-    encryption_key: Mapped[str | None] = mapped_column(String(32))
-    authentication_key: Mapped[str | None] = mapped_column(String(32))
+    encryption_key: Mapped[str | None] = mapped_column("sealed_encryption_key", Sealed())
+    authentication_key: Mapped[str | None] = mapped_column("sealed_authentication_key", Sealed())
 
     def address(self) -> DeviceAddress:
         return DeviceAddress(
@@ -265,8 +268,12 @@ class Store:
     migrations (created if new); any other must already be current (`cimhes db upgrade`), so
     that several processes sharing a server never race to alter it."""
 
-    def __init__(self, url: str):
+    def __init__(self, url: str, secret_box: SecretBox | None = None):
+        """`secret_box` seals the devices' passwords and keys (engine/sealed.py); without one
+        they are sealed with a random key that dies with this object."""
+        private_database_file(url)
         self.engine: Engine = open_database(url)
+        attach_secret_box(self.engine, secret_box or SecretBox.ephemeral())
         try:
             if self.engine.dialect.name == "sqlite":
                 schema.upgrade(self.engine)

@@ -23,18 +23,15 @@ import functools
 import hashlib
 import hmac
 import logging
-import os
 import secrets
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
-from pathlib import Path
 from typing import TextIO
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
-from cryptography.fernet import Fernet, InvalidToken
 from sqlalchemy import (
     Boolean,
     DDL,
@@ -47,6 +44,8 @@ from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 from twisted.internet.defer import DeferredSemaphore, inlineCallbacks
 from twisted.internet.threads import deferToThread
 
+from cimhes.engine import redaction
+from cimhes.engine.sealed import SecretBox, WrongSecretKey
 from cimhes.engine.store import Base, EpochMillis, Store, StoreRunner
 
 log = logging.getLogger(__name__)
@@ -195,30 +194,6 @@ class UserError(ValueError):
     """A user administration request that cannot be done (unknown user or role, duplicate)."""
 
 
-class SecretBox:
-    """Encrypts the secrets the head-end must be able to read back (Fernet: AES-128-CBC with
-    HMAC-SHA256), with a key kept in one file made readable by its owner only."""
-
-    def __init__(self, key: bytes):
-        self._fernet = Fernet(key)
-
-    @classmethod
-    def from_file(cls, path: Path) -> SecretBox:
-        path = Path(path)
-        if not path.exists():
-            path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            with os.fdopen(fd, "wb") as out:
-                out.write(Fernet.generate_key())
-        return cls(path.read_bytes().strip())
-
-    def seal(self, secret: str) -> str:
-        return self._fernet.encrypt(secret.encode()).decode("ascii")
-
-    def open(self, token: str) -> str:
-        return self._fernet.decrypt(token.encode("ascii")).decode()
-
-
 _HASHER = PasswordHasher()  # argon2id, argon2-cffi's RFC 9106 low-memory profile
 MIN_PASSWORD_LENGTH = 8
 MAX_PASSWORD_LENGTH = 1024
@@ -329,8 +304,8 @@ class UserStore:
     def open_secret(self, token: str) -> str | None:
         try:
             return self._box.open(token)
-        except InvalidToken:
-            log.error("a user's digest secret does not open with this secret key file")
+        except WrongSecretKey:
+            log.error("a user's digest secret does not open with this secret key")
             return None
 
     # -- audit
@@ -406,7 +381,7 @@ class AuditTrail:
                            detail=detail)
         d = self._runner.call(self._users.append_audit, [entry])
         d.addErrback(lambda f: log.error("writing the audit trail failed: %s",
-                                         f.getErrorMessage()))
+                                         redaction.log_line(f)))
         return d
 
 
