@@ -44,7 +44,7 @@ def _mode(path: Path) -> int:
 def _device(password=METER_PASSWORD, mrid="m-1") -> DeviceAddress:
     return DeviceAddress.from_inventory({
         "mrid": mrid, "name": "serial-1", "device_type": "idis-meter", "host": "127.0.0.1",
-        "port": 4059, "client_address": 1, "server_address": 1, "authentication": "low",
+        "port": 4059, "client_address": 1, "server_address": 1, "security": "low",
         "password": password})
 
 
@@ -66,6 +66,24 @@ def test_a_meter_password_is_sealed_in_the_database_and_opens_with_the_key(tmp_p
         other.find_devices(["m-1"], [])
     assert token not in str(caught.value)
     other.close()
+
+
+def test_hls_keys_are_sealed_too(tmp_path):
+    keys = {"encryption_key": "000102030405060708090a0b0c0d0e0f",
+            "authentication_key": "d0d1d2d3d4d5d6d7d8d9dadbdcdddedf"}
+    device = DeviceAddress.from_inventory({
+        "mrid": "m-2", "name": "serial-2", "device_type": "idis-meter", "host": "127.0.0.1",
+        "port": 4059, "client_address": 1, "server_address": 1, "security": "hls-gmac",
+        "system_title": "4142430000000001", **keys})
+    store = Store(f"sqlite:///{tmp_path / 'db.sqlite'}", SecretBox.from_file(tmp_path / "key"))
+    store.load_inventory([device])
+    found = store.find_devices(["m-2"], [])["m-2"]
+    assert (found.encryption_key, found.authentication_key) == tuple(keys.values())
+    store.close()
+    for path in tmp_path.glob("db.sqlite*"):
+        data = path.read_bytes()
+        for key in keys.values():
+            assert key.encode() not in data and bytes.fromhex(key) not in data, path
 
 
 def test_the_key_comes_from_the_environment_when_set(tmp_path, monkeypatch):
@@ -160,7 +178,7 @@ def test_a_start_on_a_locked_database_is_one_line_without_sql_or_passwords(tmp_p
     inventory = tmp_path / "inventory.json"
     inventory.write_text(json.dumps({"meters": [
         {"mrid": "m-1", "name": "s-1", "device_type": "idis-meter", "host": "127.0.0.1",
-         "port": 4059, "client_address": 1, "server_address": 1, "authentication": "low",
+         "port": 4059, "client_address": 1, "server_address": 1, "security": "low",
          "password": METER_PASSWORD}]}))
     Store(f"sqlite:///{db}").close()  # the tables exist, so the load is a write
     locker = sqlite3.connect(db, timeout=0, isolation_level=None)
