@@ -21,6 +21,7 @@ from cimhes.drivers.security import COUNTERS_PER_SESSION, HeadEndSecurity
 from cimhes.endpoints.site import HeadEnd, HeadEndSettings
 from cimhes.engine.reading import MeterReadingService
 from cimhes.engine.security import CounterStore, StoredCounters
+from cimhes.engine.sealed import SecretBox
 from cimhes.engine.store import Store, StoreRunner
 from cimhes.fixtures import meter_model
 from cimhes.fixtures.fleet import Fault, start_fleet
@@ -46,7 +47,8 @@ class Engine:
     """A reading service on a store file, as one head-end process would have it."""
 
     def __init__(self, path):
-        self.store = Store(f"sqlite:///{path}")
+        # The process's secret key, kept beside the store as a head-end keeps it.
+        self.store = Store(f"sqlite:///{path}", SecretBox.from_file(f"{path}.secret-key"))
         self.runner = StoreRunner(reactor, self.store)
         self.counters = CounterStore(self.store)
         self.service = MeterReadingService(
