@@ -28,7 +28,8 @@ from cimhes.cim.meter_readings import MeterReadingsResponse
 from cimhes.endpoints.soap_resource import CimFault, soap_application
 from cimhes.engine.admission import Admission, Refused
 from cimhes.engine.reading import MeterReadingService, ReadOutcome
-from cimhes.engine.store import RequestSummary, StoreRunner
+from cimhes.engine import request_log
+from cimhes.engine.store import StoreRunner
 
 WSDL_NAME = "GetMeterReadings"
 WSDL_FILE = "GetMeterReadings.wsdl"
@@ -70,6 +71,11 @@ class GetMeterReadingsDoor:
             raise CimFault("Client", exc.reason, encode_fault(reply))
 
         asked = len(request.end_devices) + len(request.usage_points)
+        # Logged as it arrives: a crash before the answer leaves it "interrupted" at restart.
+        logged = yield self._store.call(
+            request_log.arrived, self._store.store, message_id=request.header.message_id,
+            correlation_id=request.header.correlation_id, noun="MeterReadings", verb="get",
+            source=request.header.source, received_at=received_at, devices_asked=asked)
         try:
             admitted = self._admission.admit(
                 caller or request.header.user_id or "anonymous", asked)
@@ -88,11 +94,10 @@ class GetMeterReadingsDoor:
             reply=reply,
             meter_readings=outcome.meter_readings,
         )
-        yield self._store.run("record_request", RequestSummary(
-            message_id=request.header.message_id, noun="MeterReadings", verb="get",
-            source=request.header.source, received_at=received_at, replied_at=self._now(),
-            result=outcome.result.value, devices_asked=outcome.devices_asked,
-            devices_failed=outcome.devices_failed))
+        yield self._store.call(request_log.answered, self._store.store, logged,
+                               replied_at=self._now(), result=outcome.result.value,
+                               devices_asked=outcome.devices_asked,
+                               devices_failed=outcome.devices_failed)
         element = yield encode_off_the_reactor(response)
         return element
 

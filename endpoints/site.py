@@ -6,6 +6,7 @@ given), the engine's reading service and the SOAP doors, on one reactor.
 from __future__ import annotations
 
 import html
+import logging
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -30,6 +31,7 @@ from cimhes.endpoints.meter_readings import (
 from cimhes.endpoints.reading_types import ReadingTypesResource
 from cimhes.endpoints.soap_resource import SoapResource
 from cimhes.endpoints.tls import callback_session
+from cimhes.engine import request_log
 from cimhes.engine.admission import Admission, RequestLimits
 from cimhes.engine.reading import MeterReadingService
 from cimhes.engine.rate_limits import (
@@ -41,6 +43,9 @@ from cimhes.engine.rate_limits import (
 from cimhes.engine.security import CounterStore, StoredCounters
 from cimhes.engine.store import Store, StoreRunner
 from cimhes.engine.users import AuditTrail, Authenticator, Role, SecretBox, UserStore
+
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -85,6 +90,10 @@ class HeadEnd:
         self.store = Store(settings.database_url, secret_box)
         # Before any thread starts: a refused inventory must leave nothing running.
         self.store.load_inventory(devices)
+        interrupted = request_log.mark_interrupted(self.store)
+        if interrupted:
+            log.warning("%d requests were in flight when the previous process stopped; they are "
+                        "logged as %r", interrupted, request_log.INTERRUPTED)
         self.users = UserStore(self.store, secret_box)
         self.store_runner = StoreRunner(reactor, self.store)
         # The one factory of HTTP sessions for outgoing calls (MDM callbacks, zeep publishers).
