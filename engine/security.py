@@ -54,40 +54,55 @@ class CounterStore:
         self._engine = store.engine
         self._now = now or (lambda: datetime.now(timezone.utc))
 
-    def reserve(self, device_mrid: str, count: int) -> CounterReservation | None:
-        table = InvocationCounterRecord
+    def batch(self, operations: list[tuple[Callable, tuple]]) -> list:
+        """Run (unit, args) operations in one transaction, each unit one of this class's
+        `_reserve`, `_start`, `_seen`, `_security_event`; their results in order."""
         with self._engine.begin() as connection:
-            row = connection.execute(
-                update(table).where(table.device_mrid == device_mrid)
-                .values(next_client=table.next_client + count)
-                .returning(table.next_client, table.last_server)).first()
+            return [unit(connection, *args) for unit, args in operations]
+
+    def reserve(self, device_mrid: str, count: int) -> CounterReservation | None:
+        with self._engine.begin() as connection:
+            return self._reserve(connection, device_mrid, count)
+
+    def _reserve(self, connection, device_mrid: str, count: int) -> CounterReservation | None:
+        table = InvocationCounterRecord
+        row = connection.execute(
+            update(table).where(table.device_mrid == device_mrid)
+            .values(next_client=table.next_client + count)
+            .returning(table.next_client, table.last_server)).first()
         if row is None:
             return None
         return CounterReservation(row.next_client - count, row.next_client, row.last_server)
 
     def start(self, device_mrid: str, first: int, count: int) -> CounterReservation:
+        with self._engine.begin() as connection:
+            return self._start(connection, device_mrid, first, count)
+
+    def _start(self, connection, device_mrid: str, first: int, count: int) -> CounterReservation:
         table = InvocationCounterRecord
         dialect_insert = (postgresql_insert if self._engine.dialect.name == "postgresql"
                           else sqlite_insert)
-        with self._engine.begin() as connection:
-            connection.execute(dialect_insert(table).values(
-                device_mrid=device_mrid, next_client=first, last_server=-1)
-                .on_conflict_do_nothing(index_elements=["device_mrid"]))
-            # Another session may have started the device meanwhile: never go below either.
-            row = connection.execute(
-                update(table).where(table.device_mrid == device_mrid)
-                .values(next_client=case((table.next_client < first, first),
-                                         else_=table.next_client) + count)
-                .returning(table.next_client, table.last_server)).one()
+        connection.execute(dialect_insert(table).values(
+            device_mrid=device_mrid, next_client=first, last_server=-1)
+            .on_conflict_do_nothing(index_elements=["device_mrid"]))
+        # Another session may have started the device meanwhile: never go below either.
+        row = connection.execute(
+            update(table).where(table.device_mrid == device_mrid)
+            .values(next_client=case((table.next_client < first, first),
+                                     else_=table.next_client) + count)
+            .returning(table.next_client, table.last_server)).one()
         return CounterReservation(row.next_client - count, row.next_client, row.last_server)
 
     def seen(self, device_mrid: str, server_counter: int) -> None:
-        table = InvocationCounterRecord
         with self._engine.begin() as connection:
-            connection.execute(
-                update(table).where(table.device_mrid == device_mrid,
-                                    table.last_server < server_counter)
-                .values(last_server=server_counter))
+            self._seen(connection, device_mrid, server_counter)
+
+    def _seen(self, connection, device_mrid: str, server_counter: int) -> None:
+        table = InvocationCounterRecord
+        connection.execute(
+            update(table).where(table.device_mrid == device_mrid,
+                                table.last_server < server_counter)
+            .values(last_server=server_counter))
 
     def counters(self, device_mrid: str) -> tuple[int, int] | None:
         """(next client counter, last server counter) recorded for the device, or None."""
@@ -99,8 +114,11 @@ class CounterStore:
 
     def security_event(self, device_mrid: str, kind: str, detail: str) -> None:
         with self._engine.begin() as connection:
-            connection.execute(insert(SecurityEventRecord).values(
-                at=self._now(), device_mrid=device_mrid, kind=kind, detail=detail[:500]))
+            self._security_event(connection, device_mrid, kind, detail)
+
+    def _security_event(self, connection, device_mrid: str, kind: str, detail: str) -> None:
+        connection.execute(insert(SecurityEventRecord).values(
+            at=self._now(), device_mrid=device_mrid, kind=kind, detail=detail[:500]))
 
     def security_events(self, device_mrid: str | None = None) -> list[SecurityEvent]:
         table = SecurityEventRecord
@@ -112,20 +130,56 @@ class CounterStore:
 
 
 class StoredCounters:
-    """The drivers' `CounterBook`: `CounterStore` on the store's thread, as Deferreds."""
+    """The drivers' `CounterBook`: `CounterStore` on the store's thread, as Deferreds.
+
+    Calls that arrive while the store thread is busy with earlier ones are done together in one
+    transaction (group commit, as `ReadingWriter` does for readings): with hundreds of sessions
+    starting and ending at once, one commit serves many, and each call still gets its own
+    answer. A reservation is still one UPDATE ... RETURNING of its own inside that transaction."""
 
     def __init__(self, runner: StoreRunner, counter_store: CounterStore):
         self._runner = runner
         self.store = counter_store
+        self._queued: list[tuple[Callable, tuple, Deferred]] = []
+        self._writing = False
 
     def reserve(self, device_mrid: str, count: int) -> Deferred:
-        return self._runner.call(self.store.reserve, device_mrid, count)
+        return self._queue(self.store._reserve, (device_mrid, count))
 
     def start(self, device_mrid: str, first: int, count: int) -> Deferred:
-        return self._runner.call(self.store.start, device_mrid, first, count)
+        return self._queue(self.store._start, (device_mrid, first, count))
 
     def seen(self, device_mrid: str, server_counter: int) -> Deferred:
-        return self._runner.call(self.store.seen, device_mrid, server_counter)
+        return self._queue(self.store._seen, (device_mrid, server_counter))
 
     def security_event(self, device_mrid: str, kind: str, detail: str) -> Deferred:
-        return self._runner.call(self.store.security_event, device_mrid, kind, detail)
+        return self._queue(self.store._security_event, (device_mrid, kind, detail))
+
+    def _queue(self, operation: Callable, args: tuple) -> Deferred:
+        done = Deferred()
+        self._queued.append((operation, args, done))
+        if not self._writing:
+            self._write_queued()
+        return done
+
+    def _write_queued(self) -> None:
+        batch, self._queued = self._queued, []
+        self._writing = bool(batch)
+        if not batch:
+            return
+        written = self._runner.call(self.store.batch, [(op, args) for op, args, _ in batch])
+
+        def settle(results):
+            for (_, _, done), result in zip(batch, results):
+                if isinstance(result, Exception):
+                    done.errback(result)
+                else:
+                    done.callback(result)
+            self._write_queued()
+
+        def failed(failure):
+            for _, _, done in batch:
+                done.errback(failure)
+            self._write_queued()
+
+        written.addCallbacks(settle, failed)
