@@ -17,7 +17,9 @@ from cimhes.cim.message import ErrorCode, Header, ReplyResult
 from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings
 from cimhes.drivers import DeviceAddress
 from cimhes.drivers.limits import SessionLimits
+from cimhes.drivers.security import HeadEndSecurity
 from cimhes.engine.reading import MeterReadingService
+from cimhes.engine.security import CounterStore, StoredCounters
 from cimhes.engine.store import Store, StoreRunner
 from cimhes.fixtures.fleet import FAULTS, Fault, start_fleet
 
@@ -49,7 +51,11 @@ CASES = {
     "slow": (Fault("slow", 0.3), ErrorCode.DEVICE_TIMEOUT, "session deadline of 2 s passed", 2.0),
     "endless-blocks": (Fault("endless-blocks"), ErrorCode.DEVICE_PROTOCOL_ERROR,
                        "passed 262144 bytes; connection closed", 0),
+    # read in an HLS-GMAC fleet (the faults below only exist where answers are ciphered)
+    "bad-auth-tag": (Fault("bad-auth-tag"), ErrorCode.DEVICE_REFUSED,
+                     "authentication tag does not match", 0),
 }
+CIPHERED = {"bad-auth-tag"}
 
 
 def test_every_fault_kind_has_a_test():
@@ -87,12 +93,15 @@ def request(devices) -> GetMeterReadings:
 async def test_a_faulty_meter_is_one_error_naming_it_and_leaves_nothing_behind(kind, store):
     fault, code, words, may_take = CASES[kind]
     fleet = start_fleet(reactor, FAULTY, clock=lambda: NOW, base_index=241, port=0,
-                        faults={241 + GOOD: fault})
+                        faults={241 + GOOD: fault},
+                        security="hls-gmac" if kind in CIPHERED else "low")
     try:
         devices = [DeviceAddress(**entry) for entry in fleet.inventory()["meters"]]
         bad = devices[GOOD]
         store[0].load_inventory(devices)
-        service = MeterReadingService(reactor, store[1], limits=LIMITS)
+        counters = StoredCounters(store[1], CounterStore(store[0]))
+        service = MeterReadingService(reactor, store[1], limits=LIMITS,
+                                      security=HeadEndSecurity(b"CIMHES01", counters))
         # A first read warms the store up (SQLite opens its WAL files on the first write).
         assert (await service.read(request(devices[:1]))).result is ReplyResult.OK
         await sleep(0.05)

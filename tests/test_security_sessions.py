@@ -37,8 +37,9 @@ TITLE = bytes.fromhex("43494d4845530001")
 
 @pytest.fixture
 def fleet():
-    fleet = start_fleet(reactor, 4, clock=lambda: NOW, base_index=FIRST_METER, port=0,
-                        security="hls-gmac", faults={FIRST_METER + 3: Fault("replay")})
+    fleet = start_fleet(reactor, 5, clock=lambda: NOW, base_index=FIRST_METER, port=0,
+                        security="hls-gmac", faults={FIRST_METER + 3: Fault("replay"),
+                                                     FIRST_METER + 4: Fault("bad-auth-tag")})
     yield fleet
     pytest_twisted.blockon(fleet.stop_all())
 
@@ -140,8 +141,8 @@ def test_wrong_keys_and_replays_are_device_errors_and_security_events(tmp_path, 
     devices = _devices(fleet)
     wrong_key = replace(devices[1], encryption_key="00" * 16)
     wrong_title = replace(devices[2], system_title="4349 4d00 0000 0999".replace(" ", ""))
-    replaying = devices[3]
-    asked = [devices[0], wrong_key, wrong_title, replaying]
+    replaying, forging = devices[3], devices[4]
+    asked = [devices[0], wrong_key, wrong_title, replaying, forging]
     engine = Engine(tmp_path / "hes.sqlite")
     engine.store.load_inventory(asked)
     outcome = yield engine.read(asked, (PLUS_A, PLUS_A_PROFILE), start=NOW - timedelta(hours=2))
@@ -149,7 +150,7 @@ def test_wrong_keys_and_replays_are_device_errors_and_security_events(tmp_path, 
     assert outcome.result is ReplyResult.PARTIAL
     assert [m.meter.mrid for m in outcome.meter_readings] == [devices[0].mrid]
     errors = {error.id: error for error in outcome.errors}
-    for device in (wrong_key, wrong_title):
+    for device in (wrong_key, wrong_title, forging):
         error = errors[device.mrid]
         assert error.code == ErrorCode.DEVICE_REFUSED.value
         assert "AuthenticationFailed" in error.reason and "authentication failed" in error.reason
@@ -160,7 +161,8 @@ def test_wrong_keys_and_replays_are_device_errors_and_security_events(tmp_path, 
 
     events = {(event.device_mrid, event.kind) for event in engine.counters.security_events()}
     assert events == {(wrong_key.mrid, "authentication-failure"),
-                      (wrong_title.mrid, "authentication-failure"), (replaying.mrid, "replay")}
+                      (wrong_title.mrid, "authentication-failure"), (replaying.mrid, "replay"),
+                      (forging.mrid, "authentication-failure")}
     everything = captured_logs() + repr(outcome) + repr(asked) + repr(engine.counters.security_events())
     assert [key for key in _keys(fleet) if key in everything.lower()] == []
     assert "0" * 32 not in everything
