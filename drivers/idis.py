@@ -18,16 +18,10 @@ from decimal import Decimal
 from typing import Any
 
 from twisted.internet.defer import Deferred
-from twisted.logger import Logger
 
 from cimhes.cim.meter_readings import DeviceRef, IntervalBlock, IntervalReading, MeterReading, Name, Reading
 from cimhes.drivers.address import DeviceAddress
-from cimhes.drivers.dlms_session import (
-    AuthenticationRequired,
-    ClientSession,
-    DataAccessError,
-    cosem_datetime,
-)
+from cimhes.drivers.dlms_session import DataAccessError
 from cimhes.drivers.errors import (
     DeviceError,
     HistoryShortfall,
@@ -37,20 +31,22 @@ from cimhes.drivers.errors import (
 )
 from cimhes.drivers.idis_catalogue import (
     DEFAULT_READING_TYPES,
-    PROFILE_GENERIC_CLASS,
     PROFILE_PERIODS,
     READING_TYPE_MAP,
     CosemSource,
     Derivation,
 )
 from cimhes.drivers.limits import ConnectionPacer, SessionLimits
-from cimhes.drivers.security import HeadEndSecurity, session_ended, session_security
-from cimhes.drivers.transport import DlmsConnection, connect
+from cimhes.drivers.security import HeadEndSecurity
+from cimhes.drivers.idis_association import (
+    Conversation,
+    column_of,
+    datetime_or_error,
+    in_association,
+    located,
+)
 
-log = Logger()
 
-CLOCK_OBIS = "0.0.1.0.0.255"
-CLOCK_CLASS = 8
 # A register's present value answers a window that reaches the meter's clock; this much clock
 # difference between head-end and meter is tolerated before a window counts as past or future.
 CLOCK_TOLERANCE = timedelta(seconds=60)
@@ -139,11 +135,9 @@ class IdisMeterDriver:
         DeviceError, raised or in the result, names the device by mRID, name and host:port.
         Cancelling the Deferred aborts the connection.
         """
-        reading = Deferred.fromCoroutine(self._read(
+        return located(Deferred.fromCoroutine(self._read(
             reactor, device, reading_types, start, end, SessionLimits.of(limits), pacer,
-            security))
-        return reading.addCallbacks(_located_result, _located_failure,
-                                    callbackArgs=(device,), errbackArgs=(device,))
+            security)), device)
 
     def _plan(self, device: DeviceAddress, reading_types: list[str],
               with_profile: bool) -> _Plan:
@@ -167,38 +161,19 @@ class IdisMeterDriver:
         if start is not None and start.tzinfo is None or end is not None and end.tzinfo is None:
             raise ValueError("start and end must be timezone-aware")
         plan = self._plan(device, reading_types, with_profile=start is not None)
-        hls = await session_security(reactor, device, limits, pacer, security)
-        session = ClientSession(device.mrid, device.client_address, device.server_address,
-                                device.security, device.password, hls)
-        connection = await connect(reactor, device, session, limits, pacer)
-        failure = None
-        try:
-            answers = await self._converse(connection, session, plan, start, end)
-        except DeviceError as error:
-            failure = error
-            raise
-        finally:
-            connection.close()
-            await session_ended(device, session, hls, security, failure)
+
+        async def converse(conversation: Conversation) -> _Answers:
+            return await self._converse(conversation, plan, start, end)
+
+        answers = await in_association(reactor, device, limits, pacer, converse, security)
         return _meter_read_result(device, plan, answers)
 
-    async def _converse(self, connection: DlmsConnection, session: ClientSession, plan: _Plan,
+    async def _converse(self, conversation: Conversation, plan: _Plan,
                         start: datetime | None, end: datetime | None) -> _Answers:
-        """The one association: AARQ, clock, registers, profiles by range, RLRQ."""
-        mrid = session.device_mrid
-        if isinstance(await connection.request(session.associate(), "AARQ"),
-                      AuthenticationRequired):
-            await connection.request(session.authenticate(),
-                                     "reply_to_HLS_authentication (HLS-GMAC pass 3)")
-
-        async def get(class_id: int, obis: str, attribute: int) -> Any:
-            return await connection.request(session.get(class_id, obis, attribute),
-                                            f"GET {obis} attribute {attribute}")
-
-        clock = await get(CLOCK_CLASS, CLOCK_OBIS, 2)
-        if isinstance(clock, DataAccessError):
-            raise ProtocolError(mrid, f"clock unreadable: {clock.reason}")
-        meter_time = _datetime_or_error(mrid, clock.value, "clock time")
+        """Inside the one association: clock, registers, profiles by range."""
+        mrid = conversation.device_mrid
+        get = conversation.get
+        meter_time = await conversation.clock()
         window = None if start is None else (start, end if end is not None else meter_time)
         answers = _Answers(meter_time, window)
 
@@ -227,37 +202,10 @@ class IdisMeterDriver:
                 mrid, obis, await get(class_id, obis, 3))
 
         for profile in profiles:
-            captures = await get(PROFILE_GENERIC_CLASS, profile, 3)
-            if isinstance(captures, DataAccessError):
-                answers.profiles[profile] = captures
-                continue
             # From the capture before the window: a deltaData value needs the row before it.
             since = PROFILE_PERIODS[profile].floor(window[0])
-            rows = await connection.request(
-                session.get_rows_by_range(profile, since, window[1]),
-                f"GET {profile} buffer from {since.isoformat()} to {window[1].isoformat()}")
-            answers.profiles[profile] = (rows if isinstance(rows, DataAccessError)
-                                         else _timed_rows(mrid, profile, captures.value, rows.value))
-
-        try:
-            await connection.request(session.release(), "RLRQ")
-        except DeviceError as failure:
-            # Every answer is in; a meter that fumbles the release does not spoil them.
-            log.info("release of {mrid} failed: {failure}", mrid=mrid, failure=failure)
+            answers.profiles[profile] = await conversation.profile_rows(profile, since, window[1])
         return answers
-
-
-def _located_result(result: MeterReadResult, device: DeviceAddress) -> MeterReadResult:
-    where = f"{device.host}:{device.port}"
-    for error in result.errors:
-        error.located(device.name, where)
-    return result
-
-
-def _located_failure(failure: Any, device: DeviceAddress) -> Any:
-    if isinstance(failure.value, DeviceError):
-        failure.value.located(device.name, f"{device.host}:{device.port}")
-    return failure
 
 
 def _meter_read_result(device: DeviceAddress, plan: _Plan, answers: _Answers) -> MeterReadResult:
@@ -283,7 +231,7 @@ def _meter_read_result(device: DeviceAddress, plan: _Plan, answers: _Answers) ->
                 errors.append(_unavailable(mrid, reading_type, profile, answer))
                 continue
             captures, rows = answer
-            column = _column(captures, source.obis, source.attribute)
+            column = column_of(captures, source.obis, source.attribute)
             if column is None:
                 raise ProtocolError(mrid, f"{profile} does not capture {source.obis} "
                                     f"attribute {source.attribute}")
@@ -311,7 +259,7 @@ def _meter_read_result(device: DeviceAddress, plan: _Plan, answers: _Answers) ->
             if isinstance(stamp, DataAccessError):
                 errors.append(_unavailable(mrid, reading_type, source.obis, stamp))
                 continue
-            at = _datetime_or_error(mrid, stamp, f"{source.obis} attribute "
+            at = datetime_or_error(mrid, stamp, f"{source.obis} attribute "
                                     f"{source.timestamp_attribute}")
         raw = _integer(mrid, source.obis, raw)
         readings.append(Reading(reading_type, cim_value(raw, scaler, source.cim_multiplier), at))
@@ -365,15 +313,6 @@ def _shortfall(mrid: str, reading_type: str, profile: str, expected: list[dateti
         f"reach them; oldest value returned: {oldest})", reading_type, len(missing), missing[0])
 
 
-def _datetime_or_error(mrid: str, value: Any, what: str) -> datetime:
-    if not isinstance(value, (bytes, bytearray)):
-        raise ProtocolError(mrid, f"{what} is {value!r}, not a date-time octet-string")
-    try:
-        return cosem_datetime(value)
-    except ValueError as failure:
-        raise ProtocolError(mrid, f"{what}: {failure}") from None
-
-
 def _scaler_unit(mrid: str, obis: str, answer: Any) -> tuple[int, int] | DataAccessError:
     if isinstance(answer, DataAccessError):
         return answer
@@ -402,55 +341,7 @@ def _unusable(mrid: str, reading_type: str, source: CosemSource,
     return None
 
 
-def _obis_bytes(obis: str) -> bytes:
-    return bytes(int(part) for part in obis.split("."))
-
-
-def _column(captures: list, obis: str, attribute: int) -> int | None:
-    wanted = _obis_bytes(obis)
-    for index, capture in enumerate(captures):
-        if (isinstance(capture, list) and len(capture) == 4
-                and bytes(capture[1]) == wanted and capture[2] == attribute):
-            return index
-    return None
-
-
 def _integer(mrid: str, where: str, value: Any) -> int:
     if not isinstance(value, int) or isinstance(value, bool):
         raise ProtocolError(mrid, f"{where} value {value!r} is not an integer")
     return value
-
-
-# Decoded row times, by their 12 octets: a fleet's profiles share their interval boundaries, so
-# most rows of a read find their time here instead of decoding it again. Bounded; a pure cache.
-_ROW_TIMES: dict[bytes, datetime] = {}
-_ROW_TIMES_KEPT = 20_000
-
-
-def _timed_rows(mrid: str, profile: str, captures: Any,
-                rows: Any) -> tuple[list, list[tuple[datetime, list]]]:
-    """The buffer's rows with their clock column decoded (which rows a reading type keeps is
-    decided per type: the meter's range selection is inclusive at both ends, and a meter that
-    over-delivers must not widen the window)."""
-    if not isinstance(captures, list):
-        raise ProtocolError(mrid, f"{profile} capture_objects is {captures!r}, not an array")
-    time_column = _column(captures, CLOCK_OBIS, 2)
-    if time_column is None:
-        raise ProtocolError(mrid, f"{profile} does not capture {CLOCK_OBIS} attribute 2")
-    if not isinstance(rows, list):
-        raise ProtocolError(mrid, f"{profile} buffer is {rows!r}, not an array")
-    width = len(captures)
-    timed = []
-    for row in rows:
-        if not isinstance(row, list) or len(row) != width:
-            raise ProtocolError(mrid, f"{profile} row {row!r} does not have {width} columns")
-        # A null date-time (IDIS compressed profiles) would need the capture period: not read.
-        stamp = row[time_column]
-        at = _ROW_TIMES.get(stamp) if isinstance(stamp, bytes) else None
-        if at is None:
-            at = _datetime_or_error(mrid, stamp, f"{profile} row time")
-            if len(_ROW_TIMES) >= _ROW_TIMES_KEPT:
-                _ROW_TIMES.clear()
-            _ROW_TIMES[stamp] = at
-        timed.append((at, row))
-    return captures, timed
