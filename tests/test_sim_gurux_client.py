@@ -116,3 +116,20 @@ def test_gurux_decodes_the_billing_profiles_max_demand_and_disconnector():
     for attribute in (2, 3, 4):
         read(session, client, disconnector, attribute)
     assert (disconnector.outputState, int(disconnector.controlState)) == (True, 1)
+
+
+def test_gurux_decodes_the_event_logs():
+    session = MeterSession(METER, clock=lambda: NOW)
+    client = GXDLMSClient(True, 1, 1, Authentication.LOW, "12345678", InterfaceType.WRAPPER)
+    associate(session, client)
+    start = datetime(2024, 5, 1, tzinfo=UTC)
+    for log, code_object in (("0.0.99.98.0.255", "0.0.96.11.0.255"), ("0.0.99.98.1.255", "0.0.96.11.1.255"),
+                             ("0.0.99.98.4.255", "0.0.96.11.4.255"), ("1.0.99.97.0.255", "0.0.96.7.19.255")):
+        profile = GXDLMSProfileGeneric(log)
+        read(session, client, profile, 3)
+        assert [obj.logicalName for obj, _ in profile.captureObjects] == ["0.0.1.0.0.255", code_object]
+        client.updateValue(profile, 2, exchange(session, client,
+                                                client.readRowsByRange(profile, start, NOW)).value)
+        expected = meter_model.scheduled_events(METER.serial, log, start, NOW)
+        assert len(profile.buffer) == len(expected) > 0
+        assert [(stamp.value.astimezone(UTC), value) for stamp, value in profile.buffer] == expected
