@@ -37,7 +37,7 @@ FIRST_METER = 231
 
 @pytest.fixture
 def fleet():
-    fleet = start_fleet(reactor, 1, base_index=FIRST_METER)
+    fleet = start_fleet(reactor, 1, base_index=FIRST_METER, port=0)
     yield fleet
     pytest_twisted.blockon(fleet.stop_all())
 

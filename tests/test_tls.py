@@ -29,7 +29,7 @@ def pair(tmp_path):
 
 @pytest.fixture
 def https_head_end(tmp_path, pair):
-    fleet = start_fleet(reactor, 1, base_index=241)
+    fleet = start_fleet(reactor, 1, base_index=241, port=0)
     head_end = HeadEnd(reactor, HeadEndSettings(
         database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}", device_timeout=3.0,
         secret_key_file=str(tmp_path / "secret.key"), callback_ca_bundle=str(pair[0])),
