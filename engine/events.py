@@ -1,24 +1,24 @@
 """EndDeviceEvents in the store: each event once, however it arrived, and the pushes nobody owns.
 
 `EventStore` (blocking; the reactor reaches it through `StoreRunner.call`) keeps:
-- `end_device_event`: one row per (device, the meter's own code for the event, time). An event
-  read from an event log and the same event received by push are one row; `source` says how it
-  first arrived.
-- `unrecognised_push`: every push the head-end could not attribute or open (unknown device,
-  undecryptable, malformed), with the peer, what identified it, why, and its first bytes, for
-  discovery and security review. No key or plaintext is kept.
+- events in the store's `end_device_event` table (`EndDeviceEventRecord`, engine/store.py): one
+  row per (device, event log, time, DLMS code), so an event read from an event log and the same
+  event received by push are one row. `details` holds the EndDeviceEventDetail pairs, the
+  event's `reason`, and how it first arrived (`receivedBy`: "log" or "push").
+- `unrecognised_push` (this module's table): every push the head-end could not attribute or open
+  (unknown device, undecryptable, malformed), with the peer, what identified it, why, and its
+  first bytes, for discovery and security review. No key or plaintext is kept.
 
 `EventReadingService` reads event logs on demand through the device's driver and stores them.
 """
 from __future__ import annotations
 
-import json
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from sqlalchemy import ForeignKey, Integer, String, UniqueConstraint, select
+from sqlalchemy import Integer, String, and_, or_, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
@@ -28,28 +28,14 @@ from cimhes.cim.end_device_events import EndDeviceEvent
 from cimhes.cim.message import Error, ErrorCode
 from cimhes.drivers import DeviceAddress
 from cimhes.drivers.errors import DeviceError
-from cimhes.engine.reading import DEVICE_ERROR_CODES
 from cimhes.drivers.idis_events import read_events
-from cimhes.engine.store import Base, Device, EpochMillis, Store, StoreRunner
+from cimhes.engine.reading import DEVICE_ERROR_CODES
+from cimhes.engine.store import Base, Device, EndDeviceEventRecord, EpochMillis, Store, StoreRunner
 
 log = logging.getLogger(__name__)
 
 # The first bytes of an unrecognised push kept for review (a push is at most a few kB).
 UNRECOGNISED_PUSH_BYTES = 512
-
-
-class EventRecord(Base):
-    __tablename__ = "end_device_event"
-    __table_args__ = (UniqueConstraint("device_id", "device_code", "created"),)
-    id: Mapped[int] = mapped_column(primary_key=True)
-    device_id: Mapped[int] = mapped_column(ForeignKey("device.id"), index=True)
-    created: Mapped[datetime] = mapped_column(EpochMillis())
-    event_type: Mapped[str] = mapped_column(String(32), index=True)
-    device_code: Mapped[str] = mapped_column(String(64))
-    reason: Mapped[str] = mapped_column(String(255))
-    details: Mapped[str] = mapped_column(String(1024))  # JSON [[name, value], ...]
-    source: Mapped[str] = mapped_column(String(16))     # "log" or "push"
-    recorded_at: Mapped[datetime] = mapped_column(EpochMillis())
 
 
 class UnrecognisedPushRecord(Base):
@@ -80,11 +66,12 @@ class EventStore:
 
     def __init__(self, store: Store):
         self._engine = store.engine
-        Base.metadata.create_all(self._engine, tables=[EventRecord.__table__,
-                                                       UnrecognisedPushRecord.__table__])
         self._session = sessionmaker(store.engine, expire_on_commit=False)
+        insert = postgresql_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
+        self._insert = insert(EndDeviceEventRecord.__table__).on_conflict_do_nothing(
+            index_elements=["device_id", "log", "created_at", "dlms_code"])
 
-    def save_events(self, events: Sequence[EndDeviceEvent], source: str,
+    def save_events(self, events: Sequence[EndDeviceEvent], received_by: str,
                     recorded_at: datetime) -> int:
         """Store the events of known devices, each once; returns how many were new. An event
         of a device the store does not know is a ValueError naming it (nothing is stored)."""
@@ -96,30 +83,57 @@ class EventStore:
             unknown = {e.device_mrid for e in events} - set(ids)
             if unknown:
                 raise ValueError(f"events of devices not in the inventory: {sorted(unknown)}")
-            rows = [{"device_id": ids[e.device_mrid], "created": e.created,
-                     "event_type": e.event_type, "device_code": e.device_code,
-                     "reason": e.reason[:255], "details": json.dumps([list(d) for d in e.details]),
-                     "source": source, "recorded_at": recorded_at} for e in events]
-            insert = (postgresql_insert if self._engine.dialect.name == "postgresql"
-                      else sqlite_insert)
-            result = session.connection().execute(
-                insert(EventRecord.__table__).on_conflict_do_nothing(
-                    index_elements=["device_id", "device_code", "created"]), rows)
+            rows, seen = [], set()
+            for event in events:
+                log_name, code = _split_code(event.device_code)
+                key = (ids[event.device_mrid], log_name, event.created, code)
+                if key in seen:
+                    continue
+                seen.add(key)
+                details = dict(event.details)
+                details.update(reason=event.reason, receivedBy=received_by)
+                rows.append({"device_id": key[0], "log": log_name, "created_at": event.created,
+                             "dlms_code": code, "event_type": event.event_type,
+                             "details": details, "read_at": recorded_at})
+            # A NULL code never conflicts in a unique index: those rows are checked by hand.
+            rows = self._without_stored_codeless(session, rows)
+            if not rows:
+                return 0
+            result = session.connection().execute(self._insert, rows)
             return max(result.rowcount, 0)
+
+    def _without_stored_codeless(self, session, rows: list[dict]) -> list[dict]:
+        codeless = [(r["device_id"], r["log"], r["created_at"]) for r in rows
+                    if r["dlms_code"] is None]
+        if not codeless:
+            return rows
+        table = EndDeviceEventRecord
+        stored = set(session.execute(select(table.device_id, table.log, table.created_at).where(
+            table.dlms_code.is_(None),
+            or_(*(and_(table.device_id == d, table.log == g, table.created_at == c)
+                  for d, g, c in codeless)))).all())
+        return [r for r in rows if r["dlms_code"] is not None
+                or (r["device_id"], r["log"], r["created_at"]) not in stored]
 
     def events(self, mrid: str, start: datetime | None = None,
                end: datetime | None = None) -> list[tuple[EndDeviceEvent, str]]:
-        """(event, source) of device `mrid`, oldest first, start <= created <= end."""
+        """(event, how it first arrived) of device `mrid`, oldest first, start <= time <= end."""
+        table = EndDeviceEventRecord
         with self._session() as session:
-            query = (select(EventRecord).join(Device, Device.id == EventRecord.device_id)
-                     .where(Device.mrid == mrid).order_by(EventRecord.created, EventRecord.id))
+            query = (select(table).join(Device, Device.id == table.device_id)
+                     .where(Device.mrid == mrid).order_by(table.created_at, table.id))
             if start is not None:
-                query = query.where(EventRecord.created >= start)
+                query = query.where(table.created_at >= start)
             if end is not None:
-                query = query.where(EventRecord.created <= end)
-            return [(EndDeviceEvent(mrid, r.created, r.event_type, r.device_code, r.reason,
-                                    tuple(tuple(d) for d in json.loads(r.details))), r.source)
-                    for r in session.scalars(query)]
+                query = query.where(table.created_at <= end)
+            found = []
+            for r in session.scalars(query):
+                details = dict(r.details or {})
+                reason, received_by = details.pop("reason", ""), details.pop("receivedBy", "")
+                code = f"{r.log}:{r.dlms_code}" if r.dlms_code is not None else r.log
+                found.append((EndDeviceEvent(mrid, r.created_at, r.event_type, code, reason,
+                                             tuple(details.items())), received_by))
+            return found
 
     def record_unrecognised(self, push: UnrecognisedPush) -> None:
         with self._session.begin() as session:
@@ -148,13 +162,14 @@ class EventReadingService:
     """Reads meters' event logs on demand under a concurrency bound, and stores the events."""
 
     def __init__(self, reactor, runner: StoreRunner, event_store: EventStore, *,
-                 concurrency: int = 50, limits=20.0, now=None):
+                 concurrency: int = 50, limits=20.0, now=None, security=None):
         self._reactor = reactor
         self._runner = runner
         self._events = event_store
         self._sessions = DeferredSemaphore(concurrency)
         self._limits = limits
         self._now = now or (lambda: datetime.now(timezone.utc))
+        self._security = security
 
     @inlineCallbacks
     def read(self, devices: Sequence[DeviceAddress], start: datetime, end: datetime | None = None,
@@ -162,7 +177,8 @@ class EventReadingService:
         """Deferred[EventReadOutcome]: every device's events in the window, stored once."""
         outcome = EventReadOutcome()
         reads = [self._sessions.run(read_events, self._reactor, device, start, end,
-                                    self._limits, None, logs) for device in devices]
+                                    self._limits, None, logs, self._security)
+                 for device in devices]
         results = yield DeferredList(reads, consumeErrors=True)
         for device, (succeeded, value) in zip(devices, results):
             if not succeeded:
@@ -183,3 +199,12 @@ def _device_error(device: DeviceAddress, error: Exception) -> Error:
             if isinstance(error, DeviceError) else ErrorCode.INTERNAL_ERROR)
     return Error(code=code, reason=str(error), id=device.mrid, id_kind="uuid",
                  object_type="EndDevice")
+
+
+def _split_code(device_code: str) -> tuple[str, int | None]:
+    """(log, DLMS code) of an event's `device_code` "<log>:<code>"; a code that is not a number
+    (the power failure log's rows) is kept in the log part with no code."""
+    log_name, _, code = device_code.rpartition(":")
+    if log_name and code.isdigit():
+        return log_name, int(code)
+    return device_code, None

@@ -27,6 +27,7 @@ MODEL_MODULES = (
     "cimhes.engine.store",
     "cimhes.engine.users",
     "cimhes.engine.security",
+    "cimhes.engine.events",
 )
 
 log = logging.getLogger(__name__)
