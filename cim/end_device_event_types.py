@@ -146,3 +146,21 @@ def event_type_for(code: int) -> str:
     """The EndDeviceEventType of IDIS event `code`; `UNMAPPED_EVENT_TYPE` when unknown."""
     row = IDIS_EVENT_TYPES.get(code)
     return row.event_type if row is not None else UNMAPPED_EVENT_TYPE
+
+
+# IDIS alarm register 1 (0.0.97.98.0.255) bits -> EndDeviceEventType, for alarm pushes. Bit
+# meanings as in the IDIS / DSMR alarm register 1 lists of public head-ends (OSGP AlarmType):
+# verify against the IDIS companion specification; types as the event-log rows of the same
+# events above. A set bit not in this table is kept typed UNMAPPED_EVENT_TYPE.
+IDIS_ALARM_BITS: dict[int, IdisEventType] = {row.code: row for row in _rows(
+    "alarm register 1",
+    (0, "clock invalid", "3.36.114.35", "as event code 6 (Connexo getClockInvalidEventType)"),
+    (1, "replace battery", "3.2.0.85", "as event code 7 (Connexo getReplaceBatteryEventType)"),
+    (2, "power up", "3.26.38.49", "as event code 2 (Connexo getPowerUpEventType)"),
+    (8, "program memory error", "3.18.83.79", "as event code 12"),
+    (9, "RAM error", "3.18.85.79", "as event code 13"),
+    (10, "NV memory error", "3.18.72.79", "as event code 14"),
+    (11, "measurement system error", "3.21.67.79", "as event code 16"),
+    (12, "watchdog error", "3.37.3.79", "as event code 15"),
+    (13, "fraud attempt", "3.12.43.257", "Connexo getTamperEventType"),
+)}

@@ -1,0 +1,80 @@
+"""The push listener: a Twisted TCP server where IDIS meters deliver DataNotifications (TCP wrapper).
+
+Each connection feeds a sans-IO `PushReceiver`; every complete APDU goes to `PushIntake.take`,
+which never raises. A connection whose framing breaks (bad wrapper header, a frame above
+`max_apdu`) is recorded as an unrecognised push and closed; the listener keeps serving. At most
+`max_connections` (default 2,000) are open at once: past that a new connection is refused by
+closing it at once, which meters retry. A connection idle for `idle_timeout` seconds (default 30)
+is closed.
+"""
+from __future__ import annotations
+
+from datetime import datetime, timezone
+
+from twisted.internet.protocol import Factory, Protocol
+from twisted.logger import Logger
+
+from cimhes.drivers.push import DEFAULT_MAX_APDU, PushError, PushReceiver
+from cimhes.engine.events import UnrecognisedPush
+from cimhes.engine.push import PushIntake
+
+DEFAULT_MAX_CONNECTIONS = 2000
+DEFAULT_IDLE_TIMEOUT = 30.0
+
+
+class PushProtocol(Protocol):
+    log = Logger()
+
+    def __init__(self, factory: PushListenerFactory) -> None:
+        self.factory = factory
+        self.receiver = PushReceiver(factory.max_apdu)
+        self._timer = None
+        self.peer = "?"
+
+    def connectionMade(self) -> None:
+        address = self.transport.getPeer()
+        self.peer = f"{getattr(address, 'host', '?')}:{getattr(address, 'port', '?')}"
+        if len(self.factory.connections) >= self.factory.max_connections:
+            self.factory.intake.counts["connections refused"] += 1
+            self.transport.abortConnection()
+            return
+        self.factory.connections.add(self)
+        self._timer = self.factory.reactor.callLater(self.factory.idle_timeout, self._idle)
+
+    def dataReceived(self, data: bytes) -> None:
+        if self._timer is not None and self._timer.active():
+            self._timer.reset(self.factory.idle_timeout)
+        try:
+            apdus = self.receiver.receive_data(data)
+        except PushError as broken:
+            intake = self.factory.intake
+            intake.counts[broken.problem] += 1
+            intake.record(UnrecognisedPush(datetime.now(timezone.utc), self.peer, None,
+                                           broken.problem, broken.reason, len(data), data[:512]))
+            self.transport.loseConnection()
+            return
+        for apdu in apdus:
+            self.factory.intake.take(apdu, self.peer)
+
+    def _idle(self) -> None:
+        self._timer = None
+        self.transport.loseConnection()
+
+    def connectionLost(self, reason=None) -> None:
+        self.factory.connections.discard(self)
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+
+
+class PushListenerFactory(Factory):
+    def __init__(self, reactor, intake: PushIntake, *, max_connections: int = DEFAULT_MAX_CONNECTIONS,
+                 idle_timeout: float = DEFAULT_IDLE_TIMEOUT, max_apdu: int = DEFAULT_MAX_APDU):
+        self.reactor = reactor
+        self.intake = intake
+        self.max_connections = max_connections
+        self.idle_timeout = idle_timeout
+        self.max_apdu = max_apdu
+        self.connections: set[PushProtocol] = set()
+
+    def buildProtocol(self, addr) -> PushProtocol:
+        return PushProtocol(self)

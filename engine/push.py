@@ -1,0 +1,138 @@
+"""Pushes taken in: each DataNotification attributed to a device, its alarms stored as EndDeviceEvents,
+its readings stored as readings, and every push nobody owns recorded for review.
+
+`PushIntake.take(apdu, peer)` is called by the listener for each framed APDU. It never raises:
+an unknown sender (logical device name or system title not in the directory), a push that does
+not decrypt or decode, is an `UnrecognisedPush` row. The directory of devices (by serial, the
+logical device name being "CIM" + serial as the project's meters have it, and by system title) is
+held in memory, given at start; `reload` replaces it. Writes go to the store thread in batches
+(group commit, as `ReadingWriter` does): under a storm of pushes they become few large
+transactions. `counts` says what happened, for operators and the benchmark.
+"""
+from __future__ import annotations
+
+import logging
+from collections import Counter
+from collections.abc import Iterable
+from datetime import datetime, timezone
+
+from twisted.internet.defer import Deferred, gatherResults
+from twisted.python.failure import Failure
+
+from cimhes.drivers import DeviceAddress
+from cimhes.drivers.ciphering import SecurityKeys
+from cimhes.drivers.idis_push import interpret, sender
+from cimhes.drivers.push import PushError, decode
+from cimhes.engine.events import EventStore, UnrecognisedPush
+from cimhes.engine.store import ReadingWriter, StoreRunner
+
+log = logging.getLogger(__name__)
+LOGICAL_DEVICE_NAME_PREFIX = "CIM"
+
+
+class PushIntake:
+    def __init__(self, runner: StoreRunner, event_store: EventStore,
+                 devices: Iterable[DeviceAddress], now=None):
+        self._runner = runner
+        self._events = event_store
+        self._now = now or (lambda: datetime.now(timezone.utc))
+        self._readings = ReadingWriter(runner, self._now)
+        self._queued_events: list = []
+        self._queued_unrecognised: list[UnrecognisedPush] = []
+        self._writing = False
+        self._idle: list[Deferred] = []
+        self._pending_readings: list[Deferred] = []
+        self.counts: Counter[str] = Counter()
+        self.reload(devices)
+
+    def reload(self, devices: Iterable[DeviceAddress]) -> None:
+        self._by_name: dict[str, DeviceAddress] = {}
+        self._keys: dict[bytes, SecurityKeys] = {}
+        self._by_title: dict[bytes, DeviceAddress] = {}
+        for device in devices:
+            self._by_name[LOGICAL_DEVICE_NAME_PREFIX + device.name] = device
+            if device.system_title and device.encryption_key and device.authentication_key:
+                title = bytes.fromhex(device.system_title)
+                self._by_title[title] = device
+                self._keys[title] = SecurityKeys(bytes.fromhex(device.encryption_key),
+                                                 bytes.fromhex(device.authentication_key))
+
+    def take(self, apdu: bytes, peer: str) -> None:
+        """Attribute, interpret and queue one pushed APDU; never raises."""
+        try:
+            notification = decode(apdu, self._keys.get)
+            _setup, name = sender(notification)
+            device = self._by_name.get(name)
+            if device is None:
+                raise PushError("unknown device", f"logical device name {name!r} is not in "
+                                "the inventory", name)
+            if notification.system_title is not None and \
+                    self._by_title.get(notification.system_title) is not device:
+                raise PushError("unknown device", f"{name!r} pushed under another device's "
+                                "system title", name)
+            content = interpret(notification, device.mrid, device.name)
+        except PushError as refused:
+            self.counts[refused.problem] += 1
+            self.record(UnrecognisedPush(self._now(), peer, refused.identity, refused.problem,
+                                         refused.reason, len(apdu), apdu[:512]))
+            return
+        except Exception:  # a bug must not take the listener down with it
+            log.exception("push from %s could not be taken", peer)
+            self.counts["internal error"] += 1
+            return
+        self.counts[content.setup] += 1
+        if content.events:
+            self._queued_events.extend(content.events)
+            self._write()
+        if content.meter_reading is not None:
+            if len(self._pending_readings) > 1000:
+                self._pending_readings = [d for d in self._pending_readings if not d.called]
+            self._pending_readings.append(
+                self._readings.save(content.meter_reading).addErrback(self._store_failed))
+
+    def record(self, push: UnrecognisedPush) -> None:
+        """Queue an unrecognised push the listener met before any APDU (broken framing)."""
+        self._queued_unrecognised.append(push)
+        self._write()
+
+    def idle(self) -> Deferred:
+        """Fires once everything taken so far is written."""
+        events_written = Deferred()
+        if not self._writing and not self._queued_events and not self._queued_unrecognised:
+            events_written.callback(None)
+        else:
+            self._idle.append(events_written)
+        readings, self._pending_readings = self._pending_readings, []
+        return gatherResults([events_written, *readings], consumeErrors=True)
+
+    def _write(self) -> None:
+        if self._writing:
+            return
+        events, self._queued_events = self._queued_events, []
+        unrecognised, self._queued_unrecognised = self._queued_unrecognised, []
+        if not events and not unrecognised:
+            idle, self._idle = self._idle, []
+            for waiting in idle:
+                waiting.callback(None)
+            return
+        self._writing = True
+        written = self._runner.call(self._write_batch, events, unrecognised, self._now())
+
+        def done(result):
+            self._writing = False
+            if isinstance(result, Failure):
+                self._store_failed(result)
+            else:
+                self.counts["events stored"] += result
+            self._write()
+
+        written.addBoth(done)
+
+    def _write_batch(self, events, unrecognised, at) -> int:
+        for push in unrecognised:
+            self._events.record_unrecognised(push)
+        return self._events.save_events(events, "push", at) if events else 0
+
+    def _store_failed(self, failure: Failure) -> None:
+        self.counts["store failures"] += 1
+        log.error("storing pushed data failed: %s", failure.getErrorMessage())
