@@ -58,7 +58,7 @@ def reference_schema():
 
 
 def assert_valid_everywhere(element, reference_schema):
-    codec.validate(element)
+    codec.validate(element, codec.MESSAGE_SCHEMA)
     assert reference_schema.validate(element), reference_schema.error_log
 
 
