@@ -1,6 +1,6 @@
 """The IEC 61968-100 message envelope as plain Python: Header (verb, noun, correlation), Reply, Error.
 
-Also the one table of Reply.Error codes cimhes uses (:class:`ErrorCode`). The XML form of these types
+Also the one table of Reply.Error codes cimhes uses (:class:`ErrorCode`, the IEC 61968-100 codes). The XML form of these types
 lives in :mod:`cimhes.cim.codec`.
 """
 
@@ -16,6 +16,8 @@ __all__ = [
     "ReplyResult",
     "ErrorLevel",
     "ErrorCode",
+    "ErrorCase",
+    "STANDARD_CODES",
     "IdKind",
     "Header",
     "Error",
@@ -70,51 +72,163 @@ class IdKind(str, enum.Enum):
     OTHER = "other"
 
 
-class ErrorCode(str, enum.Enum):
-    """Reply.Error.code values cimhes sends, each with what it means. The one table of them.
+class ErrorCase(str):
+    """One row of :class:`ErrorCode`: a situation cimhes reports, as the string of its IEC 61968-100
+    Reply.Error code, with ``detail`` (cimhes's finer distinction, written at the head of
+    Error.details; None when the standard's code says it all) and ``meaning``."""
 
-    Codes follow the 61968-100 "category.detail" convention, the category being the first number:
-    0 success or partial success, 1 the message itself (XML, envelope, schema), 2 the request's
-    content (objects and parameters asked for), 3 too many (limits), 5 the head-end or the devices
-    behind it, 7 security (authentication and authorisation).
-    The individual assignments are cimhes's own (the IEC text was not at hand when they were made);
-    clients should act on the category and read ``reason`` for the rest.
+    code: str
+    detail: str | None
+    meaning: str
+    name: str
+
+    def __new__(cls, code: str, detail: str | None, meaning: str) -> ErrorCase:
+        if code not in STANDARD_CODES:
+            raise ValueError(f"{code} is not one of the 61968-100 codes cimhes uses")
+        row = str.__new__(cls, code)
+        row.code, row.detail, row.meaning, row.name = code, detail, meaning, ""
+        return row
+
+    def __set_name__(self, owner, name: str) -> None:
+        if not self.name:  # an alias keeps the name of the row it aliases
+            self.name = name
+
+    @property
+    def value(self) -> str:
+        """The code as sent in Reply.Error.code."""
+        return self.code
+
+    def __repr__(self) -> str:
+        detail = f" ({self.detail})" if self.detail else ""
+        return f"<ErrorCode.{self.name}: {self.code}{detail}>"
+
+
+# The IEC 61968-100:2013 Reply.Error codes cimhes sends, with the standard's meaning
+# (../shared/design/REFERENCE-FACTS.md, "IEC 61968-100 Reply error codes": the ReplyError
+# enumeration of the 2011 message schema's public bindings). The first digit is the category:
+# 0 OK, 1 bad element, 2 invalid parameter, 3 too many, 4 aborted, 5 application error,
+# 6 business rule, 7 security.
+STANDARD_CODES: dict[str, str] = {
+    "0.0": "no errors",
+    "0.1": "partial result, more to follow in separate messages",
+    "0.2": "partial result, none to follow",
+    "0.3": "simple acknowledgment",
+    "1.5": "mandatory Header elements missing",
+    "1.6": "mandatory Request elements missing",
+    "1.7": "mandatory Payload elements missing",
+    "1.8": "schema validation failed",
+    "1.9": "unsupported message revision in Header",
+    "2.4": "invalid meter(s)",
+    "2.5": "invalid noun",
+    "2.6": "invalid ReadingType(s)",
+    "2.9": "invalid verb",
+    "2.10": "unsupported ReadingType(s)",
+    "3.1": "too many items",
+    "3.2": "too many pending requests",
+    "4.1": "request timed out",
+    # 5.1-5.9 in the order REFERENCE-FACTS.md lists them (high load, not attempted, attempted and
+    # failed, multiple errors, data unavailable); check against the IEC text before relying on
+    # the digit rather than the category.
+    "5.1": "processing error: high load",
+    "5.2": "processing error: not attempted",
+    "5.3": "processing error: attempted and failed",
+    "5.4": "processing error: multiple errors",
+    "5.5": "processing error: data unavailable",
+    # 7.1-7.7 are security; the meaning of each digit is cimhes's own assignment (the facts give
+    # the range only).
+    "7.1": "security: not authenticated",
+    "7.2": "security: not authorised",
+    "7.3": "security: credentials refused over an insecure channel",
+}
+
+
+class ErrorCode:
+    """The one table of Reply.Error codes cimhes sends: each row is a situation, its exact
+    61968-100 code (:data:`STANDARD_CODES`) and, where cimhes distinguishes more finely than the
+    standard, a ``detail`` that leads Error.details (docs/errors.md lists them all).
+
+    Rows compare equal to their code string (``ErrorCode.INVALID_METER == "2.4"``), so two
+    situations sharing a code are told apart by ``detail``, never by a code of cimhes's own.
     """
 
-    meaning: str
+    # -- 0: success
+    OK = ErrorCase("0.0", None, "no error")
+    MORE_TO_FOLLOW = ErrorCase("0.1", None, "partial result: this message is one part, more follow")
+    PARTIAL_RESULT = ErrorCase("0.2", None, "partial result: some of what was asked for is missing, "
+                                           "see the other errors; no more messages follow")
+    ACKNOWLEDGED = ErrorCase("0.3", None, "request accepted; the outcome goes to the ReplyAddress")
+    # -- 1: the message itself
+    HEADER_MISSING = ErrorCase("1.5", None, "a mandatory Header element is missing")
+    REPLY_ADDRESS_MISSING = ErrorCase("1.5", "reply-address-missing",
+                                      "AsyncReplyFlag is true but the Header has no ReplyAddress")
+    REQUEST_MISSING = ErrorCase("1.6", None, "a mandatory Request element is missing "
+                                            "(e.g. no EndDevice, UsagePoint or group named)")
+    TIME_WINDOW_MISSING = ErrorCase("1.6", "time-window-missing",
+                                    "an interval ReadingType was asked without a time window")
+    SCHEMA_INVALID = ErrorCase("1.8", None, "the message does not validate against the "
+                                           "operation's schema")
+    MALFORMED_MESSAGE = ErrorCase("1.8", "not-well-formed", "the message is not well-formed XML")
+    FORBIDDEN_MARKUP = ErrorCase("1.8", "forbidden-markup",
+                                 "the message carries a DTD or entity declaration, which is refused")
+    INVALID_PARAMETER = ErrorCase("1.8", "unusable-value",
+                                  "a schema-valid value the head-end cannot use (a date-time, two "
+                                  "time windows that disagree, an option value)")
+    # -- 2: the request's objects
+    INVALID_METER = ErrorCase("2.4", None, "the EndDevice is not known to this head-end")
+    DEVICE_MISMATCH = ErrorCase("2.4", "mrid-names-mismatch",
+                                "the EndDevice's mRID and Names point at different devices")
+    UNKNOWN_USAGE_POINT = ErrorCase("2.4", "unknown-usage-point",
+                                    "the UsagePoint is not known, or no meter served it in the window")
+    UNKNOWN_GROUP = ErrorCase("2.4", "unknown-group", "the EndDeviceGroup is not known")
+    INVALID_NOUN = ErrorCase("2.5", None, "the Header.Noun is not the one this operation takes")
+    INVALID_READING_TYPE = ErrorCase("2.6", None, "a ReadingType mRID is not an 18-part code")
+    INVALID_VERB = ErrorCase("2.9", None, "the Header.Verb is not the one this operation takes")
+    UNSUPPORTED_READING_TYPE = ErrorCase("2.10", None, "a ReadingType the device cannot serve")
+    # -- 3: too many
+    TOO_MANY_ITEMS = ErrorCase("3.1", None, "the request asks for more objects than allowed")
+    MESSAGE_TOO_LARGE = ErrorCase("3.1", "message-too-large",
+                                  "the message is larger, deeper or has more elements than accepted")
+    TOO_MANY_PENDING = ErrorCase("3.2", None, "too many requests pending; retry later")
+    CONTROL_RATE_LIMITED = ErrorCase("3.2", "control-rate-limited",
+                                     "too many controls of this kind in the limit's window")
+    # -- 4: aborted
+    TIMED_OUT = ErrorCase("4.1", None, "the synchronous answer's time limit passed")
+    # -- 5: processing
+    HIGH_LOAD = ErrorCase("5.1", "head-end-exhausted", "the head-end's own session limit was reached")
+    UNSUPPORTED_REQUEST = ErrorCase("5.2", "not-supported",
+                                    "the request asks for something this head-end does not do")
+    INTERNAL_ERROR = ErrorCase("5.3", "internal", "the head-end failed; the request may be retried")
+    DEVICE_TIMEOUT = ErrorCase("5.3", "device-timeout", "the device did not answer in time")
+    DEVICE_UNREACHABLE = ErrorCase("5.3", "device-unreachable", "no connection to the device")
+    DEVICE_REFUSED = ErrorCase("5.3", "association-refused",
+                               "the device refused the association (e.g. wrong password)")
+    DEVICE_PROTOCOL_ERROR = ErrorCase("5.3", "protocol-error",
+                                      "the device answered with something the head-end cannot use")
+    DATA_UNAVAILABLE = ErrorCase("5.5", None, "the data asked for is not available "
+                                             "(not in the store, and not read from the meter)")
+    # -- 7: security
+    NOT_AUTHENTICATED = ErrorCase("7.1", None, "no credentials, or credentials not accepted")
+    NOT_AUTHORIZED = ErrorCase("7.2", None, "the user holds no role that allows this request")
+    REPLY_ADDRESS_REFUSED = ErrorCase("7.2", "reply-address-not-allowed",
+                                      "the ReplyAddress is not on the operator's allow-list")
+    CLEARTEXT_PASSWORD_REFUSED = ErrorCase("7.3", None, "a clear-text password over plain HTTP "
+                                                        "from another host; use TLS")
 
-    def __new__(cls, code: str, meaning: str) -> ErrorCode:
-        member = str.__new__(cls, code)
-        member._value_ = code
-        member.meaning = meaning
-        return member
+    # Names kept for code written before the table followed the standard.
+    BAD_VERB = INVALID_VERB
+    BAD_NOUN = INVALID_NOUN
+    MISSING_PARAMETER = REQUEST_MISSING
+    OBJECT_NOT_FOUND = INVALID_METER
+    TOO_MANY_OBJECTS = TOO_MANY_ITEMS
 
-    OK = "0.0", "no error"
-    PARTIAL_RESULT = "0.2", "partial result: some of what was asked for is missing, see the other errors"
-    MALFORMED_MESSAGE = "1.0", "the message is not well-formed XML"
-    BAD_VERB = "1.1", "the Header.Verb is missing or not the one this operation takes"
-    BAD_NOUN = "1.2", "the Header.Noun is missing or not the one this operation takes"
-    SCHEMA_INVALID = "1.3", "the message does not validate against the operation's schema"
-    MESSAGE_TOO_LARGE = "1.4", "the message is larger or nested deeper than the head-end accepts"
-    FORBIDDEN_MARKUP = "1.5", "the message carries a DTD or entity declaration, which is refused"
-    MISSING_PARAMETER = "2.1", "a required object or parameter is missing from the request"
-    INVALID_PARAMETER = "2.2", "a parameter has a value the head-end cannot use"
-    UNSUPPORTED_READING_TYPE = "2.3", "a requested reading type is not supported for the device"
-    OBJECT_NOT_FOUND = "2.4", "a referenced object (device, usage point ...) is not known"
-    UNSUPPORTED_REQUEST = "2.5", "the request asks for something this head-end does not do"
-    # 3.1 and 3.2 are the 61968-100 "too many items" and "too many pending requests".
-    TOO_MANY_OBJECTS = "3.1", "the request names more items (devices, readings) than one request may"
-    TOO_MANY_PENDING = "3.2", ("too many requests of this caller pending, or in a rate limit's "
-                               "window; retry later")
-    CONTROL_RATE_LIMITED = "3.2", "(an alias of TOO_MANY_PENDING: a control rate limit)"
-    NOT_AUTHENTICATED = "7.1", "no credentials, or credentials the head-end does not accept"
-    NOT_AUTHORIZED = "7.2", "the authenticated user holds no role that allows this request"
-    CLEARTEXT_PASSWORD_REFUSED = "7.3", "a clear-text password over plain HTTP from another host; use TLS"
-    INTERNAL_ERROR = "5.0", "the head-end failed; the request may be retried"
-    DEVICE_TIMEOUT = "5.1", "the device did not answer in time"
-    DEVICE_UNREACHABLE = "5.2", "no connection could be made to the device"
-    DEVICE_REFUSED = "5.3", "the device refused the association (e.g. wrong password)"
-    DEVICE_PROTOCOL_ERROR = "5.4", "the device answered with something the head-end cannot use"
+    @classmethod
+    def rows(cls) -> list[ErrorCase]:
+        """Every row once (aliases left out), in table order."""
+        seen: dict[int, ErrorCase] = {}
+        for value in vars(cls).values():
+            if isinstance(value, ErrorCase):
+                seen.setdefault(id(value), value)
+        return list(seen.values())
 
 
 @dataclass(frozen=True)
@@ -186,7 +300,13 @@ class Error:
     object_type: str | None = None
 
     def __post_init__(self) -> None:
-        object.__setattr__(self, "code", str(self.code.value if isinstance(self.code, ErrorCode) else self.code))
+        if isinstance(self.code, ErrorCase) and self.code.detail is not None:
+            # cimhes's finer distinction leads the details, so a client can act on it.
+            details = self.code.detail if not self.details else (
+                self.details if self.details.startswith(self.code.detail)
+                else f"{self.code.detail}: {self.details}")
+            object.__setattr__(self, "details", details)
+        object.__setattr__(self, "code", str(self.code.code if isinstance(self.code, ErrorCase) else self.code))
         object.__setattr__(self, "level", ErrorLevel(self.level))
         if self.id_kind is not None:
             object.__setattr__(self, "id_kind", IdKind(self.id_kind))

@@ -14,7 +14,7 @@ from datetime import datetime, timezone
 
 from twisted.internet.defer import DeferredList, DeferredSemaphore, inlineCallbacks
 
-from cimhes.cim.message import Error, ErrorCode, ErrorLevel, ReplyResult
+from cimhes.cim.message import Error, ErrorCase, ErrorCode, ErrorLevel, ReplyResult
 from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings, MeterReading
 from cimhes.cim.reading_type import ReadingType
 from cimhes.drivers import DeviceAddress, MeterReadResult, driver_for, needs_window
@@ -40,7 +40,7 @@ from cimhes.engine.store import ReadingWriter, StoreRunner
 log = logging.getLogger(__name__)
 
 # The CIM Reply.Error code for each kind of device failure (codes: cimhes.cim.message.ErrorCode).
-DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCode] = {
+DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCase] = {
     Timeout: ErrorCode.DEVICE_TIMEOUT,
     ConnectionFailed: ErrorCode.DEVICE_UNREACHABLE,
     AssociationRefused: ErrorCode.DEVICE_REFUSED,
@@ -48,9 +48,9 @@ DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCode] = {
     ReplayDetected: ErrorCode.DEVICE_PROTOCOL_ERROR,  # refused, and recorded as security event
     ProtocolError: ErrorCode.DEVICE_PROTOCOL_ERROR,
     UnsupportedReadingType: ErrorCode.UNSUPPORTED_READING_TYPE,
-    ObjectUnavailable: ErrorCode.DEVICE_PROTOCOL_ERROR,
+    ObjectUnavailable: ErrorCode.DATA_UNAVAILABLE,
     AnswerTooLarge: ErrorCode.DEVICE_PROTOCOL_ERROR,
-    HeadEndExhausted: ErrorCode.INTERNAL_ERROR,  # the head-end's own limit, not the device's
+    HeadEndExhausted: ErrorCode.HIGH_LOAD,  # the head-end's own limit, not the device's
     HistoryShortfall: ErrorCode.PARTIAL_RESULT,
 }
 # Device errors that are warnings: the values that exist were returned.
@@ -160,7 +160,7 @@ class MeterReadingService:
             if device is None:
                 outcome.devices_failed += 1
                 outcome.errors.append(Error(
-                    code=ErrorCode.OBJECT_NOT_FOUND,
+                    code=ErrorCode.INVALID_METER,
                     reason=f"EndDevice {key} is not known to this head-end",
                     id=key, id_kind="uuid" if ref.mrid else "name", object_type="EndDevice"))
             elif device.mrid not in seen:
@@ -184,7 +184,7 @@ def _readable_reading_types(codes: list[str], has_window: bool, errors: list[Err
         try:
             reading_type = ReadingType.parse(code)
         except ValueError as exc:
-            errors.append(Error(code=ErrorCode.INVALID_PARAMETER,
+            errors.append(Error(code=ErrorCode.INVALID_READING_TYPE,
                                 reason=f"ReadingType {code!r}: {exc}", id=code,
                                 object_type="ReadingType"))
             continue
@@ -193,7 +193,7 @@ def _readable_reading_types(codes: list[str], has_window: bool, errors: list[Err
             interval = bool(reading_type.measuring_period or reading_type.macro_period)
         if not has_window and interval:
             errors.append(Error(
-                code=ErrorCode.MISSING_PARAMETER,
+                code=ErrorCode.TIME_WINDOW_MISSING,
                 reason=f"ReadingType {code} is interval data and needs a time window "
                        "(Request StartTime/EndTime or GetMeterReadings Reading.timePeriod)",
                 id=code, object_type="ReadingType"))
@@ -207,9 +207,14 @@ def _first_name(ref: DeviceRef) -> str | None:
 
 
 def _device_error(device: DeviceAddress, error: DeviceError) -> Error:
-    return Error(code=DEVICE_ERROR_CODES.get(type(error), ErrorCode.DEVICE_PROTOCOL_ERROR),
-                 level=DEVICE_ERROR_LEVELS.get(type(error), ErrorLevel.FATAL), reason=str(error),
-                 id=device.mrid, id_kind="uuid", object_type="EndDevice")
+    code = DEVICE_ERROR_CODES.get(type(error), ErrorCode.DEVICE_PROTOCOL_ERROR)
+    level = DEVICE_ERROR_LEVELS.get(type(error), ErrorLevel.FATAL)
+    if isinstance(error, UnsupportedReadingType):
+        # An error about a ReadingType names the ReadingType; the reason names the device.
+        return Error(code=code, level=level, reason=str(error), details=f"EndDevice {device.mrid}",
+                     id=error.reading_type, object_type="ReadingType")
+    return Error(code=code, level=level, reason=str(error), id=device.mrid, id_kind="uuid",
+                 object_type="EndDevice")
 
 
 def _failed_device(device: DeviceAddress, failure) -> Error:

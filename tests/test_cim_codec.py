@@ -20,6 +20,7 @@ from cimhes.cim.codec import (
     SchemaInvalid,
 )
 from cimhes.cim.message import (
+    STANDARD_CODES,
     Error,
     ErrorCode,
     Header,
@@ -152,7 +153,9 @@ def test_bad_reading_type_code_names_the_element_and_the_part():
     with pytest.raises(InvalidRequest, match=r"part 17 \(unit\) is 'kWh'") as caught:
         decode(request_xml(f"<g:GetMeterReadings>{METER}<g:ReadingType><g:mRID>0.0.0.1.1.1.12.0.0.0.0.0.0.0.0.3.kWh.0</g:mRID></g:ReadingType></g:GetMeterReadings>"))
     error = caught.value
-    assert error.code == "2.2"
+    assert error.code == "2.6"  # invalid ReadingType, and the Error names it
+    assert (error.to_error().id, error.to_error().object_type) == (
+        "0.0.0.1.1.1.12.0.0.0.0.0.0.0.0.3.kWh.0", "ReadingType")
     assert error.xpath == "/w:GetMeterReadings/w:Request/g:GetMeterReadings/g:ReadingType/g:mRID"
     assert error.line == 5
     assert error.element == "{http://iec.ch/TC57/2011/GetMeterReadings#}mRID"
@@ -161,7 +164,7 @@ def test_bad_reading_type_code_names_the_element_and_the_part():
 def test_reading_type_by_name_only_is_refused():
     with pytest.raises(InvalidRequest, match="by its mRID") as caught:
         decode(request_xml(f"<g:GetMeterReadings>{METER}<g:ReadingType><g:Names><g:name>A+</g:name></g:Names></g:ReadingType></g:GetMeterReadings>"))
-    assert caught.value.code == ErrorCode.UNSUPPORTED_REQUEST
+    assert caught.value.code == "2.6"
 
 
 def test_request_without_devices_is_refused():
@@ -186,10 +189,10 @@ def test_wrong_verb_and_noun_are_refused():
     body = f"<g:GetMeterReadings>{METER}</g:GetMeterReadings>"
     with pytest.raises(BadVerb, match="'create'") as caught:
         decode(request_xml(body, header="<m:Verb>create</m:Verb><m:Noun>MeterReadings</m:Noun>"))
-    assert caught.value.code == "1.1"
+    assert caught.value.code == "2.9"
     with pytest.raises(BadNoun, match="'EndDeviceEvents'") as caught:
         decode(request_xml(body, header="<m:Verb>get</m:Verb><m:Noun>EndDeviceEvents</m:Noun>"))
-    assert caught.value.code == "1.2"
+    assert caught.value.code == "2.5"
 
 
 def test_schema_invalid_request_says_where():
@@ -475,7 +478,9 @@ def test_every_codec_error_becomes_a_schema_valid_fault(reference_schema):
     element = codec.encode_fault(reply)
     assert_valid_everywhere(element, reference_schema)
     codes = [error.code for error in codec.decode_fault(element).errors]
-    assert codes == ["1.0", "1.5", "1.4", "1.3", "2.2"]
+    assert codes == ["1.8", "1.8", "3.1", "1.8", "2.6"]
+    details = [error.details.split(":")[0] for error in codec.decode_fault(element).errors]
+    assert details[:3] == ["not-well-formed", "forbidden-markup", "message-too-large"]
     assert "line 5" in reply.errors[-1].details
 
 
@@ -485,21 +490,40 @@ def test_error_xpath_takes_an_element_name_not_a_path():
     assert Error(code="1.3", xpath="EndDevice").xpath == "EndDevice"
 
 
-@pytest.mark.parametrize("code", list(ErrorCode), ids=lambda c: c.name)
-def test_error_code_table_rows(code):
-    assert re.fullmatch(r"[0-9]\.[0-9]+", code.value)
-    assert code.meaning
-    assert ErrorCode(code.value) is code
+@pytest.mark.parametrize("row", ErrorCode.rows(), ids=lambda c: c.name)
+def test_error_code_table_rows_use_the_standards_codes(row):
+    assert re.fullmatch(r"[0-9]\.[0-9]+", row.value)
+    assert row.value in STANDARD_CODES
+    assert row.meaning
+    assert row.detail is None or re.fullmatch(r"[a-z][a-z-]+", row.detail)
 
 
-def test_error_codes_are_unique():
-    assert len({code.value for code in ErrorCode}) == len(ErrorCode)
+def test_two_situations_sharing_a_code_differ_by_detail():
+    rows = ErrorCode.rows()
+    assert len({(row.value, row.detail) for row in rows}) == len(rows)
+
+
+def test_the_cases_the_issue_names_have_the_standards_numbers():
+    assert (ErrorCode.SCHEMA_INVALID, ErrorCode.INVALID_METER, ErrorCode.INVALID_NOUN,
+            ErrorCode.INVALID_READING_TYPE, ErrorCode.INVALID_VERB,
+            ErrorCode.UNSUPPORTED_READING_TYPE, ErrorCode.TOO_MANY_ITEMS,
+            ErrorCode.TOO_MANY_PENDING, ErrorCode.TIMED_OUT, ErrorCode.ACKNOWLEDGED) == (
+        "1.8", "2.4", "2.5", "2.6", "2.9", "2.10", "3.1", "3.2", "4.1", "0.3")
+    assert all(row.value.startswith("5.") for row in (
+        ErrorCode.DEVICE_TIMEOUT, ErrorCode.DEVICE_UNREACHABLE, ErrorCode.DEVICE_REFUSED,
+        ErrorCode.DEVICE_PROTOCOL_ERROR, ErrorCode.DATA_UNAVAILABLE, ErrorCode.HIGH_LOAD))
+
+
+def test_a_finer_distinction_leads_the_errors_details():
+    error = Error(code=ErrorCode.DEVICE_TIMEOUT, details="after 20 s")
+    assert (error.code, error.details) == ("5.3", "device-timeout: after 20 s")
+    assert Error(code=ErrorCode.INVALID_METER).details is None
 
 
 @pytest.mark.parametrize(
     "error_class, code",
-    [(MalformedXml, "1.0"), (BadVerb, "1.1"), (BadNoun, "1.2"), (SchemaInvalid, "1.3"),
-     (DocumentTooLarge, "1.4"), (HostileXml, "1.5"), (InvalidRequest, "2.2")],
+    [(MalformedXml, "1.8"), (BadVerb, "2.9"), (BadNoun, "2.5"), (SchemaInvalid, "1.8"),
+     (DocumentTooLarge, "3.1"), (HostileXml, "1.8"), (InvalidRequest, "1.8")],
 )
 def test_each_codec_error_carries_its_code(error_class, code):
     assert error_class("why").code == code

@@ -100,8 +100,10 @@ def test_an_unsupported_reading_type_is_an_error_per_device_and_the_rest_is_read
     outcome = yield service.read(_request(devices, [PLUS_A, reactive]))
 
     assert outcome.result is ReplyResult.PARTIAL
-    assert sorted(e.id for e in outcome.errors) == sorted(d.mrid for d in devices)
-    assert all(e.code == ErrorCode.UNSUPPORTED_READING_TYPE.value and reactive in e.reason
+    # The Error names the ReadingType (its ID); which device could not serve it is in details.
+    assert [e.id for e in outcome.errors] == [reactive, reactive]
+    assert sorted(e.details for e in outcome.errors) == sorted(f"EndDevice {d.mrid}" for d in devices)
+    assert all(e.code == "2.10" and e.object_type == "ReadingType" and reactive in e.reason
                for e in outcome.errors)
     for meter_reading in outcome.meter_readings:
         assert [r.reading_type for r in meter_reading.readings] == [PLUS_A]

@@ -216,5 +216,5 @@ def test_no_descriptor_left_is_the_head_ends_error_not_the_meters(tmp_path):
     assert report["result"] == "FAILED"
     assert [error[1] for error in report["errors"]] == report["mrids"]
     for code, _, reason in report["errors"]:
-        assert code == ErrorCode.INTERNAL_ERROR.value
+        assert code == ErrorCode.HIGH_LOAD.value  # 5.1, detail head-end-exhausted
         assert "HeadEndExhausted" in reason and "no file descriptor left" in reason

@@ -16,7 +16,7 @@ from typing import Iterator
 from lxml import etree
 
 from cimhes import xsd
-from cimhes.cim.message import Error, ErrorCode
+from cimhes.cim.message import Error, ErrorCase, ErrorCode
 
 NS_SOAP11_ENVELOPE = "http://schemas.xmlsoap.org/soap/envelope/"
 NS_SOAP12_ENVELOPE = "http://www.w3.org/2003/05/soap-envelope"
@@ -40,7 +40,7 @@ class CodecError(Exception):
     document is at fault), ``element`` its name as ``{namespace}local``.
     """
 
-    code: str = ErrorCode.MALFORMED_MESSAGE.value
+    code: ErrorCase | str = ErrorCode.MALFORMED_MESSAGE
 
     def __init__(
         self,
@@ -49,7 +49,9 @@ class CodecError(Exception):
         xpath: str | None = None,
         line: int | None = None,
         element: str | None = None,
-        code: ErrorCode | str | None = None,
+        code: ErrorCase | str | None = None,
+        object_id: str | None = None,
+        object_type: str | None = None,
     ) -> None:
         super().__init__(reason)
         self.reason = reason
@@ -57,7 +59,10 @@ class CodecError(Exception):
         self.line = line or None
         self.element = element
         if code is not None:
-            self.code = code.value if isinstance(code, ErrorCode) else code
+            self.code = code
+        # The object the problem concerns (Error.ID), e.g. the ReadingType whose mRID is bad.
+        self.object_id = object_id
+        self.object_type = object_type
 
     def __str__(self) -> str:
         where = self.where()
@@ -74,49 +79,50 @@ class CodecError(Exception):
 
     def to_error(self) -> Error:
         """This problem as a Reply.Error (path and line in ``details``, element name in ``xpath``)."""
-        return Error(code=self.code, reason=self.reason, details=self.where(), xpath=self.element)
+        return Error(code=self.code, reason=self.reason, details=self.where(), xpath=self.element,
+                     id=self.object_id, object_type=self.object_type)
 
 
 class MalformedXml(CodecError):
     """Not well-formed XML (or not bytes at all)."""
 
-    code = ErrorCode.MALFORMED_MESSAGE.value
+    code = ErrorCode.MALFORMED_MESSAGE
 
 
 class HostileXml(CodecError):
     """XML using features refused from outside: DTDs, entity declarations or references."""
 
-    code = ErrorCode.FORBIDDEN_MARKUP.value
+    code = ErrorCode.FORBIDDEN_MARKUP
 
 
 class DocumentTooLarge(HostileXml):
     """A document over the size or nesting-depth limit."""
 
-    code = ErrorCode.MESSAGE_TOO_LARGE.value
+    code = ErrorCode.MESSAGE_TOO_LARGE
 
 
 class SchemaInvalid(CodecError):
     """Well-formed XML that is not the expected message or does not validate against its schema."""
 
-    code = ErrorCode.SCHEMA_INVALID.value
+    code = ErrorCode.SCHEMA_INVALID
 
 
 class BadVerb(CodecError):
     """Header.Verb is not the one this operation takes."""
 
-    code = ErrorCode.BAD_VERB.value
+    code = ErrorCode.BAD_VERB
 
 
 class BadNoun(CodecError):
     """Header.Noun is not the one this operation takes."""
 
-    code = ErrorCode.BAD_NOUN.value
+    code = ErrorCode.BAD_NOUN
 
 
 class InvalidRequest(CodecError):
     """A schema-valid request the head-end cannot act on (missing, invalid or unsupported parameter)."""
 
-    code = ErrorCode.INVALID_PARAMETER.value
+    code = ErrorCode.INVALID_PARAMETER
 
 
 # --------------------------------------------------------------------------------------------- parsing
@@ -290,8 +296,11 @@ def child_text(element: etree._Element, namespace: str, local: str) -> str | Non
     return None if node is None else (node.text or "")
 
 
-def invalid(reason: str, node: etree._Element, code: ErrorCode = ErrorCode.INVALID_PARAMETER) -> InvalidRequest:
-    return InvalidRequest(reason, xpath=path_of(node), line=node.sourceline, element=node.tag, code=code)
+def invalid(reason: str, node: etree._Element, code: ErrorCase = ErrorCode.INVALID_PARAMETER,
+            **concerns: str) -> InvalidRequest:
+    """InvalidRequest about ``node``; ``concerns`` may name the object (object_id, object_type)."""
+    return InvalidRequest(reason, xpath=path_of(node), line=node.sourceline, element=node.tag, code=code,
+                          **concerns)
 
 
 def parse_datetime(node: etree._Element) -> datetime:

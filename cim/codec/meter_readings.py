@@ -118,11 +118,12 @@ def decode_get_meter_readings(element: etree._Element) -> GetMeterReadings:
     for node in children(profile, g, "ReadingType"):
         mrid_node = child(node, g, "mRID")
         if mrid_node is None:
-            raise invalid("ReadingType must be given by its mRID (the 18-part code)", node, ErrorCode.UNSUPPORTED_REQUEST)
+            raise invalid("ReadingType must be given by its mRID (the 18-part code)", node, ErrorCode.INVALID_READING_TYPE)
         try:
             reading_types.append(ReadingType.parse((mrid_node.text or "").strip()).mrid)
         except ValueError as exc:
-            raise invalid(str(exc), mrid_node) from None
+            raise invalid(str(exc), mrid_node, ErrorCode.INVALID_READING_TYPE,
+                          object_id=(mrid_node.text or "").strip(), object_type="ReadingType") from None
 
     start, end = _time_window(request, profile)
     reasons = [(child_text(node, g, "reason") or "").strip() for node in children(profile, g, "Reading")]
