@@ -1,6 +1,6 @@
 """CIM MeterReadings as plain Python: the GetMeterReadings request and the MeterReadings reply.
 
-A request names devices (EndDevice or UsagePoint, by mRID and/or Names), reading types (18-part
+A request names devices (EndDevice, EndDeviceGroup or UsagePoint, by mRID and/or Names), reading types (18-part
 codes) and a time window. A reply holds one MeterReading per meter: register Readings and
 IntervalBlocks of IntervalReadings, each tied to a reading type code. The XML form lives in
 :mod:`cimhes.cim.codec`.
@@ -8,6 +8,7 @@ IntervalBlocks of IntervalReadings, each tied to a reading type code. The XML fo
 
 from __future__ import annotations
 
+import enum
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from decimal import Decimal
@@ -15,6 +16,12 @@ from decimal import Decimal
 from cimhes.cim.message import Header, Reply
 
 __all__ = [
+    "ReadingSource",
+    "SOURCE_OPTION",
+    "PAGE_OPTION",
+    "MESSAGE_INDEX_PROPERTY",
+    "MESSAGE_COUNT_PROPERTY",
+    "split_into_messages",
     "Name",
     "DeviceRef",
     "GetMeterReadings",
@@ -24,6 +31,23 @@ __all__ = [
     "MeterReading",
     "MeterReadingsResponse",
 ]
+
+
+class ReadingSource(str, enum.Enum):
+    """Where a GetMeterReadings takes its values from: the request's Option ``DataSource``."""
+
+    STORE = "store"  # only what the store holds; nothing is read from meters
+    METER = "meter"  # every device read on demand, whatever the store holds
+    STORE_THEN_METER = "store-then-meter"  # the store, and meters read for what it lacks (default)
+
+
+# Request.Option name choosing the source (61968-100 Request.Option: name/value pairs).
+SOURCE_OPTION = "DataSource"
+# Request.Option asking for one part of a reply split into several messages (1, 2, ...), and the
+# Header.Property names saying which part a message is and how many there are.
+PAGE_OPTION = "Page"
+MESSAGE_INDEX_PROPERTY = "MessageIndex"
+MESSAGE_COUNT_PROPERTY = "MessageCount"
 
 
 @dataclass(frozen=True)
@@ -62,13 +86,19 @@ class GetMeterReadings:
     header: Header
     end_devices: tuple[DeviceRef, ...] = ()
     usage_points: tuple[DeviceRef, ...] = ()
+    end_device_groups: tuple[DeviceRef, ...] = ()
     reading_types: tuple[str, ...] = ()
     start: datetime | None = None
     end: datetime | None = None
     reason: str | None = None
+    source: ReadingSource = ReadingSource.STORE_THEN_METER
+    page: int = 1  # which part of a reply split into several messages
 
     def __post_init__(self) -> None:
-        for name in ("end_devices", "usage_points", "reading_types"):
+        object.__setattr__(self, "source", ReadingSource(self.source))
+        if self.page < 1:
+            raise ValueError(f"GetMeterReadings.page counts from 1, got {self.page}")
+        for name in ("end_devices", "usage_points", "end_device_groups", "reading_types"):
             object.__setattr__(self, name, tuple(getattr(self, name)))
         _aware(self.start, "GetMeterReadings.start")
         _aware(self.end, "GetMeterReadings.end")
@@ -121,6 +151,7 @@ class MeterReading:
     readings: tuple[Reading, ...] = ()
     interval_blocks: tuple[IntervalBlock, ...] = ()
     values_interval: tuple[datetime, datetime] | None = None
+    usage_point: DeviceRef | None = None  # when read for a UsagePoint: the one it was read for
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "readings", tuple(self.readings))
@@ -142,3 +173,25 @@ class MeterReadingsResponse:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "meter_readings", tuple(self.meter_readings))
+
+
+def _values(meter_reading: MeterReading) -> int:
+    return len(meter_reading.readings) + sum(len(b.readings) for b in meter_reading.interval_blocks)
+
+
+def split_into_messages(meter_readings: tuple[MeterReading, ...] | list[MeterReading],
+                        max_values: int) -> list[tuple[MeterReading, ...]]:
+    """The readings in consecutive parts of at most ``max_values`` values each (a MeterReading is
+    never cut; one larger than the limit is a part of its own). Always at least one part."""
+    parts: list[tuple[MeterReading, ...]] = []
+    current: list[MeterReading] = []
+    count = 0
+    for meter_reading in meter_readings:
+        values = _values(meter_reading)
+        if current and count + values > max_values:
+            parts.append(tuple(current))
+            current, count = [], 0
+        current.append(meter_reading)
+        count += values
+    parts.append(tuple(current))
+    return parts

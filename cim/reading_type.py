@@ -42,6 +42,12 @@ CIM_FIELD_NAMES: tuple[str, ...] = (
 _PART = re.compile(r"-?[0-9]+")
 
 
+# Length of an interval for the measuringPeriod part (IEC 61968-9 TimeAttributeKind enumeration:
+# 1 tenMinute, 2 fifteenMinute, 3 oneMinute, 5 thirtyMinute, 6 fiveMinute, 7 sixtyMinute). Only
+# these fixed lengths; other kinds (present, previous, fixed blocks ...) have no one length.
+MEASURING_PERIOD_MINUTES: dict[int, int] = {1: 10, 2: 15, 3: 1, 5: 30, 6: 5, 7: 60}
+
+
 @dataclass(frozen=True)
 class ReadingType:
     """One reading type, its eighteen code parts as integers (0 = not applicable)."""
@@ -92,6 +98,18 @@ class ReadingType:
                 )
             values.append(int(part))
         return cls(*values)
+
+    @property
+    def is_interval(self) -> bool:
+        """Interval data (a profile), as opposed to a register's value at an instant."""
+        return bool(self.measuring_period or self.macro_period)
+
+    @property
+    def interval_minutes(self) -> int | None:
+        """Length of one interval in minutes, when the code fixes one (MEASURING_PERIOD_MINUTES)."""
+        if self.macro_period:
+            return None
+        return MEASURING_PERIOD_MINUTES.get(self.measuring_period)
 
     @property
     def mrid(self) -> str:

@@ -29,6 +29,7 @@ from cimhes.endpoints.admin_cli import (
     run_admin,
     secret_key_file,
 )
+from cimhes.endpoints.facade_options import add_facade_options, facade_settings
 from cimhes.endpoints.session_options import add_session_options, ensure_descriptors, session_settings
 
 DEMO_USER = "demo"
@@ -56,6 +57,7 @@ def main(argv: list[str] | None = None) -> int:
     add_store_arguments(demo, "var/cimhes-demo.sqlite")
     add_session_options(demo)
     _tls_arguments(demo)
+    add_facade_options(demo)
     demo.add_argument("--tls-self-signed", action="store_true",
                       help="serve HTTPS with a self-signed pair made beside the database "
                            "(<db>.tls-cert.pem, <db>.tls-key.pem); the ready line names the "
@@ -68,6 +70,7 @@ def main(argv: list[str] | None = None) -> int:
     add_store_arguments(serve, "var/cimhes.sqlite")
     add_session_options(serve)
     _tls_arguments(serve)
+    add_facade_options(serve)
 
     add_admin_commands(commands, "var/cimhes.sqlite")
     add_db_commands(commands)
@@ -161,7 +164,10 @@ def _serve(args) -> int:
 
     ensure_descriptors(args.sessions, SPARE_DESCRIPTORS)
     devices = _read_inventory(Path(args.inventory))
-    head_end = HeadEnd(reactor, _settings(args), devices)
+    # Usage points and groups, when the inventory has them (engine/usage_points.py)
+    links = {key: value for key, value in json.loads(Path(args.inventory).read_text()).items()
+             if key in ("usage_points", "groups")}
+    head_end = HeadEnd(reactor, _settings(args), devices, links=links)
     return _run(reactor, head_end, args, meters=[d.mrid for d in devices])
 
 
@@ -174,7 +180,7 @@ def _settings(args):
                            secret_key_file=secret_key_file(args.db, args.secret_key_file),
                            callback_ca_bundle=args.ca_bundle,
                            control_limits=tuple(args.control_limit or DEFAULT_CONTROL_LIMITS),
-                           **session_settings(args))
+                           **session_settings(args), **facade_settings(args))
 
 
 def _read_inventory(path: Path) -> list[DeviceAddress]:

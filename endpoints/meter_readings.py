@@ -7,13 +7,16 @@ detail is the WSDL's MeterReadingsFaultMessage, so a generated client sees a typ
 """
 from __future__ import annotations
 
+import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
 from spyne import AnyXml, ServiceBase, rpc
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet import reactor as default_reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python.failure import Failure
 from twisted.internet.threads import deferToThread
 
 from cimhes.cim.codec import (
@@ -22,12 +25,22 @@ from cimhes.cim.codec import (
     encode_fault,
     encode_meter_readings_response,
 )
+from cimhes.cim.codec.envelope import NS_MESSAGE
+from cimhes.cim.message import Error, ErrorCode, ErrorLevel, Reply, ReplyResult, reply_header
+from cimhes.cim.meter_readings import (
+    MESSAGE_COUNT_PROPERTY,
+    MESSAGE_INDEX_PROPERTY,
+    PAGE_OPTION,
+    MeterReadingsResponse,
+    ReadingSource,
+    split_into_messages,
+)
+from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
 from cimhes.cim.header_limits import check_header
-from cimhes.cim.message import Reply, ReplyResult, reply_header
-from cimhes.cim.meter_readings import MeterReadingsResponse
 from cimhes.endpoints.soap_resource import CimFault, soap_application
 from cimhes.engine.admission import Admission, Refused
-from cimhes.engine.reading import MeterReadingService, ReadOutcome
+from cimhes.engine.reading import ReadOutcome
+from cimhes.engine.reading_sources import ReadingRequestService
 from cimhes.engine import request_log
 from cimhes.engine.store import StoreRunner
 
@@ -35,6 +48,8 @@ WSDL_NAME = "GetMeterReadings"
 WSDL_FILE = "GetMeterReadings.wsdl"
 MESSAGE_NS = "http://iec.ch/TC57/2011/GetMeterReadingsMessage"
 SOURCE = "cimhes"
+
+log = logging.getLogger(__name__)
 
 
 def encode_off_the_reactor(response: MeterReadingsResponse):
@@ -48,15 +63,87 @@ def encode_off_the_reactor(response: MeterReadingsResponse):
     return deferToThread(encode_meter_readings_response, response)
 
 
+@dataclass(frozen=True)
+class ReadingRequestLimits:
+    """Bounds on GetMeterReadings requests (defaults documented in README, "Limits").
+
+    (How many devices one request may name and how many one caller may have pending are the
+    Admission's: engine/admission.py, 3.1 and 3.2.)
+    ``sync_time_limit``: seconds a synchronous answer may take; past it the reply is FAILED 4.1
+    while the meters are still read and stored (s);
+    ``max_values_per_message``: past it the reply is split into parts (see ``_parts``)."""
+
+    sync_time_limit: float = 120.0
+    # Values (register readings + interval readings) in one reply message; a larger outcome is
+    # split into several messages (Header.Property MessageIndex/MessageCount, Error 0.1).
+    max_values_per_message: int = 50_000
+
+
 class GetMeterReadingsDoor:
     """Answers GetMeterReadings requests with the engine's readings."""
 
-    def __init__(self, readings: MeterReadingService, store: StoreRunner,
-                 now: Callable[[], datetime] | None = None, admission: Admission | None = None):
+    def __init__(self, readings: ReadingRequestService, store: StoreRunner,
+                 now: Callable[[], datetime] | None = None, *, reactor=None,
+                 limits: ReadingRequestLimits | None = None,
+                 admission: Admission | None = None,
+                 replies: ReplySender | None = None,
+                 reply_addresses: ReplyAddressPolicy | None = None):
+        """``replies`` posts asynchronous outcomes (None: AsyncReplyFlag is refused), to the
+        addresses ``reply_addresses`` allows."""
+        self._replies = replies
+        self._reply_addresses = reply_addresses or ReplyAddressPolicy()
         self._readings = readings
         self._store = store
         self._now = now or (lambda: datetime.now(timezone.utc))
+        self._reactor = reactor or default_reactor
+        self._limits = limits or ReadingRequestLimits()
         self._admission = admission or Admission()
+
+    def _refusal(self, request) -> Error | None:
+        """The Error for a request refused before any meter is read, else None."""
+        header = request.header
+        if header.async_reply:
+            if not header.reply_address:
+                return Error(code=ErrorCode.REPLY_ADDRESS_MISSING,
+                             reason="AsyncReplyFlag is true but the Header has no ReplyAddress",
+                             xpath=f"{{{NS_MESSAGE}}}ReplyAddress")
+            if self._replies is None:
+                return Error(code=ErrorCode.UNSUPPORTED_REQUEST,
+                             reason="this head-end sends no asynchronous replies; send the "
+                                    "request without AsyncReplyFlag",
+                             xpath=f"{{{NS_MESSAGE}}}AsyncReplyFlag")
+            if not self._reply_addresses.allows(header.reply_address):
+                return Error(code=ErrorCode.REPLY_ADDRESS_REFUSED,
+                             reason=f"ReplyAddress {header.reply_address[:200]!r} is not one the "
+                                    "operator allowed; nothing is sent there",
+                             xpath=f"{{{NS_MESSAGE}}}ReplyAddress")
+            if not (header.correlation_id or header.message_id):
+                return Error(code=ErrorCode.HEADER_MISSING,
+                             reason="an asynchronous request needs a CorrelationID (or a "
+                                    "MessageID) for the outcome to be matched to it",
+                             xpath=f"{{{NS_MESSAGE}}}CorrelationID")
+        return None
+
+    def _read_within_limit(self, request, admitted):
+        """Deferred[ReadOutcome | None]: the outcome, or None once the sync time limit passes
+        (the read goes on, and stores what it gets)."""
+        answer = Deferred()
+
+        def done(result):
+            admitted.release()
+            if not answer.called:
+                timer.cancel()
+                if isinstance(result, Failure):
+                    answer.errback(result)
+                else:
+                    answer.callback(result)
+            elif isinstance(result, Failure):
+                log.error("a read answered late failed: %s", result.getTraceback())
+
+        timer = self._reactor.callLater(self._limits.sync_time_limit,
+                                        lambda: answer.called or answer.callback(None))
+        self._readings.read(request).addBoth(done)
+        return answer
 
     @inlineCallbacks
     def get_meter_readings(self, element, caller: str | None = None):
@@ -70,36 +157,102 @@ class GetMeterReadingsDoor:
             reply = Reply(ReplyResult.FAILED, errors=(exc.to_error(),))
             raise CimFault("Client", exc.reason, encode_fault(reply))
 
-        asked = len(request.end_devices) + len(request.usage_points)
+        if request.page > 1:
+            # Later parts come from the store, where the first call put what it read, so every
+            # part describes the same readings.
+            request = replace(request, source=ReadingSource.STORE)
+        refusal = self._refusal(request)
+        asked = (len(request.end_devices) + len(request.usage_points)
+                 + len(request.end_device_groups))
         # Logged as it arrives: a crash before the answer leaves it "interrupted" at restart.
         logged = yield self._store.call(
             request_log.arrived, self._store.store, message_id=request.header.message_id,
             correlation_id=request.header.correlation_id, noun="MeterReadings", verb="get",
             source=request.header.source, received_at=received_at, devices_asked=asked)
-        try:
-            admitted = self._admission.admit(
-                caller or request.header.user_id or "anonymous", asked)
-        except Refused as refused:
-            outcome = ReadOutcome(errors=[refused.error], devices_asked=asked)
-        else:
+        admitted = None
+        if refusal is None:
             try:
-                outcome = yield self._readings.read(request)
-            finally:
-                admitted.release()
-        reply = Reply(outcome.result, errors=tuple(outcome.errors))
+                # An asynchronous request holds no connection: only the caller's pending count
+                # bounds it, not the synchronous size limit.
+                admitted = self._admission.admit(caller or request.header.user_id or "anonymous",
+                                                 0 if request.header.async_reply else asked)
+            except Refused as refused:
+                refusal = refused.error
+        if refusal is not None:
+            outcome = ReadOutcome(errors=[refusal], devices_asked=asked)
+        elif request.header.async_reply:
+            self._read_then_reply(request, logged, admitted).addErrback(
+                lambda f: log.error("asynchronous reading failed: %s", f.getTraceback()))
+            ack = Error(code=ErrorCode.ACKNOWLEDGED, level=ErrorLevel.INFORM,
+                        reason="request accepted; the outcome will be sent to the ReplyAddress "
+                               "with this CorrelationID")
+            return (yield encode_off_the_reactor(self._response(request, Reply(
+                ReplyResult.OK, errors=(ack,)), ())))
+        else:
+            outcome = yield self._read_within_limit(request, admitted)
+            if outcome is None:
+                outcome = ReadOutcome(errors=[Error(
+                    code=ErrorCode.TIMED_OUT,
+                    reason=f"no answer within the synchronous time limit of "
+                           f"{self._limits.sync_time_limit:g} s; the meters are still being "
+                           "read and their values stored")])
+        yield self._record(logged, outcome)
+        parts = self._parts(request, outcome)
+        if request.page > len(parts):
+            return (yield encode_off_the_reactor(self._response(request, Reply(
+                ReplyResult.FAILED, errors=(Error(
+                    code=ErrorCode.INVALID_PARAMETER, reason=f"Request.Option Page is "
+                    f"{request.page}, but the reply has {len(parts)} part(s)"),)), ())))
+        return (yield encode_off_the_reactor(parts[request.page - 1]))
+
+    def _response(self, request, reply: Reply, meter_readings, properties=()) -> MeterReadingsResponse:
         header = replace(reply_header(request.header, self._now(), source=SOURCE),
-                         message_id=str(uuid.uuid4()))
-        response = MeterReadingsResponse(
-            header=header,
-            reply=reply,
-            meter_readings=outcome.meter_readings,
-        )
-        yield self._store.call(request_log.answered, self._store.store, logged,
-                               replied_at=self._now(), result=outcome.result.value,
-                               devices_asked=outcome.devices_asked,
-                               devices_failed=outcome.devices_failed)
-        element = yield encode_off_the_reactor(response)
-        return element
+                         message_id=str(uuid.uuid4()), properties=tuple(properties))
+        return MeterReadingsResponse(header=header, reply=reply, meter_readings=meter_readings)
+
+    def _parts(self, request, outcome) -> list[MeterReadingsResponse]:
+        """The outcome as one message, or as several when it holds more values than one may:
+        each part says which it is (Header.Property MessageIndex, MessageCount), each but the
+        last carries Error 0.1 (more to follow) naming the way to the next, every part the
+        outcome's Result and Errors."""
+        chunks = split_into_messages(outcome.meter_readings, self._limits.max_values_per_message)
+        if len(chunks) == 1:
+            return [self._response(request, Reply(outcome.result, errors=tuple(outcome.errors)),
+                                   outcome.meter_readings)]
+        parts = []
+        for index, chunk in enumerate(chunks, start=1):
+            errors = list(outcome.errors)
+            if index < len(chunks):
+                errors.append(Error(
+                    code=ErrorCode.MORE_TO_FOLLOW, level=ErrorLevel.INFORM,
+                    reason=f"part {index} of {len(chunks)}; "
+                           + ("the next part follows in its own message"
+                              if request.header.async_reply else
+                              f"ask again with Request.Option {PAGE_OPTION}={index + 1}")))
+            parts.append(self._response(
+                request, Reply(outcome.result, errors=tuple(errors)), chunk,
+                ((MESSAGE_INDEX_PROPERTY, str(index)), (MESSAGE_COUNT_PROPERTY, str(len(chunks))))))
+        return parts
+
+    def _record(self, logged: int, outcome):
+        return self._store.call(request_log.answered, self._store.store, logged,
+                                replied_at=self._now(), result=outcome.result.value,
+                                devices_asked=outcome.devices_asked,
+                                devices_failed=outcome.devices_failed)
+
+    @inlineCallbacks
+    def _read_then_reply(self, request, logged, admitted):
+        """The asynchronous half: read, then post the outcome to the ReplyAddress."""
+        try:
+            outcome = yield self._readings.read(request)
+        finally:
+            admitted.release()
+        header = request.header
+        for part in self._parts(request, outcome):  # one callback per part, in order
+            element = yield encode_off_the_reactor(part)
+            yield self._replies.send(header.reply_address, element,
+                                     header.correlation_id or header.message_id)
+        yield self._record(logged, outcome)
 
 
 def get_meter_readings_application(door: GetMeterReadingsDoor):

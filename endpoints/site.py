@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import html
 import logging
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from functools import partial
 
@@ -16,7 +17,9 @@ from cimhes.cim.codec import encode_fault
 from cimhes.drivers import DeviceAddress
 from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, SessionLimits
 from cimhes.drivers.security import DEFAULT_CLIENT_SYSTEM_TITLE, HeadEndSecurity
+from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
 from cimhes.endpoints.auth import Doorkeeper, SoapGuard
+from cimhes.endpoints.cim_paths import CimFolder
 from cimhes.endpoints.http_door import DoorLimits, LimitedSite
 from cimhes.endpoints.meter_readings import (
     WSDL_FILE as GET_METER_READINGS_WSDL,
@@ -26,6 +29,7 @@ from cimhes.endpoints.meter_readings import (
 )
 from cimhes.endpoints.meter_readings import (
     GetMeterReadingsDoor,
+    ReadingRequestLimits,
     get_meter_readings_application,
 )
 from cimhes.endpoints.reading_types import ReadingTypesResource
@@ -41,6 +45,8 @@ from cimhes.engine.rate_limits import (
     ControlRateLimiter,
 )
 from cimhes.engine.security import CounterStore, StoredCounters
+from cimhes.engine.reading_sources import ReadingRequestService
+from cimhes.engine.usage_points import load_links
 from cimhes.engine.store import Store, StoreRunner
 from cimhes.engine.users import AuditTrail, Authenticator, Role, SecretBox, UserStore
 
@@ -65,6 +71,12 @@ class HeadEndSettings:
     request_limits: RequestLimits = field(default_factory=RequestLimits)  # devices, pending
     # The head-end's DLMS system title (HLS-GMAC), 8 octets hex.
     client_system_title: str = DEFAULT_CLIENT_SYSTEM_TITLE
+    # The base URL written into served WSDLs (e.g. https://hes.example.com/api); None: the
+    # request's own, with Forwarded / X-Forwarded-* headers of a reverse proxy honoured.
+    public_base_url: str | None = None
+    reading_requests: ReadingRequestLimits = field(default_factory=ReadingRequestLimits)
+    # ReplyAddresses asynchronous requests may name (URL prefixes); empty: async is refused.
+    reply_addresses: tuple[str, ...] = ()
 
 
 class _Index(Resource):
@@ -85,7 +97,8 @@ class HeadEnd:
     """One head-end process: store (loaded with the inventory's devices), engine and SOAP site
     on the given reactor."""
 
-    def __init__(self, reactor, settings: HeadEndSettings, devices: list[DeviceAddress]):
+    def __init__(self, reactor, settings: HeadEndSettings, devices: list[DeviceAddress],
+                 links: Mapping | None = None):
         secret_box = SecretBox.from_file(settings.secret_key_file)
         self.store = Store(settings.database_url, secret_box)
         # Before any thread starts: a refused inventory must leave nothing running.
@@ -94,6 +107,8 @@ class HeadEnd:
         if interrupted:
             log.warning("%d requests were in flight when the previous process stopped; they are "
                         "logged as %r", interrupted, request_log.INTERRUPTED)
+        links = links or {}
+        load_links(self.store, links.get("usage_points", ()), links.get("groups", ()))
         self.users = UserStore(self.store, secret_box)
         self.store_runner = StoreRunner(reactor, self.store)
         # The one factory of HTTP sessions for outgoing calls (MDM callbacks, zeep publishers).
@@ -111,13 +126,18 @@ class HeadEnd:
                     else SessionLimits.of(settings.device_timeout)),
             connections_per_second=settings.connections_per_second, security=security)
         self.admission = Admission(settings.request_limits)
-        door = GetMeterReadingsDoor(self.readings, self.store_runner, admission=self.admission)
-        cim = Resource()
+        door = GetMeterReadingsDoor(ReadingRequestService(self.readings, self.store_runner),
+                                    self.store_runner, reactor=reactor, admission=self.admission,
+                                    limits=settings.reading_requests,
+                                    replies=ReplySender(reactor, self.callback_session),
+                                    reply_addresses=ReplyAddressPolicy(settings.reply_addresses))
+        cim = CimFolder()
         cim.putChild(GET_METER_READINGS.encode(),
                      SoapResource(get_meter_readings_application(door), GET_METER_READINGS_WSDL,
                                   SoapGuard(self.doorkeeper,
                                             {"GetMeterReadings": Role.READINGS_READER},
-                                            encode_fault)))
+                                            encode_fault),
+                                  public_base_url=settings.public_base_url))
         # What the head-end serves, as the WSDLs: public, no credentials needed.
         cim.putChild(b"reading-types", ReadingTypesResource())
         root = _Index([GET_METER_READINGS])

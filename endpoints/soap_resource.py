@@ -30,7 +30,8 @@ from twisted.python.failure import Failure
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
-from cimhes.cim.codec import MAX_DOCUMENT_BYTES, CodecError, parse_xml
+from cimhes.cim.codec import MAX_DOCUMENT_BYTES, NS_SOAP12_ENVELOPE, CodecError, parse_xml
+from cimhes.endpoints.cim_paths import public_service_url
 from cimhes.engine import redaction
 from cimhes.xsd import UnknownDocument, wsdl_text, xsd_text
 
@@ -54,6 +55,13 @@ class CimSoap11(Soap11):
             root = parse_xml(b"".join(ctx.in_string))
         except CodecError as exc:
             raise Fault("Client.XmlRefused", exc.reason) from exc
+        if root.tag == f"{{{NS_SOAP12_ENVELOPE}}}Envelope":
+            # SOAP 1.1 section 4.4.1: an envelope of another namespace is a VersionMismatch.
+            raise Fault("VersionMismatch", "this is a SOAP 1.1 service; the request is a SOAP 1.2 "
+                        f"envelope ({NS_SOAP12_ENVELOPE})")
+        if root.tag != f"{{{SOAP_ENV}}}Envelope":
+            raise Fault("Client.NotSoap", f"the document is XML but not a SOAP 1.1 Envelope "
+                        f"(its root is {root.tag})")
         ctx.in_document = (root, {})
 
     def deserialize(self, ctx, message):
@@ -108,10 +116,12 @@ class SoapResource(Resource):
 
     isLeaf = True
 
-    def __init__(self, application: Application, wsdl_file: str, guard=None):
+    def __init__(self, application: Application, wsdl_file: str, guard=None,
+                 public_base_url: str | None = None):
         super().__init__()
         self._server = HttpBase(application)
         self._wsdl_file = wsdl_file
+        self._public_base_url = public_base_url  # None: as the client (or its proxy) sent it
         # guard.admit(request, envelope, body) -> Deferred[principal], failing with a Fault:
         # who may call (endpoints/auth.py). The principal reaches the service as ctx.udc.
         self._guard = guard
@@ -120,8 +130,8 @@ class SoapResource(Resource):
         # twisted.web's parse_qs drops a key with no "=", and `?wsdl` is exactly that.
         args = parse_qs(urlsplit(request.uri).query, keep_blank_values=True)
         # The URL the client used is the one written into the WSDL, so generated clients post
-        # back to the same host and port whatever name they reached us by.
-        service_url = request.prePathURL().decode("ascii")
+        # back to the same host and port whatever name they reached us by, proxies included.
+        service_url = public_service_url(request, self._public_base_url)
         if b"wsdl" in args:
             return self._document(request, wsdl_text(self._wsdl_file, service_url))
         if b"xsd" in args:

@@ -101,7 +101,7 @@ class MeterReadingService:
     @inlineCallbacks
     def read(self, request: GetMeterReadings):
         outcome = ReadOutcome()
-        reading_types = _readable_reading_types(request.reading_types, request.start is not None,
+        reading_types = readable_reading_types(request.reading_types, request.start is not None,
                                                 outcome.errors)
         if request.reading_types and not reading_types:
             return outcome  # nothing asked for can be read; an empty list would mean "all"
@@ -147,36 +147,53 @@ class MeterReadingService:
 
     @inlineCallbacks
     def _resolve(self, request: GetMeterReadings, outcome: ReadOutcome):
-        """The inventory's devices for the request's EndDevice refs; an Error for each unknown one."""
-        # The codec has made sure every reference has an mRID or a name.
-        mrids = [ref.mrid for ref in request.end_devices if ref.mrid]
-        names = [_first_name(ref) for ref in request.end_devices if not ref.mrid]
-        found = yield self._store.run("find_devices", mrids, names)
+        """The inventory's devices for the request's EndDevice refs, each once."""
+        found = yield self.resolve(request.end_devices, outcome)
         devices: list[DeviceAddress] = []
         seen: set[str] = set()
-        for ref in request.end_devices:
+        for device in found:
+            if device is not None and device.mrid not in seen:
+                seen.add(device.mrid)
+                devices.append(device)
+        return devices
+
+    @inlineCallbacks
+    def resolve(self, refs, outcome: ReadOutcome):
+        """Deferred[list]: the inventory's device for each EndDevice ref (None where there is
+        none), with an Error in ``outcome`` for each unknown ref (2.4) and each whose mRID and
+        Names point at different devices (2.4, mrid-names-mismatch)."""
+        # The codec has made sure every reference has an mRID or a name.
+        mrids = [ref.mrid for ref in refs if ref.mrid]
+        names = [_first_name(ref) for ref in refs if ref.names]
+        found = yield self._store.run("find_devices", mrids, names)
+        devices: list[DeviceAddress | None] = []
+        for ref in refs:
             key = ref.mrid or _first_name(ref)
             device = found.get(key)
+            if device is not None and ref.mrid and ref.names:
+                named = found.get(_first_name(ref))
+                if named is None or named.mrid != device.mrid:
+                    # Two identifiers, two answers: neither is chosen silently.
+                    outcome.devices_failed += 1
+                    outcome.errors.append(Error(
+                        code=ErrorCode.DEVICE_MISMATCH,
+                        reason=f"EndDevice mRID {ref.mrid} is {device.name or device.mrid}, but its "
+                               f"Names {_first_name(ref)!r} "
+                               + ("name no device" if named is None else f"name {named.mrid}"),
+                        id=ref.mrid, id_kind="uuid", object_type="EndDevice"))
+                    devices.append(None)
+                    continue
             if device is None:
                 outcome.devices_failed += 1
                 outcome.errors.append(Error(
                     code=ErrorCode.INVALID_METER,
                     reason=f"EndDevice {key} is not known to this head-end",
                     id=key, id_kind="uuid" if ref.mrid else "name", object_type="EndDevice"))
-            elif device.mrid not in seen:
-                seen.add(device.mrid)
-                devices.append(device)
-        for ref in request.usage_points:
-            key = ref.mrid or _first_name(ref) or "?"
-            outcome.errors.append(Error(
-                code=ErrorCode.UNSUPPORTED_REQUEST,
-                reason=f"UsagePoint {key}: reading by usage point is not supported yet; "
-                       "ask by EndDevice",
-                id=key, id_kind="uuid" if ref.mrid else "name", object_type="UsagePoint"))
+            devices.append(device)
         return devices
 
 
-def _readable_reading_types(codes: list[str], has_window: bool, errors: list[Error]) -> list[str]:
+def readable_reading_types(codes: list[str], has_window: bool, errors: list[Error]) -> list[str]:
     """The codes that can be read, in order; an Error for each that is not a ReadingType, and for
     each interval type asked without a time window (interval data is read over a window)."""
     readable = []

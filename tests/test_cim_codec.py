@@ -168,7 +168,7 @@ def test_reading_type_by_name_only_is_refused():
 
 
 def test_request_without_devices_is_refused():
-    with pytest.raises(InvalidRequest, match="no EndDevice and no UsagePoint") as caught:
+    with pytest.raises(InvalidRequest, match="no EndDevice, EndDeviceGroup or UsagePoint") as caught:
         decode(request_xml("<g:GetMeterReadings/>"))
     assert caught.value.code == ErrorCode.MISSING_PARAMETER
 
@@ -179,9 +179,11 @@ def test_device_without_mrid_or_names_is_refused():
     assert caught.value.code == ErrorCode.MISSING_PARAMETER
 
 
-def test_device_groups_are_refused_not_ignored():
-    with pytest.raises(InvalidRequest, match="EndDeviceGroup is not supported") as caught:
-        decode(request_xml(f"<g:GetMeterReadings>{METER}<g:EndDeviceGroup><g:mRID>g</g:mRID></g:EndDeviceGroup></g:GetMeterReadings>"))
+def test_device_groups_decode_and_usage_point_groups_are_refused_not_ignored():
+    request = decode(request_xml(f"<g:GetMeterReadings>{METER}<g:EndDeviceGroup><g:mRID>g</g:mRID></g:EndDeviceGroup></g:GetMeterReadings>"))
+    assert request.end_device_groups == (DeviceRef(mrid="g"),)
+    with pytest.raises(InvalidRequest, match="UsagePointGroup is not supported") as caught:
+        decode(request_xml(f"<g:GetMeterReadings>{METER}<g:UsagePointGroup><g:mRID>g</g:mRID></g:UsagePointGroup></g:GetMeterReadings>"))
     assert caught.value.code == ErrorCode.UNSUPPORTED_REQUEST
 
 
@@ -512,6 +514,14 @@ def test_the_cases_the_issue_names_have_the_standards_numbers():
     assert all(row.value.startswith("5.") for row in (
         ErrorCode.DEVICE_TIMEOUT, ErrorCode.DEVICE_UNREACHABLE, ErrorCode.DEVICE_REFUSED,
         ErrorCode.DEVICE_PROTOCOL_ERROR, ErrorCode.DATA_UNAVAILABLE, ErrorCode.HIGH_LOAD))
+
+
+def test_docs_errors_lists_every_row():
+    from pathlib import Path
+    page = (Path(__file__).parent.parent / "docs" / "errors.md").read_text()
+    for row in ErrorCode.rows():
+        detail = f"`{row.detail}`" if row.detail else "—"
+        assert f"| {row.code} | {STANDARD_CODES[row.code]} | {detail} |" in page, row.name
 
 
 def test_a_finer_distinction_leads_the_errors_details():

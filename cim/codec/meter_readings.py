@@ -49,6 +49,9 @@ from cimhes.cim.meter_readings import (
     MeterReading,
     MeterReadingsResponse,
     Reading,
+    PAGE_OPTION,
+    ReadingSource,
+    SOURCE_OPTION,
 )
 from cimhes.cim.reading_type import ReadingType
 
@@ -73,7 +76,7 @@ _PREFIXES = {
 
 # Parts of the GetMeterReadings profile the head-end does not act on. Refused with a clear error rather
 # than ignored, so a client never takes an answer to a narrower question for the one it asked.
-_UNSUPPORTED_SELECTORS = ("EndDeviceGroup", "UsagePointGroup", "TransformerTank", "MeterReadings", "ReadingQuality")
+_UNSUPPORTED_SELECTORS = ("UsagePointGroup", "TransformerTank", "MeterReadings", "ReadingQuality")
 
 
 def decode_get_meter_readings(element: etree._Element) -> GetMeterReadings:
@@ -111,8 +114,10 @@ def decode_get_meter_readings(element: etree._Element) -> GetMeterReadings:
 
     end_devices = tuple(_decode_reference(node, "EndDevice") for node in children(profile, g, "EndDevice"))
     usage_points = tuple(_decode_reference(node, "UsagePoint") for node in children(profile, g, "UsagePoint"))
-    if not end_devices and not usage_points:
-        raise invalid("the request names no EndDevice and no UsagePoint", profile, ErrorCode.MISSING_PARAMETER)
+    groups = tuple(_decode_reference(node, "EndDeviceGroup") for node in children(profile, g, "EndDeviceGroup"))
+    if not end_devices and not usage_points and not groups:
+        raise invalid("the request names no EndDevice, EndDeviceGroup or UsagePoint", profile,
+                      ErrorCode.MISSING_PARAMETER)
 
     reading_types = []
     for node in children(profile, g, "ReadingType"):
@@ -126,16 +131,44 @@ def decode_get_meter_readings(element: etree._Element) -> GetMeterReadings:
                           object_id=(mrid_node.text or "").strip(), object_type="ReadingType") from None
 
     start, end = _time_window(request, profile)
+    source, page = _options(request)
     reasons = [(child_text(node, g, "reason") or "").strip() for node in children(profile, g, "Reading")]
     return GetMeterReadings(
         header=header,
         end_devices=end_devices,
         usage_points=usage_points,
+        end_device_groups=groups,
         reading_types=tuple(reading_types),
         start=start,
         end=end,
         reason=next((r for r in reasons if r), None),
+        source=source,
+        page=page,
     )
+
+
+def _options(request: etree._Element) -> tuple[ReadingSource, int]:
+    """Request.Option DataSource (default store-then-meter) and Page (default 1); any other
+    Option is refused rather than ignored."""
+    source, page = ReadingSource.STORE_THEN_METER, 1
+    for node in children(request, NS_GET_METER_READINGS_MESSAGE, "Option"):
+        name = (child_text(node, NS_MESSAGE, "name") or "").strip()
+        value = (child_text(node, NS_MESSAGE, "value") or "").strip()
+        if name == SOURCE_OPTION:
+            try:
+                source = ReadingSource(value)
+            except ValueError:
+                raise invalid(f"Request.Option {SOURCE_OPTION} is {value!r}; it takes one of "
+                              + ", ".join(repr(s.value) for s in ReadingSource), node) from None
+        elif name == PAGE_OPTION:
+            if not value.isdigit() or int(value) < 1:
+                raise invalid(f"Request.Option {PAGE_OPTION} is {value!r}; it takes 1, 2, ...", node)
+            page = int(value)
+        else:
+            raise invalid(f"Request.Option {name!r} is not one this head-end knows; it knows "
+                          f"{SOURCE_OPTION!r} and {PAGE_OPTION!r}", node,
+                          ErrorCode.UNSUPPORTED_REQUEST)
+    return source, page
 
 
 def _decode_reference(node: etree._Element, what: str) -> DeviceRef:
@@ -203,9 +236,18 @@ def encode_get_meter_readings(request: GetMeterReadings) -> etree._Element:
     request_node = sub_element(root, wrapper, "Request")
     optional_element(request_node, wrapper, "StartTime", request.start)
     optional_element(request_node, wrapper, "EndTime", request.end)
+    for name, value, default in ((SOURCE_OPTION, request.source.value,
+                                  ReadingSource.STORE_THEN_METER.value),
+                                 (PAGE_OPTION, str(request.page), "1")):
+        if value != default:
+            option = sub_element(request_node, wrapper, "Option")
+            sub_element(option, NS_MESSAGE, "name", name)
+            sub_element(option, NS_MESSAGE, "value", value)
     profile = sub_element(request_node, g, "GetMeterReadings")
     for device in request.end_devices:
         encode_device(profile, g, "EndDevice", device)
+    for group in request.end_device_groups:
+        encode_device(profile, g, "EndDeviceGroup", group)
     if request.reason is not None:
         sub_element(sub_element(profile, g, "Reading"), g, "reason", request.reason)
     for code in request.reading_types:
@@ -252,6 +294,8 @@ def _encode_meter_reading(parent: etree._Element, meter_reading: MeterReading,
         sub_element(reading_node, r, "value", _format_value(reading.value))
         _encode_qualities(reading_node, reading.qualities)
         sub_element(reading_node, r, "ReadingType").set("ref", reading.reading_type)
+    if meter_reading.usage_point is not None:
+        encode_device(node, r, "UsagePoint", meter_reading.usage_point)
     if meter_reading.values_interval is not None:
         start, end = meter_reading.values_interval
         interval = sub_element(node, r, "valuesInterval")
@@ -271,13 +315,16 @@ def encode_meter_readings_response(response: MeterReadingsResponse) -> etree._El
 
     The payload lists each MeterReading and, after them, one ReadingType per code used (mRID plus
     the Names the schema requires, named by the code). The Payload is left out of a FAILED reply
-    that carries no readings.
+    that carries no readings, and out of an acknowledgment (Error 0.3).
     """
     wrapper, r = NS_GET_METER_READINGS_MESSAGE, NS_METER_READINGS
     root = _message_root("MeterReadingsResponseMessage")
     encode_header(root, wrapper, response.header)
     encode_reply(root, wrapper, response.reply)
-    if response.meter_readings or response.reply.result is not ReplyResult.FAILED:
+    # An acknowledgment (0.3: the outcome follows asynchronously) carries no Payload either.
+    acknowledgment = any(e.code == ErrorCode.ACKNOWLEDGED for e in response.reply.errors)
+    if response.meter_readings or (response.reply.result is not ReplyResult.FAILED
+                                   and not acknowledgment):
         readings = sub_element(sub_element(root, wrapper, "Payload"), r, "MeterReadings")
         stamps: dict[datetime, str] = {}
         for meter_reading in response.meter_readings:
@@ -325,6 +372,7 @@ def _reading_timestamp(node: etree._Element) -> datetime:
 def _decode_meter_reading(node: etree._Element) -> MeterReading:
     r = NS_METER_READINGS
     meter = child(node, r, "Meter")
+    usage_point = child(node, r, "UsagePoint")
     interval = child(node, r, "valuesInterval")
     values_interval = None
     if interval is not None:
@@ -357,6 +405,7 @@ def _decode_meter_reading(node: etree._Element) -> MeterReading:
             for block in children(node, r, "IntervalBlocks")
         ),
         values_interval=values_interval,
+        usage_point=None if usage_point is None else decode_device(usage_point, r),
     )
 
 

@@ -1,0 +1,18 @@
+"""Command-line options of the CIM facade (``cimhes demo`` and ``cimhes serve``): where the WSDLs
+say the service is, which ReplyAddresses asynchronous requests may name, and which MDM
+endpoints published readings go to. Each becomes a HeadEndSettings field."""
+from __future__ import annotations
+
+
+def add_facade_options(parser) -> None:
+    parser.add_argument("--public-base-url", default=None,
+                        help="base URL written into served WSDLs, e.g. https://hes.example.com "
+                             "(default: the request's own, proxies' Forwarded headers honoured)")
+    parser.add_argument("--reply-address", action="append", default=[], metavar="URL",
+                        help="a ReplyAddress prefix asynchronous requests may name (repeatable; "
+                             "none: AsyncReplyFlag is refused)")
+
+
+def facade_settings(args) -> dict:
+    return {"public_base_url": args.public_base_url,
+            "reply_addresses": tuple(args.reply_address)}
