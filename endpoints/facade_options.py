@@ -13,6 +13,14 @@ def add_facade_options(parser) -> None:
                              "none: AsyncReplyFlag is refused)")
 
 
+    parser.add_argument("--subscriber", action="append", default=[], metavar="NAME=URL",
+                        help="an MDM's ReceiveMeterReadings endpoint every new reading is "
+                             "published to (repeatable)")
+
+
 def facade_settings(args) -> dict:
+    from cimhes.endpoints.publisher import parse_subscriber
+
     return {"public_base_url": args.public_base_url,
-            "reply_addresses": tuple(args.reply_address)}
+            "reply_addresses": tuple(args.reply_address),
+            "subscribers": tuple(parse_subscriber(s) for s in args.subscriber)}

@@ -9,6 +9,7 @@ import html
 import logging
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from datetime import timedelta
 from functools import partial
 
 from twisted.web.resource import Resource
@@ -33,6 +34,7 @@ from cimhes.endpoints.meter_readings import (
     get_meter_readings_application,
 )
 from cimhes.endpoints.reading_types import ReadingTypesResource
+from cimhes.endpoints.publisher import MdmPublisher
 from cimhes.endpoints.soap_resource import SoapResource
 from cimhes.endpoints.tls import callback_session
 from cimhes.engine import request_log
@@ -77,6 +79,9 @@ class HeadEndSettings:
     reading_requests: ReadingRequestLimits = field(default_factory=ReadingRequestLimits)
     # ReplyAddresses asynchronous requests may name (URL prefixes); empty: async is refused.
     reply_addresses: tuple[str, ...] = ()
+    # MDM endpoints (name, ReceiveMeterReadings URL) every new reading is published to.
+    subscribers: tuple[tuple[str, str], ...] = ()
+    publish_first_retry: float = 2.0  # s before the first retry; doubled each time, <= 10 min
 
 
 class _Index(Resource):
@@ -126,7 +131,12 @@ class HeadEnd:
                     else SessionLimits.of(settings.device_timeout)),
             connections_per_second=settings.connections_per_second, security=security)
         self.admission = Admission(settings.request_limits)
-        door = GetMeterReadingsDoor(ReadingRequestService(self.readings, self.store_runner),
+        self.publisher = MdmPublisher(
+            reactor, self.store_runner, dict(settings.subscribers), self.callback_session,
+            first_retry=timedelta(seconds=settings.publish_first_retry))
+        reactor.callWhenRunning(self.publisher.start)  # and delivers what a last run left
+        door = GetMeterReadingsDoor(ReadingRequestService(self.readings, self.store_runner,
+                                                          on_read=self.publisher.publish),
                                     self.store_runner, reactor=reactor, admission=self.admission,
                                     limits=settings.reading_requests,
                                     replies=ReplySender(reactor, self.callback_session),

@@ -19,6 +19,7 @@ A value read for a UsagePoint carries the UsagePoint in its MeterReading.
 """
 from __future__ import annotations
 
+import logging
 from collections import defaultdict
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
@@ -26,7 +27,7 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 from sqlalchemy import select
-from twisted.internet.defer import DeferredList, inlineCallbacks
+from twisted.internet.defer import DeferredList, inlineCallbacks, maybeDeferred
 
 from cimhes.cim.message import Error, ErrorCode
 from cimhes.cim.meter_readings import (
@@ -47,6 +48,7 @@ from cimhes.engine.store import Device, ReadingRecord, Store, StoreRunner
 from cimhes.engine.usage_points import group_members, serving_periods
 
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+log = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -182,9 +184,12 @@ def _merge(stored: MeterReading | None, read: MeterReading | None) -> MeterReadi
 class ReadingRequestService:
     """Serves GetMeterReadings: expands groups and usage points, takes values from the source."""
 
-    def __init__(self, meters: MeterReadingService, store: StoreRunner):
+    def __init__(self, meters: MeterReadingService, store: StoreRunner, on_read=None):
+        """``on_read(meter_readings)`` is told of every set of values read from meters (e.g. to
+        publish them to subscribers); its result is not waited for."""
         self._meters = meters
         self._store = store
+        self._on_read = on_read
 
     @inlineCallbacks
     def read(self, request: GetMeterReadings):
@@ -242,6 +247,10 @@ class ReadingRequestService:
                 else:
                     failed.add(index)
 
+        if self._on_read is not None and read:
+            fresh = [replace(read[i], usage_point=slices[i].usage_point) for i in sorted(read)]
+            maybeDeferred(self._on_read, fresh).addErrback(
+                lambda f: log.error("telling of new readings failed: %s", f.getTraceback()))
         answered: set[str] = set()
         for index, piece in enumerate(slices):
             meter_reading = _merge(stored.get(index), read.get(index))

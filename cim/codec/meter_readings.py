@@ -40,7 +40,7 @@ from cimhes.cim.codec.envelope import (
     encode_header,
     encode_reply,
 )
-from cimhes.cim.message import ErrorCode, Reply, ReplyResult, Verb
+from cimhes.cim.message import ErrorCode, Header, Reply, ReplyResult, Verb
 from cimhes.cim.meter_readings import (
     DeviceRef,
     GetMeterReadings,
@@ -317,7 +317,7 @@ def encode_meter_readings_response(response: MeterReadingsResponse) -> etree._El
     the Names the schema requires, named by the code). The Payload is left out of a FAILED reply
     that carries no readings, and out of an acknowledgment (Error 0.3).
     """
-    wrapper, r = NS_GET_METER_READINGS_MESSAGE, NS_METER_READINGS
+    wrapper = NS_GET_METER_READINGS_MESSAGE
     root = _message_root("MeterReadingsResponseMessage")
     encode_header(root, wrapper, response.header)
     encode_reply(root, wrapper, response.reply)
@@ -325,14 +325,55 @@ def encode_meter_readings_response(response: MeterReadingsResponse) -> etree._El
     acknowledgment = any(e.code == ErrorCode.ACKNOWLEDGED for e in response.reply.errors)
     if response.meter_readings or (response.reply.result is not ReplyResult.FAILED
                                    and not acknowledgment):
-        readings = sub_element(sub_element(root, wrapper, "Payload"), r, "MeterReadings")
-        stamps: dict[datetime, str] = {}
-        for meter_reading in response.meter_readings:
-            _encode_meter_reading(readings, meter_reading, stamps)
-        for code in _reading_types_used(response.meter_readings):
-            reading_type = sub_element(readings, r, "ReadingType")
-            sub_element(reading_type, r, "mRID", code)
-            sub_element(sub_element(reading_type, r, "Names"), r, "name", code)
+        _encode_payload(root, wrapper, response.meter_readings)
+    return root
+
+
+def _encode_payload(root: etree._Element, wrapper: str, meter_readings) -> None:
+    r = NS_METER_READINGS
+    readings = sub_element(sub_element(root, wrapper, "Payload"), r, "MeterReadings")
+    stamps: dict[datetime, str] = {}
+    for meter_reading in meter_readings:
+        _encode_meter_reading(readings, meter_reading, stamps)
+    for code in _reading_types_used(meter_readings):
+        reading_type = sub_element(readings, r, "ReadingType")
+        sub_element(reading_type, r, "mRID", code)
+        sub_element(sub_element(reading_type, r, "Names"), r, "name", code)
+
+
+# ------------------------------------------------------------ the published event (Send/Receive)
+
+NS_METER_READINGS_MESSAGE = "http://iec.ch/TC57/2011/MeterReadingsMessage"
+EVENT_SCHEMA = "MeterReadingsMessage.xsd"
+
+
+def encode_created_meter_readings(header: Header, meter_readings) -> etree._Element:
+    """The MeterReadingsMessage:CreatedMeterReadings event (Header + Payload) a head-end
+    publishes to its subscribers; ``header`` is normally verb created, noun MeterReadings."""
+    root = etree.Element(qname(NS_METER_READINGS_MESSAGE, "CreatedMeterReadings"), nsmap={
+        "msg": NS_MESSAGE, "mrm": NS_METER_READINGS_MESSAGE, "mr": NS_METER_READINGS})
+    encode_header(root, NS_METER_READINGS_MESSAGE, header)
+    _encode_payload(root, NS_METER_READINGS_MESSAGE, meter_readings)
+    return root
+
+
+def decode_created_meter_readings(element: etree._Element) -> tuple[Header, tuple[MeterReading, ...]]:
+    """(Header, readings) of a MeterReadingsMessage:CreatedMeterReadings event, validated first."""
+    expect_root(element, NS_METER_READINGS_MESSAGE, "CreatedMeterReadings")
+    validate(element, EVENT_SCHEMA)
+    payload = child(element, NS_METER_READINGS_MESSAGE, "Payload")
+    readings = None if payload is None else child(payload, NS_METER_READINGS, "MeterReadings")
+    return (decode_header(child(element, NS_METER_READINGS_MESSAGE, "Header")),
+            () if readings is None else tuple(
+                _decode_meter_reading(n) for n in children(readings, NS_METER_READINGS, "MeterReading")))
+
+
+def encode_event_response(header: Header, reply: Reply) -> etree._Element:
+    """The MeterReadingsMessage:MeterReadingsResponseMessage a receiver answers an event with."""
+    root = etree.Element(qname(NS_METER_READINGS_MESSAGE, "MeterReadingsResponseMessage"),
+                         nsmap={"msg": NS_MESSAGE, "mrm": NS_METER_READINGS_MESSAGE})
+    encode_header(root, NS_METER_READINGS_MESSAGE, header)
+    encode_reply(root, NS_METER_READINGS_MESSAGE, reply)
     return root
 
 
