@@ -77,8 +77,13 @@ def main(argv: list[str] | None = None) -> int:
 
     commands.add_parser("simulate", help="a fleet of simulated IDIS meters (see simulate -h)",
                         add_help=False)
+    commands.add_parser("harness", help="test an IEC 61968-9 head-end or MDM (see harness -h)",
+                        add_help=False)
 
     argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["harness"]:
+        from cimhes.endpoints.harness import harness_main
+        return harness_main(argv[1:])
     if argv[:1] == ["simulate"]:
         from cimhes.fixtures.fleet import simulate_main
         return simulate_main(argv[1:])

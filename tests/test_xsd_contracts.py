@@ -21,9 +21,27 @@ TNS = "http://iec.ch/TC57/2011/GetMeterReadings"
 # ------------------------------------------------------------------------------------------- loader
 
 
-def test_documents_are_the_five_contract_files():
+def test_documents_are_the_contract_files():
     assert xsd.DOCUMENTS == {"Message.xsd", "GetMeterReadings.xsd", "MeterReadings.xsd",
-                             "GetMeterReadingsMessage.xsd", "GetMeterReadings.wsdl"}
+                             "GetMeterReadingsMessage.xsd", "GetMeterReadings.wsdl",
+                             "ReplyMeterReadings.wsdl", "MeterReadingsMessage.xsd",
+                             "ReceiveMeterReadings.wsdl"}
+
+
+def _soap_actions(path) -> dict[str, str]:
+    tree = etree.parse(str(path))
+    return {op.getparent().get("name"): op.get("soapAction")
+            for op in tree.iter("{http://schemas.xmlsoap.org/wsdl/soap/}operation")}
+
+
+def test_receive_meter_readings_has_the_standards_operation_and_action():
+    ours = _soap_actions(xsd.path("ReceiveMeterReadings.wsdl"))
+    theirs = _soap_actions(reference("connexo", "coko-outbound", "meterreadings",
+                                     "SendMeterReadings.wsdl"))
+    assert ours == {"CreatedMeterReadings": theirs["CreatedMeterReadings"]}
+    for name in ("ReceiveMeterReadings.wsdl", "ReplyMeterReadings.wsdl"):
+        client = zeep.Client(str(xsd.path(name)))
+        assert len(client.wsdl.services) == 1
 
 
 @pytest.mark.parametrize("name", ["../xsd/Message.xsd", "/etc/passwd", "__init__.py", "message.xsd", ""])
@@ -121,7 +139,8 @@ def test_served_wsdl_loads_with_zeep_over_http():
     assert normalised(describe(client)) == EXPECTED
     assert client.service._binding_options["address"] == SERVICE
     assert set(transport.loaded) == {f"{SERVICE}?wsdl"} | {
-        f"{SERVICE}?xsd={name}" for name in xsd.DOCUMENTS if name.endswith(".xsd")}
+        f"{SERVICE}?xsd={name}" for name in xsd.DOCUMENTS
+        if name.endswith(".xsd") and name != "MeterReadingsMessage.xsd"}  # ReceiveMeterReadings' own
 
 
 def test_reference_wsdl_describes_the_same_operation():
