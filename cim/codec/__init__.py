@@ -4,7 +4,9 @@
   family (each carrying its 61968-100 Reply.Error code) and the element helpers the nouns share;
 - :mod:`.envelope`: the 61968-100 Header, Reply, Error and ID, and the IdentifiedObject parts
   (Names, references) every profile uses;
-- :mod:`.meter_readings`: GetMeterReadings, MeterReadingsResponseMessage, MeterReadingsFaultMessage.
+- :mod:`.meter_readings`: GetMeterReadings, MeterReadingsResponseMessage, MeterReadingsFaultMessage,
+  CreatedMeterReadings;
+- :mod:`.end_device_events`: CreatedEndDeviceEvents and its response (no service uses it yet).
 
 This package's face re-exports the names callers use, so ``from cimhes.cim.codec import parse_xml``
 keeps working whichever module a function lives in.
