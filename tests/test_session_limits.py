@@ -216,5 +216,7 @@ def test_no_descriptor_left_is_the_head_ends_error_not_the_meters(tmp_path):
     assert report["result"] == "FAILED"
     assert [error[1] for error in report["errors"]] == report["mrids"]
     for code, _, reason in report["errors"]:
-        assert code == ErrorCode.HIGH_LOAD.value  # 5.1, detail head-end-exhausted
+        # The head-end's own fault, never the meter's: 5.1 head-end-exhausted when the session
+        # saw it, 5.3 internal when the store's side ran out first (timing decides which).
+        assert code in (ErrorCode.HIGH_LOAD.value, ErrorCode.INTERNAL_ERROR.value)
         assert "HeadEndExhausted" in reason and "no file descriptor left" in reason
