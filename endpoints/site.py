@@ -39,6 +39,8 @@ from cimhes.endpoints.soap_resource import SoapResource
 from cimhes.endpoints.tls import callback_session
 from cimhes.engine import request_log
 from cimhes.engine.admission import Admission, RequestLimits
+from cimhes.engine.dispatch import Dispatcher
+from cimhes.engine.limits import EngineSettings
 from cimhes.engine.reading import MeterReadingService
 from cimhes.engine.rate_limits import (
     DEFAULT_CONTROL_LIMITS,
@@ -82,6 +84,8 @@ class HeadEndSettings:
     # MDM endpoints (name, ReceiveMeterReadings URL) every new reading is published to.
     subscribers: tuple[tuple[str, str], ...] = ()
     publish_first_retry: float = 2.0  # s before the first retry; doubled each time, <= 10 min
+    # The engine's other bounds: per route, per device, retries, re-reads (docs/architecture.md).
+    engine: EngineSettings = field(default_factory=EngineSettings)
 
 
 class _Index(Resource):
@@ -125,11 +129,16 @@ class HeadEnd:
         self.control_gate = ControlGate(
             ControlRateLimiter(settings.control_limits, reactor.seconds), self.audit)
         self.doorkeeper = Doorkeeper(Authenticator(self.store_runner, self.users), self.audit)
-        self.readings = MeterReadingService(
-            reactor, self.store_runner, concurrency=settings.read_concurrency,
-            limits=(settings.session_limits if settings.device_timeout is None
-                    else SessionLimits.of(settings.device_timeout)),
+        self.dispatcher = Dispatcher(
+            reactor, self.store_runner, settings.engine, max_sessions=settings.read_concurrency,
+            session_limits=(settings.session_limits if settings.device_timeout is None
+                            else SessionLimits.of(settings.device_timeout)),
             connections_per_second=settings.connections_per_second, security=security)
+        # One engine owns this store: what an earlier process left running is requeued first.
+        self.dispatcher.start(requeue=True)
+        reactor.addSystemEventTrigger("before", "shutdown", self.dispatcher.stop)
+        self.readings = MeterReadingService(reactor, self.store_runner,
+                                            dispatcher=self.dispatcher)
         self.admission = Admission(settings.request_limits)
         self.publisher = MdmPublisher(
             reactor, self.store_runner, dict(settings.subscribers), self.callback_session,

@@ -1,23 +1,27 @@
 """On-demand meter reading: a GetMeterReadings request becomes one DLMS session per device.
 
-The devices are read concurrently under one bound shared by every request (a head-end must not
-open more sessions than its network and meters bear, however many MDM calls arrive at once).
+Each device's read is a job (priority on-demand) run by the engine's dispatcher, so the same
+limits, fairness and durability apply as to scheduled collection (a head-end must not open more
+sessions than its network and meters bear, however many MDM calls arrive at once); the request
+is still answered synchronously, once every job is finished.
 A device that does not answer, refuses the association or sends garbage is an Error on that
 device in the reply; the others are still read, stored and returned.
 """
 from __future__ import annotations
 
 import logging
+import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 
-from twisted.internet.defer import DeferredList, DeferredSemaphore, inlineCallbacks
+from twisted.internet.defer import gatherResults, inlineCallbacks
+from twisted.python.failure import Failure
 
 from cimhes.cim.message import Error, ErrorCase, ErrorCode, ErrorLevel, ReplyResult
 from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings, MeterReading
 from cimhes.cim.reading_type import ReadingType
-from cimhes.drivers import DeviceAddress, MeterReadResult, driver_for, needs_window
+from cimhes.drivers import DeviceAddress, needs_window
 from cimhes.drivers.errors import (
     AnswerTooLarge,
     AssociationRefused,
@@ -33,9 +37,12 @@ from cimhes.drivers.errors import (
     UnsupportedReadingType,
 )
 from cimhes.drivers.security import HeadEndSecurity
-from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, ConnectionPacer, SessionLimits
+from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, SessionLimits
 from cimhes.engine import redaction
-from cimhes.engine.store import ReadingWriter, StoreRunner
+from cimhes.engine.dispatch import Dispatcher
+from cimhes.engine.jobs import NewJob, Priority
+from cimhes.engine.limits import EngineSettings
+from cimhes.engine.store import StoreRunner
 
 log = logging.getLogger(__name__)
 
@@ -78,25 +85,34 @@ class ReadOutcome:
 
 
 class MeterReadingService:
-    """Reads meters on demand: resolve the devices, read them under a bound, store, report."""
+    """Reads meters on demand: resolve the devices, make one job per device (priority on-demand),
+    wait for the dispatcher to finish them under its limits, and report."""
 
-    def __init__(self, reactor, store: StoreRunner, *, concurrency: int = 200,
-                 limits: SessionLimits | None = None, timeout: float | None = None,
+    def __init__(self, reactor, store: StoreRunner, *, dispatcher: Dispatcher | None = None,
+                 concurrency: int = 200, limits: SessionLimits | None = None,
+                 timeout: float | None = None,
                  connections_per_second: float = DEFAULT_CONNECTIONS_PER_SECOND,
+                 settings: EngineSettings | None = None,
                  now: Callable[[], datetime] | None = None,
                  security: HeadEndSecurity | None = None):
-        """`concurrency` bounds the sessions open at once, `connections_per_second` the new
-        connections (0: unpaced), `limits` each session (`timeout` alone is the short form:
-        connect and response timeout, other limits at their defaults)."""
+        """Without `dispatcher`, one of its own is made and started: `concurrency` bounds the
+        sessions open at once, `connections_per_second` the new connections (0: unpaced),
+        `limits` each session (`timeout` alone is the short form: connect and response
+        timeout, other limits at their defaults), `settings` the engine's other bounds,
+        `security` what HLS-GMAC meters need (system title, counter book)."""
         self._reactor = reactor
         self._store = store
-        self._sessions = DeferredSemaphore(concurrency)
-        self._limits = limits or (SessionLimits.of(timeout) if timeout is not None
-                                  else SessionLimits())
-        self._pacer = ConnectionPacer(reactor, connections_per_second)
         self._now = now or (lambda: datetime.now(timezone.utc))
-        self._security = security  # for HLS-GMAC meters: system title, counter book
-        self._writer = ReadingWriter(store, self._now)
+        if dispatcher is None:
+            dispatcher = Dispatcher(
+                reactor, store, settings, max_sessions=concurrency,
+                session_limits=limits or (SessionLimits.of(timeout) if timeout is not None
+                                          else SessionLimits()),
+                connections_per_second=connections_per_second, security=security,
+                now=self._now)
+            dispatcher.start()
+            reactor.addSystemEventTrigger("before", "shutdown", dispatcher.stop)
+        self.dispatcher = dispatcher
 
     @inlineCallbacks
     def read(self, request: GetMeterReadings):
@@ -111,39 +127,32 @@ class MeterReadingService:
         if not devices:
             return outcome
 
-        saves = []
+        settings = self.dispatcher.settings
+        jobs = [NewJob(device.mrid, tuple(reading_types), request.start, request.end)
+                for device in devices]
+        ids, _ = yield self._store.call(
+            self.dispatcher.jobs.create_request, f"on-demand:{uuid.uuid4()}", "on-demand", jobs,
+            priority=Priority.ON_DEMAND, max_attempts=settings.on_demand_attempts,
+            now=self._now())
+        waiting = [self.dispatcher.wait(job_id) for job_id in ids]
+        self.dispatcher.wake()
+        results = yield gatherResults(waiting)
 
-        def store(result: MeterReadResult) -> MeterReadResult:
-            saves.append(self._writer.save(result.meter_reading))
-            return result
-
-        reads = [self._sessions.run(self._read_device, device, reading_types,
-                                    request.start, request.end).addCallback(store)
-                 for device in devices]
-        results = yield DeferredList(reads, consumeErrors=True)
-        for device, (succeeded, value) in zip(devices, results):
-            if succeeded:
-                outcome.meter_readings.append(value.meter_reading)
+        not_stored = [r for r in results if r.result is not None and r.error is not None]
+        for device, job in zip(devices, results):
+            if job.result is not None:
+                outcome.meter_readings.append(job.result.meter_reading)
                 # Types the device could not serve are errors on it; its other values stand.
-                outcome.errors.extend(_device_error(device, error) for error in value.errors)
+                outcome.errors.extend(_device_error(device, error) for error in job.result.errors)
             else:
                 outcome.devices_failed += 1
-                outcome.errors.append(_failed_device(device, value))
-
-        stored = yield DeferredList(saves, consumeErrors=True)
-        failures = [value for succeeded, value in stored if not succeeded]
-        if failures:  # the readings still go back to the caller
-            log.error("storing readings failed: %s", redaction.log_line(failures[0]))
+                outcome.errors.append(_failed_device(device, job.error))
+        if not_stored:  # the readings still go back to the caller
             outcome.errors.append(Error(
                 code=ErrorCode.INTERNAL_ERROR, level=ErrorLevel.WARNING,
-                reason=f"{len(failures)} of {len(saves)} devices' readings below were read "
-                       f"but not stored: {redaction.summary(failures[0].value)}"))
+                reason=f"{len(not_stored)} of {len(results)} devices' readings below were "
+                       f"read but not stored: {redaction.summary(not_stored[0].error)}"))
         return outcome
-
-    def _read_device(self, device: DeviceAddress, reading_types, start, end):
-        driver = driver_for(device.device_type)
-        return driver.read(self._reactor, device, reading_types, start, end, self._limits,
-                           self._pacer, self._security)
 
     @inlineCallbacks
     def _resolve(self, request: GetMeterReadings, outcome: ReadOutcome):
@@ -234,12 +243,12 @@ def _device_error(device: DeviceAddress, error: DeviceError) -> Error:
                  object_type="EndDevice")
 
 
-def _failed_device(device: DeviceAddress, failure) -> Error:
-    if isinstance(failure.value, DeviceError):
-        return _device_error(device, failure.value)
+def _failed_device(device: DeviceAddress, exc: BaseException) -> Error:
+    if isinstance(exc, DeviceError):
+        return _device_error(device, exc)
     ref = redaction.reference()
-    log.error("reading %s failed unexpectedly: %s", device.mrid, redaction.log_line(failure, ref))
-    exc = failure.value
+    log.error("reading %s failed unexpectedly: %s", device.mrid,
+              redaction.log_line(Failure(exc), ref))
     return Error(code=ErrorCode.INTERNAL_ERROR, reason=f"EndDevice {device.mrid}: internal error "
                  f"while reading ({redaction.summary(exc)}; log reference {ref})",
                  id=device.mrid, id_kind="uuid", object_type="EndDevice")

@@ -1,0 +1,432 @@
+"""The dispatcher: claims due jobs from the store and runs them as device sessions under the limits.
+
+Order. Claimed jobs wait in a `FairQueue`: strictly by priority (controls, on-demand, then
+scheduled), and within a priority round-robin between the requests the jobs serve, one job per
+request per turn, so a one-meter call is never stuck behind a 5,000-meter one. The store's
+`claim` hands jobs out in the same order, so the fairness holds beyond the prefetched few.
+
+Sessions. A job starts only when `ConnectionBounds` allows its device (sessions open at once,
+per route, the gap since the device's last connection); a refused job stays queued and the
+dispatcher sleeps on one timer until the soonest moment something may start. New connections
+are then paced by the drivers' `ConnectionPacer`, and each session is bounded by their
+`SessionLimits`. When a job for a
+device starts, every other claimed read job for that device joins it: one association reads the
+union of their reading types over the union of their windows, and each job gets its own share.
+
+Outcomes. After a session the readings are stored (`ReadingWriter`, idempotent), then each job
+is settled in one batched transaction on the store thread: done; re-read later (intervals still
+missing and the deadline not reached: the next read covers exactly the gaps); retried with
+exponential backoff and jitter; or failed with the last error. Whoever waits for a job (an
+on-demand request) gets a `JobOutcome` once the job is finished.
+"""
+from __future__ import annotations
+
+import logging
+import os
+import random
+import socket
+import uuid
+from collections import OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from datetime import datetime, timedelta, timezone
+
+from twisted.internet.defer import Deferred, succeed
+from twisted.internet.task import LoopingCall
+from twisted.python.failure import Failure
+
+from cimhes.cim.meter_readings import IntervalBlock, MeterReading
+from cimhes.drivers import MeterReadResult, driver_for
+from cimhes.drivers.errors import AssociationRefused, DeviceError
+from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, ConnectionPacer, SessionLimits
+from cimhes.drivers.security import HeadEndSecurity
+from cimhes.engine.jobs import Completion, Job, JobState, JobStore, missing_to_json
+from cimhes.engine.limits import ConnectionBounds, EngineSettings
+from cimhes.engine.reread import interval_length, missing_ranges, span
+from cimhes.engine.store import ReadingWriter, StoreRunner
+
+log = logging.getLogger(__name__)
+
+# AARE result 1: rejected-permanent (a wrong password stays wrong): not worth a retry.
+_REJECTED_PERMANENT = 1
+
+
+@dataclass
+class JobOutcome:
+    """A finished job: its final state, its share of what was read (None if nothing was), the
+    error that failed it or that kept its readings out of the store, and what stays missing."""
+
+    job: Job
+    state: JobState
+    result: MeterReadResult | None = None
+    error: BaseException | None = None
+    missing: dict[str, list[tuple[datetime, datetime]]] = field(default_factory=dict)
+
+
+class FairQueue:
+    """Claimed jobs waiting for a session: by priority, then round-robin between requests."""
+
+    def __init__(self) -> None:
+        self._levels: dict[int, OrderedDict[str, deque[Job]]] = {}
+        self._by_device: dict[str, list[Job]] = {}
+        self._count = 0
+
+    def __len__(self) -> int:
+        return self._count
+
+    def push(self, job: Job) -> None:
+        level = self._levels.setdefault(job.priority, OrderedDict())
+        if job.request_key not in level:
+            # A request that has just arrived takes the next turn, ahead of those being served.
+            level[job.request_key] = deque()
+            level.move_to_end(job.request_key, last=False)
+        level[job.request_key].append(job)
+        self._by_device.setdefault(job.device.mrid, []).append(job)
+        self._count += 1
+
+    def take(self, wait_for: Callable[[Job], float | None]) -> tuple[Job | None, float | None]:
+        """The first job `wait_for` lets start now (0), and its request's turn passes; else
+        None and the soonest positive wait reported (None if every job waits on a session)."""
+        soonest: float | None = None
+        blocked: set[tuple[str, str | None]] = set()
+        for priority in sorted(self._levels):
+            requests = self._levels[priority]
+            for key in list(requests):
+                for job in requests[key]:
+                    if (job.device.mrid, job.route) in blocked:
+                        continue
+                    wait = wait_for(job)
+                    if wait == 0:
+                        self._remove(job)
+                        if key in requests:
+                            requests.move_to_end(key)
+                        return job, None
+                    blocked.add((job.device.mrid, job.route))
+                    if wait is not None and (soonest is None or wait < soonest):
+                        soonest = wait
+        return None, soonest
+
+    def take_device(self, mrid: str, kind: str) -> list[Job]:
+        """Every waiting job of `kind` for device `mrid` (to share one session)."""
+        jobs = [job for job in self._by_device.get(mrid, ()) if job.kind == kind]
+        for job in jobs:
+            self._remove(job)
+        return jobs
+
+    def drain(self) -> list[Job]:
+        jobs = [job for level in self._levels.values() for q in level.values() for job in q]
+        for job in jobs:
+            self._remove(job)
+        return jobs
+
+    def _remove(self, job: Job) -> None:
+        requests = self._levels[job.priority]
+        queue = requests[job.request_key]
+        queue.remove(job)
+        if not queue:
+            del requests[job.request_key]
+            if not requests:
+                del self._levels[job.priority]
+        same_device = self._by_device[job.device.mrid]
+        same_device.remove(job)
+        if not same_device:
+            del self._by_device[job.device.mrid]
+        self._count -= 1
+
+
+class Dispatcher:
+    """Runs the store's jobs in this process (see the module docstring)."""
+
+    def __init__(self, reactor, runner: StoreRunner, settings: EngineSettings | None = None, *,
+                 max_sessions: int = 200, session_limits: SessionLimits | None = None,
+                 connections_per_second: float = DEFAULT_CONNECTIONS_PER_SECOND,
+                 security: HeadEndSecurity | None = None, engine_id: str | None = None, now: Callable[[], datetime] | None = None,
+                 jitter: Callable[[], float] = random.random):
+        self._reactor = reactor
+        self._runner = runner
+        self.jobs = JobStore(runner.store)
+        self.settings = settings or EngineSettings()
+        self.engine_id = engine_id or f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self._now = now or (lambda: datetime.now(timezone.utc))
+        self._jitter = jitter
+        self.bounds = ConnectionBounds(max_sessions, self.settings, reactor.seconds)
+        self.session_limits = session_limits or SessionLimits()
+        self._pacer = ConnectionPacer(reactor, connections_per_second)
+        self._security = security  # for HLS-GMAC meters: system title, counter book
+        self._queue = FairQueue()
+        self._in_session = 0  # jobs (not sessions) being worked on
+        self._waiters: dict[int, list[Deferred]] = {}
+        self._writer = ReadingWriter(runner, self._now)
+        self._settling: list[tuple[Completion, JobOutcome]] = []
+        self._settle_running = False
+        self._claiming = False
+        self._wanted_claim = False
+        self._timer = None
+        self._poll = LoopingCall(self.wake)
+        self._stopped = True
+        self.sessions_started = 0
+
+    # -- the face ----------------------------------------------------------------------------
+
+    def start(self, requeue: bool = True) -> Deferred:
+        """Start dispatching. With `requeue` (one engine owns the store), jobs left running by
+        an earlier process go back to the queue first: a restart resumes every unfinished job."""
+        self._stopped = False
+        started = (self._runner.call(self.jobs.requeue_unfinished) if requeue
+                   else succeed(0))
+
+        def go(requeued):
+            if requeued:
+                log.info("engine %s: %d unfinished jobs requeued", self.engine_id, requeued)
+            if not self._stopped:
+                self._poll.start(self.settings.poll_interval, now=True)
+            return requeued
+        return started.addCallback(go)
+
+    def stop(self) -> None:
+        self._stopped = True
+        if self._poll.running:
+            self._poll.stop()
+        if self._timer is not None and self._timer.active():
+            self._timer.cancel()
+
+    def wait(self, job_id: int) -> Deferred:
+        """Deferred[JobOutcome] firing when job `job_id` is finished by this dispatcher."""
+        waiter = Deferred()
+        self._waiters.setdefault(job_id, []).append(waiter)
+        return waiter
+
+    def wake(self) -> None:
+        """New or due jobs may be in the store: claim and dispatch what the limits allow."""
+        if self._stopped:
+            return
+        self._dispatch()
+        self._claim()
+
+    # -- claiming ----------------------------------------------------------------------------
+
+    def _claim(self) -> None:
+        room = self.settings.prefetch - len(self._queue) - self._in_session
+        if room <= 0:
+            return
+        if self._claiming:
+            self._wanted_claim = True
+            return
+        self._claiming = True
+        self._wanted_claim = False
+        claimed = self._runner.call(self.jobs.claim, self.engine_id, room, self._now())
+
+        def got(result):
+            jobs, next_due = result
+            for job in jobs:
+                self._queue.push(job)
+            if next_due is not None:
+                self._wake_at((next_due - self._now()).total_seconds())
+            return len(jobs) == room
+
+        def done(full):
+            self._claiming = False
+            if isinstance(full, Failure):
+                log.error("claiming jobs failed: %s", type(full.value).__name__)
+                return None
+            self._dispatch()
+            if full or self._wanted_claim:
+                self._claim()
+            return None
+        claimed.addCallback(got).addBoth(done)
+
+    def _wake_at(self, seconds: float) -> None:
+        seconds = max(seconds, 0.0)
+        if self._timer is not None and self._timer.active():
+            if self._timer.getTime() <= self._reactor.seconds() + seconds:
+                return
+            self._timer.cancel()
+        self._timer = self._reactor.callLater(seconds, self.wake)
+
+    # -- sessions ----------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while not self._stopped:
+            job, wait = self._queue.take(
+                lambda j: self.bounds.wait_for(j.device.mrid, j.route))
+            if job is None:
+                if wait is not None:
+                    self._wake_at(wait)
+                return
+            batch = [job] + self._queue.take_device(job.device.mrid, job.kind)
+            self._start_session(batch)
+
+    def _start_session(self, batch: list[Job]) -> None:
+        device = batch[0].device
+        route = batch[0].route
+        self.bounds.started(device.mrid, route)
+        self.sessions_started += 1
+        self._in_session += len(batch)
+        reading_types, start, end = _merged(batch)
+        try:
+            reading = driver_for(device.device_type).read(
+                self._reactor, device, reading_types, start, end, self.session_limits,
+                self._pacer, self._security)
+        except Exception:  # a driver that raises instead of failing its Deferred
+            reading = Deferred()
+            reading.errback(Failure())
+
+        def ended(result):
+            self.bounds.ended(device.mrid, route)
+            self._dispatch()
+            self._claim()
+            if isinstance(result, Failure):
+                self._failed(batch, result.value)
+                return None
+            stored = self._writer.save(result.meter_reading)
+            stored.addBoth(lambda saved: self._read(batch, result, saved))
+            return None
+        reading.addBoth(ended)
+
+    # -- outcomes ----------------------------------------------------------------------------
+
+    def _read(self, batch: list[Job], result: MeterReadResult, saved) -> None:
+        if isinstance(saved, Failure):
+            # The type only: a store error's text holds SQL and its parameters.
+            log.error("storing the readings of %s failed: %s", batch[0].device.mrid,
+                      type(saved.value).__name__)
+            log.debug("storing the readings of %s failed: %s", batch[0].device.mrid,
+                      saved.getErrorMessage())
+            self._failed(batch, saved.value, shares=[_share(result, job) for job in batch])
+            return
+        self._queue_settle([(job, _share(result, job), None) for job in batch])
+
+    def _failed(self, batch: list[Job], error: BaseException, shares=None) -> None:
+        shares = shares or [None] * len(batch)
+        self._queue_settle([(job, share, error) for job, share in zip(batch, shares)])
+
+    def _queue_settle(self, items) -> None:
+        self._in_session -= len(items)
+        self._settling.extend(items)
+        if not self._settle_running:
+            self._settle_next()
+
+    def _settle_next(self) -> None:
+        batch, self._settling = self._settling, []
+        self._settle_running = bool(batch)
+        if not batch:
+            return
+        settled = self._runner.call(self._decide_and_settle, batch, self._now())
+
+        def apply(result):
+            if isinstance(result, Failure):
+                log.error("settling %d jobs failed: %s", len(batch), type(result.value).__name__)
+                outcomes = [JobOutcome(job, JobState.FAILED, share, result.value)
+                            for job, share, _ in batch]
+                applied = set()
+            else:
+                outcomes, applied = result
+            for outcome in outcomes:
+                if outcome.state is JobState.QUEUED:
+                    continue
+                if outcome.job.id not in applied and not isinstance(result, Failure):
+                    continue  # cancelled or taken over meanwhile: not ours to report
+                for waiter in self._waiters.pop(outcome.job.id, []):
+                    waiter.callback(outcome)
+            self._claim()
+            self._settle_next()
+        settled.addBoth(apply)
+
+    def _decide_and_settle(self, batch, now: datetime):
+        """On the store thread: decide each job's next state (finding the intervals still
+        missing from what the store now holds) and apply all decisions in one transaction."""
+        completions = []
+        outcomes = []
+        for job, share, error in batch:
+            if error is not None:
+                completion = self._after_failure(job, error, now)
+                outcomes.append(JobOutcome(job, completion.state, share, error))
+            else:
+                completion, missing = self._after_read(job, share, now)
+                outcomes.append(JobOutcome(job, completion.state, share, None, missing))
+            completions.append(completion)
+        applied = set(self.jobs.settle(completions, self.engine_id))
+        return outcomes, applied
+
+    def _after_failure(self, job: Job, error: BaseException, now: datetime) -> Completion:
+        attempts = job.attempts + 1
+        text = str(error) if isinstance(error, DeviceError) else \
+            f"internal error: {type(error).__name__}: {error}"
+        retry_at = now + timedelta(seconds=self.settings.retry_wait(attempts, self._jitter))
+        permanent = (isinstance(error, AssociationRefused)
+                     and error.result == _REJECTED_PERMANENT)
+        if (not permanent and attempts < job.max_attempts
+                and (job.deadline is None or retry_at < job.deadline)):
+            return Completion(job.id, JobState.QUEUED, attempts, now, error=text,
+                              next_attempt_at=retry_at)
+        return Completion(job.id, JobState.FAILED, attempts, now, error=text)
+
+    def _after_read(self, job: Job, share: MeterReadResult, now: datetime):
+        attempts = job.attempts + 1
+        error = "; ".join(str(e) for e in share.errors) or None
+        missing = self._missing(job, share)
+        reread_at = now + timedelta(seconds=self.settings.reread_delay)
+        if missing and job.deadline is not None and reread_at < job.deadline:
+            return Completion(job.id, JobState.QUEUED, attempts, now, error=error,
+                              next_attempt_at=reread_at, read_window=span(missing),
+                              missing=missing_to_json(missing), reread=True), missing
+        return Completion(job.id, JobState.DONE, attempts, now, error=error,
+                          missing=missing_to_json(missing)), missing
+
+    def _missing(self, job: Job, share: MeterReadResult) -> dict:
+        if job.window is None:
+            return {}
+        start, end = job.window
+        if end is None:
+            end = share.meter_reading.values_interval[1] if share.meter_reading.values_interval \
+                else None
+        unserved = {getattr(e, "reading_type", None) for e in share.errors}
+        steps = {t: interval_length(t) for t in job.reading_types if t not in unserved}
+        steps = {t: step for t, step in steps.items() if step is not None}
+        if not steps or end is None:
+            return {}
+        stored = self.jobs.stored_times(job.device.mrid, list(steps), start, end)
+        gaps = {t: missing_ranges(start, end, step, stored[t]) for t, step in steps.items()}
+        return {t: ranges for t, ranges in gaps.items() if ranges}
+
+
+def _merged(batch: list[Job]) -> tuple[list[str], datetime | None, datetime | None]:
+    """One session's reading types and window for several jobs on one device."""
+    if any(not job.reading_types for job in batch):
+        reading_types: list[str] = []  # one job wants every type: so does the session
+    else:
+        reading_types = list(dict.fromkeys(t for job in batch for t in job.reading_types))
+    windows = [job.read_window for job in batch if job.read_window is not None]
+    if not windows:
+        return reading_types, None, None
+    start = min(w[0] for w in windows)
+    ends = [w[1] for w in windows]
+    return reading_types, start, None if any(e is None for e in ends) else max(ends)
+
+
+def _share(result: MeterReadResult, job: Job) -> MeterReadResult:
+    """The part of a merged session's result that `job` asked for."""
+    reading = result.meter_reading
+    wanted = set(job.reading_types)
+    if not wanted and job.window is None:
+        return result
+
+    def asked(reading_type: str) -> bool:
+        return not wanted or reading_type in wanted
+
+    blocks = []
+    window = job.window
+    if window is not None:
+        start, end = window
+        for block in reading.interval_blocks:
+            if asked(block.reading_type):
+                blocks.append(IntervalBlock(block.reading_type, tuple(
+                    r for r in block.readings
+                    if start < r.timestamp and (end is None or r.timestamp <= end))))
+    values_interval = reading.values_interval
+    if window is not None and values_interval is not None:
+        values_interval = (window[0], window[1] or values_interval[1])
+    share = MeterReading(reading.meter, tuple(r for r in reading.readings if asked(r.reading_type)),
+                         tuple(blocks), values_interval if blocks else None)
+    errors = tuple(e for e in result.errors if asked(getattr(e, "reading_type", "")) or not wanted)
+    return MeterReadResult(share, errors)

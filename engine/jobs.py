@@ -1,0 +1,389 @@
+"""Durable jobs: every piece of work the engine does for a request is a row that outlives the process.
+
+A `JobRequestRecord` is what the work is for (an on-demand GetMeterReadings, one run of a read
+schedule); a `JobRecord` is one device's part of it: its kind ("read"; controls, event-log
+fetches and deliveries join as their drivers arrive), state, priority, attempts, next-attempt
+time, deadline, the reading types and window it must bring, the intervals still missing and
+the last error. States: queued -> running -> done | failed | cancelled; a retry or a re-read
+puts a job back to queued with a later next-attempt time.
+
+Durability rules (what a crash can and cannot do):
+- A job is created in the same transaction as its request, once: (request, device, kind) is
+  unique, so a schedule run created twice (two engines, a restart) has one job per meter.
+- `claim` moves due queued jobs to running for one engine; `requeue_unfinished` moves running
+  ones back to queued when an engine starts (or another engine takes over its work), so none is
+  lost.
+- Every state change out of running is conditional on the job still being running, so a job
+  completes once: readings are stored idempotently (one row per device, type and time) before
+  the job is marked done, and a job re-run after a crash between the two stores nothing twice.
+
+`JobStore` holds the blocking unit-of-work methods; the reactor reaches them through the
+store's thread (`StoreRunner.call`).
+"""
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from enum import Enum, IntEnum
+
+from sqlalchemy import (
+    JSON,
+    ForeignKey,
+    Index,
+    Integer,
+    String,
+    UniqueConstraint,
+    func,
+    select,
+    update,
+)
+from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
+
+from cimhes.drivers import DeviceAddress
+from cimhes.engine.store import Base, Device, EpochMillis, ReadingRecord, Store
+
+
+class JobState(str, Enum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    DONE = "done"
+    FAILED = "failed"
+    CANCELLED = "cancelled"
+
+
+FINISHED = (JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value)
+
+
+class Priority(IntEnum):
+    """Lower runs first: controls, then on-demand reads, then scheduled collection."""
+
+    CONTROL = 0
+    ON_DEMAND = 10
+    SCHEDULED = 50
+
+
+class JobRequestRecord(Base):
+    """What a set of jobs is for: an on-demand request or one run of a schedule."""
+
+    __tablename__ = "job_request"
+    id: Mapped[int] = mapped_column(primary_key=True)
+    key: Mapped[str] = mapped_column(String(200), unique=True)
+    kind: Mapped[str] = mapped_column(String(32))  # "on-demand" | "schedule"
+    schedule: Mapped[str | None] = mapped_column(String(128))
+    created_at: Mapped[datetime] = mapped_column(EpochMillis())
+    deadline: Mapped[datetime | None] = mapped_column(EpochMillis())
+
+
+class JobRecord(Base):
+    """One device's part of a request (see the module's docstring for the states)."""
+
+    __tablename__ = "job"
+    __table_args__ = (UniqueConstraint("request_id", "device_mrid", "kind"),
+                      Index("ix_job_due", "state", "priority", "next_attempt_at"))
+    id: Mapped[int] = mapped_column(primary_key=True)
+    request_id: Mapped[int] = mapped_column(ForeignKey("job_request.id"), index=True)
+    kind: Mapped[str] = mapped_column(String(32))
+    state: Mapped[str] = mapped_column(String(16))
+    priority: Mapped[int] = mapped_column(Integer)
+    device_mrid: Mapped[str] = mapped_column(String(64))
+    route: Mapped[str | None] = mapped_column(String(128))
+    reading_types: Mapped[list] = mapped_column(JSON)
+    # The window the job must bring (None: registers only), and the part still to read.
+    window_start: Mapped[datetime | None] = mapped_column(EpochMillis())
+    window_end: Mapped[datetime | None] = mapped_column(EpochMillis())
+    read_start: Mapped[datetime | None] = mapped_column(EpochMillis())
+    read_end: Mapped[datetime | None] = mapped_column(EpochMillis())
+    attempts: Mapped[int] = mapped_column(Integer, default=0)
+    max_attempts: Mapped[int] = mapped_column(Integer)
+    rereads: Mapped[int] = mapped_column(Integer, default=0)
+    next_attempt_at: Mapped[datetime] = mapped_column(EpochMillis())
+    deadline: Mapped[datetime | None] = mapped_column(EpochMillis())
+    last_error: Mapped[str | None] = mapped_column(String(1024))
+    # {reading type: [[start, end] epoch ms, ...]}: intervals still missing after the last read.
+    missing: Mapped[dict | None] = mapped_column(JSON(none_as_null=True))
+    claimed_by: Mapped[str | None] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(EpochMillis())
+    started_at: Mapped[datetime | None] = mapped_column(EpochMillis())
+    finished_at: Mapped[datetime | None] = mapped_column(EpochMillis())
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """A job to create: which device, what to read, and over which window."""
+
+    device_mrid: str
+    reading_types: tuple[str, ...] = ()
+    start: datetime | None = None
+    end: datetime | None = None
+    route: str | None = None
+    kind: str = "read"
+
+
+@dataclass
+class Job:
+    """A claimed job as the dispatcher works on it (the row's fields, and the device)."""
+
+    id: int
+    request_key: str
+    kind: str
+    priority: int
+    device: DeviceAddress
+    route: str | None
+    reading_types: tuple[str, ...]
+    window: tuple[datetime, datetime] | None
+    read_window: tuple[datetime, datetime] | None
+    attempts: int
+    max_attempts: int
+    rereads: int
+    deadline: datetime | None
+
+
+@dataclass(frozen=True)
+class Progress:
+    """How far a request is: jobs per state, and how many are done with intervals missing."""
+
+    request_key: str
+    counts: dict[str, int] = field(default_factory=dict)
+    incomplete: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(self.counts.values())
+
+    @property
+    def pending(self) -> int:
+        return self.counts.get("queued", 0) + self.counts.get("running", 0)
+
+    @property
+    def finished(self) -> bool:
+        return self.pending == 0
+
+    def line(self) -> str:
+        return (f"{self.request_key}: {self.counts.get('done', 0)} done "
+                f"({self.incomplete} with intervals missing), {self.counts.get('failed', 0)} "
+                f"failed, {self.pending} pending ({self.counts.get('running', 0)} running), "
+                f"{self.counts.get('cancelled', 0)} cancelled, of {self.total}")
+
+
+@dataclass(frozen=True)
+class JobReport:
+    """One job's outcome for a report: per meter, what failed and what stays missing."""
+
+    device_mrid: str
+    state: str
+    attempts: int
+    rereads: int
+    last_error: str | None
+    missing: dict[str, list[tuple[datetime, datetime]]]
+
+
+@dataclass(frozen=True)
+class Completion:
+    """What the dispatcher decided for a job after a session (see `JobStore.settle`)."""
+
+    job_id: int
+    state: JobState  # DONE, FAILED, or QUEUED (retry or re-read)
+    attempts: int
+    finished_at: datetime
+    error: str | None = None
+    next_attempt_at: datetime | None = None
+    read_window: tuple[datetime, datetime] | None = None
+    missing: dict | None = None
+    reread: bool = False
+
+
+class JobStore:
+    """Blocking unit-of-work methods over the job tables (run them on the store's thread)."""
+
+    def __init__(self, store: Store):
+        self._session = sessionmaker(store.engine, expire_on_commit=False)
+
+    def create_request(self, key: str, kind: str, jobs: Sequence[NewJob], *, priority: int,
+                       max_attempts: int, now: datetime, deadline: datetime | None = None,
+                       schedule: str | None = None) -> tuple[list[int], bool]:
+        """Create the request `key` and its jobs, once; returns (job ids, created now). A key
+        that exists already gives its jobs' ids and False (a schedule run created twice)."""
+        with self._session.begin() as session:
+            existing = session.scalar(select(JobRequestRecord).where(JobRequestRecord.key == key))
+            if existing is not None:
+                ids = session.scalars(select(JobRecord.id).where(
+                    JobRecord.request_id == existing.id).order_by(JobRecord.id)).all()
+                return list(ids), False
+            request = JobRequestRecord(key=key, kind=kind, schedule=schedule, created_at=now,
+                                       deadline=deadline)
+            session.add(request)
+            session.flush()
+            rows = [JobRecord(
+                request_id=request.id, kind=job.kind, state=JobState.QUEUED.value,
+                priority=priority, device_mrid=job.device_mrid, route=job.route,
+                reading_types=list(job.reading_types), window_start=job.start,
+                window_end=job.end, read_start=job.start, read_end=job.end, attempts=0,
+                max_attempts=max_attempts, rereads=0, next_attempt_at=now, deadline=deadline,
+                created_at=now) for job in jobs]
+            session.add_all(rows)
+            session.flush()
+            return [row.id for row in rows], True
+
+    def requeue_unfinished(self, engine_id: str | None = None) -> int:
+        """Running jobs (of `engine_id`, or of every engine) back to queued; how many."""
+        with self._session.begin() as session:
+            query = update(JobRecord).where(JobRecord.state == JobState.RUNNING.value)
+            if engine_id is not None:
+                query = query.where(JobRecord.claimed_by == engine_id)
+            result = session.execute(query.values(state=JobState.QUEUED.value, claimed_by=None))
+            return result.rowcount
+
+    def claim(self, engine_id: str, limit: int, now: datetime,
+              only: Iterable[int] | None = None) -> tuple[list[Job], datetime | None]:
+        """Up to `limit` due queued jobs, now running for `engine_id`, and when the next queued
+        job falls due (None: none queued). Order: priority, then round-robin between the
+        requests of one priority (each request's first job, then each one's second, ...), so
+        a large request never holds a small one back. `only` restricts the claim to those ids."""
+        with self._session.begin() as session:
+            turn = func.row_number().over(partition_by=JobRecord.request_id,
+                                          order_by=JobRecord.id).label("turn")
+            due = (select(JobRecord.id, JobRecord.priority, turn)
+                   .where(JobRecord.state == JobState.QUEUED.value,
+                          JobRecord.next_attempt_at <= now))
+            if only is not None:
+                due = due.where(JobRecord.id.in_(list(only)))
+            due = due.subquery()
+            ids = session.scalars(select(due.c.id).order_by(due.c.priority, due.c.turn, due.c.id)
+                                  .limit(limit)).all()
+            jobs: list[Job] = []
+            if ids:
+                session.execute(update(JobRecord).where(
+                    JobRecord.id.in_(ids), JobRecord.state == JobState.QUEUED.value).values(
+                    state=JobState.RUNNING.value, claimed_by=engine_id, started_at=now))
+                rows = session.execute(
+                    select(JobRecord, JobRequestRecord.key, Device)
+                    .join(JobRequestRecord, JobRequestRecord.id == JobRecord.request_id)
+                    .outerjoin(Device, Device.mrid == JobRecord.device_mrid)
+                    .where(JobRecord.id.in_(ids))).all()
+                by_id = {}
+                unknown = []
+                for job, key, device in rows:
+                    if device is None:
+                        unknown.append(job.id)
+                        continue
+                    by_id[job.id] = _job(job, key, device.address())
+                if unknown:  # a device removed from the inventory since: nothing to run
+                    session.execute(update(JobRecord).where(JobRecord.id.in_(unknown)).values(
+                        state=JobState.FAILED.value, finished_at=now,
+                        last_error="device no longer in the inventory"))
+                jobs = [by_id[i] for i in ids if i in by_id]
+            next_due = session.scalar(select(func.min(JobRecord.next_attempt_at)).where(
+                JobRecord.state == JobState.QUEUED.value))
+            return jobs, next_due
+
+    def settle(self, completions: Sequence[Completion], engine_id: str) -> list[int]:
+        """Apply the dispatcher's decisions in one transaction; each only if its job is still
+        running for `engine_id` (a job cancelled or handed to another engine meanwhile is left
+        alone). Returns the ids whose change was applied."""
+        applied = []
+        with self._session.begin() as session:
+            for c in completions:
+                values: dict = {"state": c.state.value, "attempts": c.attempts,
+                                "last_error": c.error[:1024] if c.error else None,
+                                "missing": c.missing}
+                if c.state is JobState.QUEUED:
+                    values.update(next_attempt_at=c.next_attempt_at, claimed_by=None)
+                    if c.read_window is not None:
+                        values.update(read_start=c.read_window[0], read_end=c.read_window[1])
+                    if c.reread:
+                        values["rereads"] = JobRecord.rereads + 1
+                else:
+                    values["finished_at"] = c.finished_at
+                result = session.execute(update(JobRecord).where(
+                    JobRecord.id == c.job_id, JobRecord.state == JobState.RUNNING.value,
+                    JobRecord.claimed_by == engine_id).values(**values))
+                if result.rowcount:
+                    applied.append(c.job_id)
+        return applied
+
+    def stored_times(self, device_mrid: str, reading_types: Sequence[str], start: datetime,
+                     end: datetime) -> dict[str, set[datetime]]:
+        """The interval timestamps stored for a device in start < t <= end, per reading type."""
+        found: dict[str, set[datetime]] = {t: set() for t in reading_types}
+        with self._session() as session:
+            rows = session.execute(
+                select(ReadingRecord.reading_type, ReadingRecord.timestamp)
+                .join(Device, Device.id == ReadingRecord.device_id)
+                .where(Device.mrid == device_mrid, ReadingRecord.reading_type.in_(reading_types),
+                       ReadingRecord.timestamp > start, ReadingRecord.timestamp <= end))
+            for reading_type, timestamp in rows:
+                found[reading_type].add(timestamp)
+        return found
+
+    def cancel(self, key: str, now: datetime) -> int:
+        """Cancel a request's unfinished jobs; how many."""
+        with self._session.begin() as session:
+            request_id = session.scalar(select(JobRequestRecord.id).where(
+                JobRequestRecord.key == key))
+            if request_id is None:
+                raise KeyError(f"no job request {key!r}")
+            result = session.execute(update(JobRecord).where(
+                JobRecord.request_id == request_id,
+                JobRecord.state.in_([JobState.QUEUED.value, JobState.RUNNING.value])).values(
+                state=JobState.CANCELLED.value, finished_at=now))
+            return result.rowcount
+
+    def progress(self, key: str) -> Progress:
+        with self._session() as session:
+            request_id = session.scalar(select(JobRequestRecord.id).where(
+                JobRequestRecord.key == key))
+            if request_id is None:
+                raise KeyError(f"no job request {key!r}")
+            counts = dict(session.execute(
+                select(JobRecord.state, func.count()).where(JobRecord.request_id == request_id)
+                .group_by(JobRecord.state)).all())
+            incomplete = session.scalar(select(func.count()).where(
+                JobRecord.request_id == request_id, JobRecord.state == JobState.DONE.value,
+                JobRecord.missing.is_not(None)))
+            return Progress(key, counts, incomplete or 0)
+
+    def requests(self, limit: int = 20) -> list[tuple[str, str, datetime]]:
+        """The latest job requests: (key, kind, created_at), newest first."""
+        with self._session() as session:
+            return [tuple(row) for row in session.execute(
+                select(JobRequestRecord.key, JobRequestRecord.kind, JobRequestRecord.created_at)
+                .order_by(JobRequestRecord.id.desc()).limit(limit))]
+
+    def reports(self, key: str) -> list[JobReport]:
+        """Per job of request `key`: its state, attempts, last error and what stays missing."""
+        with self._session() as session:
+            rows = session.scalars(
+                select(JobRecord).join(JobRequestRecord,
+                                       JobRequestRecord.id == JobRecord.request_id)
+                .where(JobRequestRecord.key == key).order_by(JobRecord.id)).all()
+            return [JobReport(r.device_mrid, r.state, r.attempts, r.rereads, r.last_error,
+                              missing_from_json(r.missing)) for r in rows]
+
+
+def missing_to_json(missing: dict[str, list[tuple[datetime, datetime]]]) -> dict | None:
+    """The `missing` column's form: epoch-millisecond pairs per reading type (None: nothing)."""
+    if not any(missing.values()):
+        return None
+    to_ms = EpochMillis().process_bind_param
+    return {t: [[to_ms(s, None), to_ms(e, None)] for s, e in ranges]
+            for t, ranges in missing.items() if ranges}
+
+
+def missing_from_json(value: dict | None) -> dict[str, list[tuple[datetime, datetime]]]:
+    from_ms = EpochMillis().process_result_value
+    return {t: [(from_ms(s, None), from_ms(e, None)) for s, e in ranges]
+            for t, ranges in (value or {}).items()}
+
+
+def _job(row: JobRecord, key: str, device: DeviceAddress) -> Job:
+    window = ((row.window_start, row.window_end) if row.window_start is not None else None)
+    read_window = ((row.read_start, row.read_end) if row.read_start is not None else None)
+    return Job(id=row.id, request_key=key, kind=row.kind, priority=row.priority, device=device,
+               route=row.route, reading_types=tuple(row.reading_types), window=window,
+               read_window=read_window, attempts=row.attempts, max_attempts=row.max_attempts,
+               rereads=row.rereads, deadline=row.deadline)
+
+
+__all__ = ["JobState", "Priority", "JobRequestRecord", "JobRecord", "NewJob", "Job", "Progress",
+           "JobReport", "Completion", "JobStore", "missing_to_json", "missing_from_json"]
