@@ -168,9 +168,12 @@ class Dispatcher:
 
     # -- the face ----------------------------------------------------------------------------
 
-    def start(self, requeue: bool = True) -> Deferred:
+    def start(self, requeue: bool = True, poll: bool = False) -> Deferred:
         """Start dispatching. With `requeue` (one engine owns the store), jobs left running by
-        an earlier process go back to the queue first: a restart resumes every unfinished job."""
+        an earlier process go back to the queue first: a restart resumes every unfinished job.
+        Jobs made in this process wake the dispatcher themselves, and retries and re-reads set
+        its timer; `poll` also asks the store every `poll_interval` seconds, for jobs that
+        other processes write."""
         self._stopped = False
         started = (self._runner.call(self.jobs.requeue_unfinished) if requeue
                    else succeed(0))
@@ -178,8 +181,12 @@ class Dispatcher:
         def go(requeued):
             if requeued:
                 log.info("engine %s: %d unfinished jobs requeued", self.engine_id, requeued)
-            if not self._stopped:
+            if self._stopped:
+                return requeued
+            if poll:
                 self._poll.start(self.settings.poll_interval, now=True)
+            else:
+                self.wake()
             return requeued
         return started.addCallback(go)
 

@@ -33,7 +33,7 @@ class EngineSettings:
     """
 
     max_sessions_per_route: int = 16
-    min_device_gap: float = 2.0
+    min_device_gap: float = 0.5
     prefetch: int = 1000
     max_attempts: int = 4
     on_demand_attempts: int = 1

@@ -114,7 +114,6 @@ def engine(tmp_path):
 
     def dispatcher(max_sessions=200, **settings):
         settings.setdefault("min_device_gap", 0)
-        settings.setdefault("poll_interval", 0.05)
         made_dispatcher = Dispatcher(reactor, runner, EngineSettings(**settings),
                                      max_sessions=max_sessions,
                                      session_limits=SessionLimits.of(3.0), jitter=lambda: 0.0)
@@ -230,7 +229,7 @@ def test_requests_for_one_meter_share_one_association(engine):
 @pytest_twisted.inlineCallbacks
 def test_a_meter_out_of_reach_is_retried_with_backoff_and_then_failed_with_its_error(engine):
     fleet, make_dispatcher, store, runner = engine
-    running, devices = fleet(2, faults=lambda k: TransientFaults(
+    running, devices = fleet(2, transient=lambda k: TransientFaults(
         drop_connections=1 if k == FIRST_METER else 99))
     dispatcher = make_dispatcher(max_attempts=3, retry_delay=0.2, retry_delay_max=0.3)
     started = reactor.seconds()
@@ -252,7 +251,7 @@ def test_a_meter_out_of_reach_is_retried_with_backoff_and_then_failed_with_its_e
 @pytest_twisted.inlineCallbacks
 def test_missing_intervals_are_re_read_exactly_until_complete(engine):
     fleet, make_dispatcher, store, runner = engine
-    running, devices = fleet(2, faults=lambda k: TransientFaults(
+    running, devices = fleet(2, transient=lambda k: TransientFaults(
         profile_gap_reads=1 if k == FIRST_METER else 99, gap_hours=(3, 4)))
     dispatcher = make_dispatcher(reread_delay=0.1)
     deadline = datetime.now(timezone.utc) + timedelta(seconds=1.5)
