@@ -1,4 +1,5 @@
-"""The `cimhes` command: `demo`, `serve`, `simulate`, `db`, and users and audit administration.
+"""The `cimhes` command: `demo`, `serve`, `simulate`, `db`, `collect`, `jobs`, and users and
+audit administration.
 
 Scripts drive these commands, so their output is a contract: once a server accepts requests it
 prints one JSON line on stdout (`{"ready": true, "base_url": ..., ...}`); logs go to stderr.
@@ -29,6 +30,12 @@ from cimhes.endpoints.admin_cli import (
     run_admin,
     secret_key_file,
 )
+from cimhes.endpoints.engine_cli import (
+    add_engine_commands,
+    add_engine_options,
+    engine_settings,
+    run_engine_command,
+)
 from cimhes.endpoints.facade_options import add_facade_options, facade_settings
 from cimhes.endpoints.session_options import add_session_options, ensure_descriptors, session_settings
 
@@ -56,6 +63,7 @@ def main(argv: list[str] | None = None) -> int:
                       help="where the demo writes its fleet's inventory (with keys: mode 0600)")
     add_store_arguments(demo, "var/cimhes-demo.sqlite")
     add_session_options(demo)
+    add_engine_options(demo)
     _tls_arguments(demo)
     add_facade_options(demo)
     demo.add_argument("--tls-self-signed", action="store_true",
@@ -67,13 +75,16 @@ def main(argv: list[str] | None = None) -> int:
     serve.add_argument("--inventory", required=True, help="inventory JSON (from cimhes simulate)")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--schedules", help="read schedules file (JSON): run them as they fall due")
     add_store_arguments(serve, "var/cimhes.sqlite")
     add_session_options(serve)
+    add_engine_options(serve)
     _tls_arguments(serve)
     add_facade_options(serve)
 
     add_admin_commands(commands, "var/cimhes.sqlite")
     add_db_commands(commands)
+    add_engine_commands(commands, "var/cimhes.sqlite")
 
     commands.add_parser("simulate", help="a fleet of simulated IDIS meters (see simulate -h)",
                         add_help=False)
@@ -100,6 +111,8 @@ def main(argv: list[str] | None = None) -> int:
             return run_admin(args, _database_url)
         if args.command == "db":
             return run_db_command(args, _database_url)
+        if args.command in ("collect", "jobs"):
+            return run_engine_command(args, _database_url, _read_inventory)
         return _demo(args) if args.command == "demo" else _serve(args)
     except (CannotListenError, OSError, ValueError, StoreUnavailable, SchemaOutOfDate) as exc:
         # What a user can fix (a port in use, a bad inventory file, a database down or without
@@ -185,6 +198,8 @@ def _settings(args):
                            secret_key_file=secret_key_file(args.db, args.secret_key_file),
                            callback_ca_bundle=args.ca_bundle,
                            control_limits=tuple(args.control_limit or DEFAULT_CONTROL_LIMITS),
+                           engine=engine_settings(args),
+                           schedules_file=getattr(args, "schedules", None),
                            **session_settings(args), **facade_settings(args))
 
 

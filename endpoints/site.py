@@ -48,6 +48,7 @@ from cimhes.engine.rate_limits import (
     ControlLimit,
     ControlRateLimiter,
 )
+from cimhes.engine.schedule import ScheduleConfig, Scheduler
 from cimhes.engine.security import CounterStore, StoredCounters
 from cimhes.engine.reading_sources import ReadingRequestService
 from cimhes.engine.usage_points import load_links
@@ -86,6 +87,8 @@ class HeadEndSettings:
     publish_first_retry: float = 2.0  # s before the first retry; doubled each time, <= 10 min
     # The engine's other bounds: per route, per device, retries, re-reads (docs/architecture.md).
     engine: EngineSettings = field(default_factory=EngineSettings)
+    # Read schedules (engine/schedule.py) run as they fall due; None: none.
+    schedules_file: str | None = None
 
 
 class _Index(Resource):
@@ -139,6 +142,12 @@ class HeadEnd:
         reactor.addSystemEventTrigger("before", "shutdown", self.dispatcher.stop)
         self.readings = MeterReadingService(reactor, self.store_runner,
                                             dispatcher=self.dispatcher)
+        self.scheduler = None
+        if settings.schedules_file:
+            self.scheduler = Scheduler(reactor, self.store_runner, self.dispatcher,
+                                       ScheduleConfig.from_file(settings.schedules_file))
+            self.scheduler.start()
+            reactor.addSystemEventTrigger("before", "shutdown", self.scheduler.stop)
         self.admission = Admission(settings.request_limits)
         self.publisher = MdmPublisher(
             reactor, self.store_runner, dict(settings.subscribers), self.callback_session,

@@ -165,6 +165,8 @@ class Dispatcher:
         self._poll = LoopingCall(self.wake)
         self._stopped = True
         self.sessions_started = 0
+        # Called after each batch of jobs is settled (a progress display's cue).
+        self.on_settled: Callable[[], object] | None = None
 
     # -- the face ----------------------------------------------------------------------------
 
@@ -337,6 +339,8 @@ class Dispatcher:
                     waiter.callback(outcome)
             self._claim()
             self._settle_next()
+            if self.on_settled is not None:
+                self.on_settled()
         settled.addBoth(apply)
 
     def _decide_and_settle(self, batch, now: datetime):
