@@ -10,8 +10,8 @@ per route, the gap since the device's last connection); a refused job stays queu
 dispatcher sleeps on one timer until the soonest moment something may start. New connections
 are then paced by the drivers' `ConnectionPacer`, and each session is bounded by their
 `SessionLimits`. When a job for a
-device starts, every other claimed read job for that device joins it: one association reads the
-union of their reading types over the union of their windows, and each job gets its own share.
+device starts, every other claimed read job for that device over the same window joins it: one
+association reads the union of their reading types, and each job gets its own share.
 
 Outcomes. After a session the readings are stored (`ReadingWriter`, idempotent), then each job
 is settled in one batched transaction on the store thread: done; re-read later (intervals still
@@ -37,7 +37,12 @@ from twisted.python.failure import Failure
 
 from cimhes.cim.meter_readings import IntervalBlock, MeterReading
 from cimhes.drivers import MeterReadResult, driver_for
-from cimhes.drivers.errors import AssociationRefused, DeviceError
+from cimhes.drivers.errors import (
+    AssociationRefused,
+    DeviceError,
+    ObjectUnavailable,
+    UnsupportedReadingType,
+)
 from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, ConnectionPacer, SessionLimits
 from cimhes.drivers.security import HeadEndSecurity
 from cimhes.engine.jobs import Completion, Job, JobState, JobStore, missing_to_json
@@ -106,9 +111,9 @@ class FairQueue:
                         soonest = wait
         return None, soonest
 
-    def take_device(self, mrid: str, kind: str) -> list[Job]:
-        """Every waiting job of `kind` for device `mrid` (to share one session)."""
-        jobs = [job for job in self._by_device.get(mrid, ()) if job.kind == kind]
+    def take_device(self, mrid: str, joins: Callable[[Job], bool]) -> list[Job]:
+        """Every waiting job for device `mrid` that `joins` accepts (to share one session)."""
+        jobs = [job for job in self._by_device.get(mrid, ()) if joins(job)]
         for job in jobs:
             self._remove(job)
         return jobs
@@ -262,7 +267,11 @@ class Dispatcher:
                 if wait is not None:
                     self._wake_at(wait)
                 return
-            batch = [job] + self._queue.take_device(job.device.mrid, job.kind)
+            # Jobs over the same window share the association; a different window would change
+            # what the others get (a register asked with a window is read from its history).
+            batch = [job] + self._queue.take_device(
+                job.device.mrid,
+                lambda other: other.kind == job.kind and other.read_window == job.read_window)
             self._start_session(batch)
 
     def _start_session(self, batch: list[Job]) -> None:
@@ -391,7 +400,8 @@ class Dispatcher:
         if end is None:
             end = share.meter_reading.values_interval[1] if share.meter_reading.values_interval \
                 else None
-        unserved = {getattr(e, "reading_type", None) for e in share.errors}
+        unserved = {e.reading_type for e in share.errors
+                    if isinstance(e, (UnsupportedReadingType, ObjectUnavailable))}
         steps = {t: interval_length(t) for t in job.reading_types if t not in unserved}
         steps = {t: step for t, step in steps.items() if step is not None}
         if not steps or end is None:

@@ -207,23 +207,28 @@ def test_no_route_holds_more_sessions_than_its_bound(engine):
 
 
 @pytest_twisted.inlineCallbacks
-def test_requests_for_one_meter_share_one_association(engine):
+def test_requests_for_one_meter_over_one_window_share_one_association(engine):
     fleet, make_dispatcher, _, runner = engine
     running, devices = fleet(1)
+    meter = devices[0].mrid
     dispatcher = make_dispatcher()
-    dispatcher.stop()  # queue both first, so they meet in one round
-    registers = yield _submit(dispatcher, runner, "billing", [NewJob(devices[0].mrid, (PLUS_A,))])
-    profile = yield _submit(dispatcher, runner, "profile", [
-        NewJob(devices[0].mrid, (MINUS_A, PLUS_A_PROFILE), *DAY)], priority=Priority.ON_DEMAND)
+    dispatcher.stop()  # queue them all first, so they meet in one round
+    billing = yield _submit(dispatcher, runner, "billing", [NewJob(meter, (PLUS_A,))])
+    export = yield _submit(dispatcher, runner, "export", [NewJob(meter, (MINUS_A,))],
+                           priority=Priority.ON_DEMAND)
+    plus = yield _submit(dispatcher, runner, "plus", [NewJob(meter, (PLUS_A_PROFILE,), *DAY)])
+    minus = yield _submit(dispatcher, runner, "minus", [NewJob(meter, (MINUS_A_PROFILE,), *DAY)])
     yield dispatcher.start(requeue=False)
-    first, second = yield _all(registers + profile)
+    billing, export, plus, minus = yield _all(billing + export + plus + minus)
 
-    assert running.transient(FIRST_METER).accepted == 1
-    assert [r.reading_type for r in first.result.meter_reading.readings] == [PLUS_A]
-    assert not first.result.meter_reading.interval_blocks
-    assert [r.reading_type for r in second.result.meter_reading.readings] == [MINUS_A]
-    (block,) = second.result.meter_reading.interval_blocks
-    assert block.reading_type == PLUS_A_PROFILE and len(block.readings) == 96
+    # Two associations: the registers at the meter's clock, and the day's profile.
+    assert running.transient(FIRST_METER).accepted == 2
+    assert [r.reading_type for r in billing.result.meter_reading.readings] == [PLUS_A]
+    assert [r.reading_type for r in export.result.meter_reading.readings] == [MINUS_A]
+    for outcome, reading_type in ((plus, PLUS_A_PROFILE), (minus, MINUS_A_PROFILE)):
+        (block,) = outcome.result.meter_reading.interval_blocks
+        assert block.reading_type == reading_type and len(block.readings) == 96
+        assert not outcome.result.meter_reading.readings
 
 
 @pytest_twisted.inlineCallbacks
