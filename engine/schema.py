@@ -28,6 +28,7 @@ MODEL_MODULES = (
     "cimhes.engine.users",
     "cimhes.engine.security",
     "cimhes.engine.events",
+    "cimhes.engine.jobs",
 )
 
 log = logging.getLogger(__name__)

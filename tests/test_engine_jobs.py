@@ -97,9 +97,10 @@ def test_settings_refuse_nonsense():
 # -- against meters --------------------------------------------------------------------------
 
 @pytest.fixture
-def engine(tmp_path):
-    """(start fleet, make dispatcher, store): every fleet and dispatcher made is stopped after."""
-    store = Store(f"sqlite:///{tmp_path / 'jobs.sqlite'}")
+def engine(database_url):
+    """(start fleet, make dispatcher, store, runner) on SQLite and on PostgreSQL: every fleet
+    and dispatcher made is stopped after."""
+    store = Store(database_url)
     runner = StoreRunner(reactor, store)
     made: list = []
 
