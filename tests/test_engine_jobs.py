@@ -177,8 +177,11 @@ def test_on_demand_work_overtakes_queued_collection_and_a_small_request_a_large_
     assert set(finished[first:last + 1]) == {"large", "small"}
     assert finished[last + 1:] == ["nightly"] * (len(finished) - last - 1)
     assert len(finished) - last - 1 >= 10
-    # ... and the small request took its turn beside the large one, not behind it.
-    assert finished.index("small") <= first + 1
+    # ... and the small request took its turn beside the large one, not behind its 16 jobs (one
+    # session at a time: at most the one open when it arrived, and one started while it was
+    # being claimed, came first).
+    on_demand = [key for key in finished if key != "nightly"]
+    assert on_demand.index("small") <= 2
 
 
 def _all(waiters):
