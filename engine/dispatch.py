@@ -45,6 +45,7 @@ from cimhes.drivers.errors import (
 )
 from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, ConnectionPacer, SessionLimits
 from cimhes.drivers.security import HeadEndSecurity
+from cimhes.engine import redaction
 from cimhes.engine.jobs import Completion, Job, JobState, JobStore, missing_to_json
 from cimhes.engine.limits import ConnectionBounds, EngineSettings
 from cimhes.engine.reread import interval_length, missing_ranges, span
@@ -241,7 +242,7 @@ class Dispatcher:
         def done(full):
             self._claiming = False
             if isinstance(full, Failure):
-                log.error("claiming jobs failed: %s", type(full.value).__name__)
+                log.error("claiming jobs failed: %s", redaction.log_line(full))
                 return None
             self._dispatch()
             if full or self._wanted_claim:
@@ -305,11 +306,8 @@ class Dispatcher:
 
     def _read(self, batch: list[Job], result: MeterReadResult, saved) -> None:
         if isinstance(saved, Failure):
-            # The type only: a store error's text holds SQL and its parameters.
             log.error("storing the readings of %s failed: %s", batch[0].device.mrid,
-                      type(saved.value).__name__)
-            log.debug("storing the readings of %s failed: %s", batch[0].device.mrid,
-                      saved.getErrorMessage())
+                      redaction.log_line(saved))
             self._failed(batch, saved.value, shares=[_share(result, job) for job in batch])
             return
         self._queue_settle([(job, _share(result, job), None) for job in batch])
@@ -333,7 +331,7 @@ class Dispatcher:
 
         def apply(result):
             if isinstance(result, Failure):
-                log.error("settling %d jobs failed: %s", len(batch), type(result.value).__name__)
+                log.error("settling %d jobs failed: %s", len(batch), redaction.log_line(result))
                 outcomes = [JobOutcome(job, JobState.FAILED, share, result.value)
                             for job, share, _ in batch]
                 applied = set()
@@ -371,7 +369,7 @@ class Dispatcher:
     def _after_failure(self, job: Job, error: BaseException, now: datetime) -> Completion:
         attempts = job.attempts + 1
         text = str(error) if isinstance(error, DeviceError) else \
-            f"internal error: {type(error).__name__}: {error}"
+            f"internal error: {redaction.summary(error)}"
         retry_at = now + timedelta(seconds=self.settings.retry_wait(attempts, self._jitter))
         permanent = (isinstance(error, AssociationRefused)
                      and error.result == _REJECTED_PERMANENT)
