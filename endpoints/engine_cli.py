@@ -127,10 +127,14 @@ def _collect(args, url: str, devices) -> int:
     from twisted.internet import reactor, task
 
     from cimhes.drivers.limits import SPARE_DESCRIPTORS
+    from cimhes.drivers.security import DEFAULT_CLIENT_SYSTEM_TITLE, HeadEndSecurity
+    from cimhes.endpoints.admin_cli import secret_key_file
     from cimhes.endpoints.session_options import ensure_descriptors, session_settings
     from cimhes.engine.dispatch import Dispatcher
     from cimhes.engine.schedule import ScheduleConfig, Scheduler
+    from cimhes.engine.security import CounterStore, StoredCounters
     from cimhes.engine.store import Store, StoreRunner
+    from cimhes.engine.users import SecretBox
 
     config = ScheduleConfig.from_file(args.schedules)
     schedule = config.schedule(args.schedule)
@@ -139,14 +143,18 @@ def _collect(args, url: str, devices) -> int:
     sessions = session_settings(args)
     ensure_descriptors(sessions["read_concurrency"], SPARE_DESCRIPTORS)
 
-    store = Store(url)
+    # The meters' secrets are sealed with the key `serve` uses for this database.
+    store = Store(url, SecretBox.from_file(secret_key_file(args.db, args.secret_key_file)))
     if devices is not None:
         store.load_inventory(devices)
     runner = StoreRunner(reactor, store)
+    security = HeadEndSecurity(bytes.fromhex(DEFAULT_CLIENT_SYSTEM_TITLE),
+                               StoredCounters(runner, CounterStore(store)))
     dispatcher = Dispatcher(reactor, runner, settings,
                             max_sessions=sessions["read_concurrency"],
                             session_limits=sessions["session_limits"],
-                            connections_per_second=sessions["connections_per_second"])
+                            connections_per_second=sessions["connections_per_second"],
+                            security=security)
     scheduler = Scheduler(reactor, runner, dispatcher, config)
     outcome = {"code": 1, "over": False}
 
