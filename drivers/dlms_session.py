@@ -37,6 +37,7 @@ reason gurux gives:
 from __future__ import annotations
 
 import enum
+import logging
 import secrets
 import struct
 from dataclasses import dataclass
@@ -145,6 +146,8 @@ CHALLENGE_SIZE = 16  # CtoS, within the 8..64 octets the Green Book allows
 HLS_CONFORMANCE = (1 << (23 - 11)) | (1 << (23 - 19)) | (1 << (23 - 21)) | (1 << (23 - 23))
 CLIENT_MAX_PDU_SIZE = 0xFFFF
 
+log = logging.getLogger(__name__)
+
 
 class LocalProtocolError(RuntimeError):
     """The caller used the session in a way its state does not allow (a bug, not the device)."""
@@ -244,6 +247,8 @@ class ClientSession:
             raise ValueError(f"security {security!r} is not one of {list(SECURITIES)}")
         if security == "low" and not password:
             raise ValueError("security 'low' needs a password")
+        # Octets never shown in a log line (an echoed AARQ carries the password).
+        self._secret_octets = [password.encode()] if password else []
         if (security == "hls-gmac") != (hls is not None):
             raise ValueError("security 'hls-gmac' goes with its HlsGmac settings, and only it")
         self.device_mrid = device_mrid
@@ -417,6 +422,15 @@ class ClientSession:
                 + _ber(0xBE, _ber(0x04, ciphered)))
         return _ber(0x60, body)
 
+    def _raw(self, data: bytes) -> str:
+        """What an error says of raw meter octets: how many, never their content. The octets
+        themselves go to the debug log only, with the password masked."""
+        shown = bytes(data).hex()
+        for secret in self._secret_octets:
+            shown = shown.replace(secret.hex(), "**" * len(secret))
+        log.debug("%s: raw octets %s", self.device_mrid, shown)
+        return f"({len(data)} octets)"
+
     def _error(self, reason: str) -> ProtocolError:
         return ProtocolError(self.device_mrid, reason)
 
@@ -435,7 +449,7 @@ class ClientSession:
                 "the meter refused the head-end's invocation counter as already used "
                 "(exception-response invocation-counter-error)")
         if tag == CONFIRMED_SERVICE_ERROR or tag == EXCEPTION_RESPONSE:
-            return self._fail_request(f"meter answered with {_apdu_name(tag)} {apdu.hex()}")
+            return self._fail_request(f"meter answered with {_apdu_name(tag)} {self._raw(apdu)}")
         if self._state is State.ASSOCIATING:
             if self._channel is not None:
                 return self._on_hls_aare(apdu, tag)
@@ -493,7 +507,7 @@ class ClientSession:
                 f"{ASSOCIATION_DIAGNOSTICS.get(diagnostic, str(diagnostic))}",
                 result, diagnostic)
         except Exception as failure:  # gurux raises bare ValueError/Exception on bad input
-            return self._fail_request(f"malformed AARE {frame.hex()}: {failure}")
+            return self._fail_request(f"malformed AARE {self._raw(frame)}: {failure}")
         if self._client.isAuthenticationRequired:
             self._state = State.IDLE
             return self._error("meter asks for high level authentication, not supported")
@@ -511,7 +525,7 @@ class ClientSession:
             result = _ber_integer(fields, 0xA2)
             diagnostic = _ber_diagnostic(fields)
         except (ValueError, IndexError) as failure:
-            return self._fail_request(f"malformed AARE {apdu.hex()}: {failure}")
+            return self._fail_request(f"malformed AARE {self._raw(apdu)}: {failure}")
         if result != 0:
             self._state = State.IDLE
             words = (f"AARE {ASSOCIATION_RESULTS.get(result, f'result {result}')}, diagnostic "
@@ -549,7 +563,7 @@ class ClientSession:
                 self.device_mrid, "authentication failed: the meter's AARE does not decipher "
                 f"with the keys held for it ({failure})")
         if len(initiate) < 14 or initiate[0] != 0x08 or initiate[1] != 0:
-            return self._fail_request(f"AARE holds no InitiateResponse: {initiate.hex()}")
+            return self._fail_request(f"AARE holds no InitiateResponse: {self._raw(initiate)}")
         self.max_pdu_size = int.from_bytes(initiate[10:12], "big")
         self._client.settings.maxPduSize = self.max_pdu_size
         self._server_challenge = challenge
@@ -595,7 +609,7 @@ class ClientSession:
         if apdu[0] != GET_RESPONSE:
             return self._fail_request(f"expected get-response, got {_apdu_name(apdu[0])}")
         if len(apdu) < 5:
-            return self._fail_request(f"get-response {apdu.hex()} is too short")
+            return self._fail_request(f"get-response {self._raw(apdu)} is too short")
         kind, invoke = apdu[1], apdu[2] & 0x0F
         if invoke != self._invoke_id:
             return self._fail_request(
@@ -607,7 +621,7 @@ class ClientSession:
                 if apdu[3] == 1:  # Get-Data-Result: data-access-result
                     return self._finish_get(DataAccessError(apdu[4]))
                 if apdu[3] != 0:
-                    return self._fail_request(f"get-response {apdu.hex()}: bad Get-Data-Result")
+                    return self._fail_request(f"get-response {self._raw(apdu)}: bad Get-Data-Result")
                 return self._finish_get(AttributeValue(decode_data(apdu, 4)))
             if kind == GET_RESPONSE_WITH_DATABLOCK:
                 return self._on_block(apdu)
@@ -619,7 +633,7 @@ class ClientSession:
         # DataBlock-G: last-block BOOLEAN, block-number Unsigned32, result CHOICE
         # { raw-data [0] OCTET STRING, data-access-result [1] ENUMERATED }
         if len(apdu) < 10:
-            return self._fail_request(f"get-response datablock {apdu.hex()} is too short")
+            return self._fail_request(f"get-response datablock {self._raw(apdu)} is too short")
         last = apdu[3] != 0
         number = int.from_bytes(apdu[4:8], "big")
         expected = self._blocks[-1][0] + 1 if self._blocks else number

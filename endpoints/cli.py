@@ -37,6 +37,7 @@ from cimhes.endpoints.engine_cli import (
     run_engine_command,
 )
 from cimhes.endpoints.facade_options import add_facade_options, facade_settings
+from cimhes.endpoints.limit_options import add_limit_options, limit_settings
 from cimhes.endpoints.session_options import add_session_options, ensure_descriptors, session_settings
 
 DEMO_USER = "demo"
@@ -64,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     add_store_arguments(demo, "var/cimhes-demo.sqlite")
     add_session_options(demo)
     add_engine_options(demo)
+    add_limit_options(demo)
     _tls_arguments(demo)
     add_facade_options(demo)
     demo.add_argument("--tls-self-signed", action="store_true",
@@ -79,6 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     add_store_arguments(serve, "var/cimhes.sqlite")
     add_session_options(serve)
     add_engine_options(serve)
+    add_limit_options(serve)
     _tls_arguments(serve)
     add_facade_options(serve)
 
@@ -151,7 +154,9 @@ def _demo(args) -> int:
     from cimhes.fixtures.fleet import start_fleet, write_inventory
 
     # The simulated meters' listening and accepted sockets live in this process too.
-    ensure_descriptors(args.sessions, SPARE_DESCRIPTORS + 2 * args.meters)
+    # HTTP connections count too: each is a descriptor up to the door's cap.
+    ensure_descriptors(args.sessions,
+                       SPARE_DESCRIPTORS + args.max_connections + 2 * args.meters)
     fleet = start_fleet(reactor, args.meters, response_delay=args.delay, port=args.meter_port,
                         security=args.security)
     inventory = fleet.inventory()
@@ -180,7 +185,7 @@ def _serve(args) -> int:
 
     from cimhes.endpoints.site import HeadEnd
 
-    ensure_descriptors(args.sessions, SPARE_DESCRIPTORS)
+    ensure_descriptors(args.sessions, SPARE_DESCRIPTORS + args.max_connections)
     devices = _read_inventory(Path(args.inventory))
     # Usage points and groups, when the inventory has them (engine/usage_points.py)
     links = {key: value for key, value in json.loads(Path(args.inventory).read_text()).items()
@@ -200,7 +205,8 @@ def _settings(args):
                            control_limits=tuple(args.control_limit or DEFAULT_CONTROL_LIMITS),
                            engine=engine_settings(args),
                            schedules_file=getattr(args, "schedules", None),
-                           **session_settings(args), **facade_settings(args))
+                           **session_settings(args), **facade_settings(args),
+                           **limit_settings(args))
 
 
 def _read_inventory(path: Path) -> list[DeviceAddress]:

@@ -198,3 +198,24 @@ def test_a_start_on_a_locked_database_is_one_line_without_sql_or_passwords(tmp_p
     assert "database is locked" in errors[0]
     for leak in LEAKS:
         assert leak not in finished.stderr and leak not in finished.stdout, leak
+
+
+def test_raw_meter_octets_never_reach_an_error_and_the_debug_log_masks_the_password(caplog):
+    from cimhes.drivers.dlms_session import (
+        EXCEPTION_RESPONSE,
+        WRAPPER_HEADER,
+        WRAPPER_VERSION,
+        ClientSession,
+    )
+
+    session = ClientSession("m-1", 1, 1, security="low", password=METER_PASSWORD)
+    session.associate()
+    # A meter that answers with an exception-response echoing the AARQ, password and all.
+    apdu = bytes([EXCEPTION_RESPONSE]) + b"\x60\x36\xa1\x09" + METER_PASSWORD.encode() + b"\x00"
+    caplog.set_level(logging.DEBUG)
+    (event,) = session.receive_data(WRAPPER_HEADER.pack(WRAPPER_VERSION, 1, 1, len(apdu)) + apdu)
+    reason = str(event)
+    assert f"({len(apdu)} octets)" in reason
+    for leak in (METER_PASSWORD, METER_PASSWORD.encode().hex(), apdu.hex()):
+        assert leak not in reason and leak not in caplog.text, leak
+    assert "raw octets d860" in caplog.text  # the octets are there for debugging, masked
