@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 import select
 import shutil
 import socket
@@ -62,7 +63,7 @@ def request_body(mrids, reading_types, window=None) -> bytes:
             'xmlns:h="http://iec.ch/TC57/2011/schema/message" '
             'xmlns:g="http://iec.ch/TC57/2011/GetMeterReadings#">'
             '<m:Header><h:Verb>get</h:Verb><h:Noun>MeterReadings</h:Noun></m:Header>'
-            f'<m:Request><g:GetMeterReadings>{devices}{types}{period}</g:GetMeterReadings>'
+            f'<m:Request><g:GetMeterReadings>{devices}{period}{types}</g:GetMeterReadings>'
             '</m:Request></m:GetMeterReadings></s:Body></s:Envelope>').encode()
 
 
@@ -164,22 +165,31 @@ def scenario_big(workdir, fleet, inventory, args) -> None:
         try:
             idle = small_call_latencies(server, mrids[0], 5)
             before = server.rss()
-            peak = [before["VmRSS"]]
+            samples = [before["VmRSS"]]
+            done = threading.Event()
 
-            def probe():
-                peak.append(server.rss()["VmRSS"])
-                return small_call_latencies(server, mrids[-1], 1)[0]
+            def sample():  # the server's RSS every 50 ms while the request runs
+                while not done.wait(0.05):
+                    samples.append(server.rss()["VmRSS"])
 
-            (took, response), during = while_running(lambda: server.post(body), probe)
-            high_water = server.rss()["VmHWM"]
+            sampler = threading.Thread(target=sample)
+            sampler.start()
+            (took, response), during = while_running(
+                lambda: server.post(body), lambda: small_call_latencies(server, mrids[-1], 1)[0])
+            done.set()
+            sampler.join()
             time.sleep(3)
             after = server.rss()["VmRSS"]
-            result = response.text[response.text.find("<Result") or 0:][:60]
-            print(f"-- {label}: answered HTTP {response.status_code} in {took:.1f} s, "
-                  f"{len(response.content) / 1e6:.1f} MB, {result.split('>')[1].split('<')[0] if '>' in result else '?'}")
-            print(f"   server RSS: before {before['VmRSS']:.0f} MB, peak {high_water:.0f} MB "
-                  f"(growth {high_water - before['VmRSS']:.0f} MB), 3 s after "
-                  f"{after:.0f} MB (kept {after - before['VmRSS']:.0f} MB)")
+            found = re.search(rb"<[^>]*Result>(\w+)<", response.content)
+            code = re.search(rb"<[^>]*code>([\d.]+)<", response.content)
+            print(f"-- {label}: HTTP {response.status_code} in {took:.1f} s, "
+                  f"{len(response.content) / 1e6:.1f} MB, Result "
+                  f"{found.group(1).decode() if found else '?'}"
+                  f"{', Error ' + code.group(1).decode() if code else ''}")
+            peak = max(samples)
+            print(f"   server RSS: before {before['VmRSS']:.0f} MB, peak {peak:.0f} MB "
+                  f"(growth {peak - before['VmRSS']:.0f} MB), 3 s after {after:.0f} MB "
+                  f"(kept {after - before['VmRSS']:.0f} MB)")
             print(f"   1-meter call idle (baseline): {ms(idle)}; during: {ms(during)}")
         finally:
             server.stop()
