@@ -136,9 +136,14 @@ def _is_loopback(host: str) -> bool:
 class Doorkeeper:
     """Authenticates a login and checks a role, auditing each decision."""
 
-    def __init__(self, authenticator: Authenticator, audit: AuditTrail):
+    def __init__(self, authenticator: Authenticator, audit: AuditTrail, metrics=None):
         self._authenticator = authenticator
         self.audit = audit
+        self._metrics = metrics
+
+    def _count(self, outcome: str) -> None:
+        if self._metrics is not None:
+            self._metrics.authentications.labels(outcome).inc()
 
     @inlineCallbacks
     def authenticate(self, request, login: Login | None, *, channel: str,
@@ -146,6 +151,7 @@ class Doorkeeper:
         """Deferred[Principal]; fails with Refused (7.1 or 7.3)."""
         source = peer_of(request)
         if login is None:
+            self._count("failure")
             self.audit.record("authenticate", "failure", actor=None, source=source,
                               correlation_id=correlation_id, subject=channel,
                               detail="no credentials")
@@ -153,6 +159,7 @@ class Doorkeeper:
                                 reason="credentials are required: HTTP Basic or a WS-Security "
                                        "UsernameToken"))
         if login.cleartext and not request.isSecure() and not _is_loopback(source):
+            self._count("failure")
             self.audit.record("authenticate", "failure", actor=login.name, source=source,
                               correlation_id=correlation_id, subject=channel,
                               detail=f"clear-text password ({login.kind}) over plain HTTP")
@@ -166,11 +173,13 @@ class Doorkeeper:
             else:
                 principal = yield self._authenticator.password(login.name, login.secret)
         except AuthenticationFailed as exc:
+            self._count("failure")
             self.audit.record("authenticate", "failure", actor=login.name, source=source,
                               correlation_id=correlation_id, subject=channel,
                               detail=f"{login.kind}: {exc}")
             raise Refused(Error(ErrorCode.NOT_AUTHENTICATED,
                                 reason="the credentials were not accepted")) from None
+        self._count("success")
         self.audit.record("authenticate", "success", actor=principal.name, source=source,
                           correlation_id=correlation_id, subject=channel, detail=login.kind)
         return principal

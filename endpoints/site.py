@@ -33,6 +33,7 @@ from cimhes.endpoints.meter_readings import (
     ReadingRequestLimits,
     get_meter_readings_application,
 )
+from cimhes.endpoints.operations import Operations
 from cimhes.endpoints.reading_types import ReadingTypesResource
 from cimhes.endpoints.publisher import MdmPublisher
 from cimhes.endpoints.soap_resource import SoapResource
@@ -51,6 +52,7 @@ from cimhes.engine.rate_limits import (
 from cimhes.engine.schedule import ScheduleConfig, Scheduler
 from cimhes.engine.security import CounterStore, StoredCounters
 from cimhes.engine.reading_sources import ReadingRequestService
+from cimhes.engine.sla import SlaSettings
 from cimhes.engine.usage_points import load_links
 from cimhes.engine.store import Store, StoreRunner
 from cimhes.engine.users import AuditTrail, Authenticator, Role, SecretBox, UserStore
@@ -89,6 +91,8 @@ class HeadEndSettings:
     engine: EngineSettings = field(default_factory=EngineSettings)
     # Read schedules (engine/schedule.py) run as they fall due; None: none.
     schedules_file: str | None = None
+    # What the SLA report counts as complete and in time (engine/sla.py).
+    sla: SlaSettings = field(default_factory=SlaSettings)
 
 
 class _Index(Resource):
@@ -131,12 +135,16 @@ class HeadEnd:
         # The control service's hook: rate limits before a control, audit of each outcome.
         self.control_gate = ControlGate(
             ControlRateLimiter(settings.control_limits, reactor.seconds), self.audit)
-        self.doorkeeper = Doorkeeper(Authenticator(self.store_runner, self.users), self.audit)
+        # Metrics, request log, device status, health and the operator's pages.
+        self.operations = Operations(reactor, self.store, self.store_runner)
+        self.doorkeeper = Doorkeeper(Authenticator(self.store_runner, self.users), self.audit,
+                                     self.operations.metrics)
         self.dispatcher = Dispatcher(
             reactor, self.store_runner, settings.engine, max_sessions=settings.read_concurrency,
             session_limits=(settings.session_limits if settings.device_timeout is None
                             else SessionLimits.of(settings.device_timeout)),
-            connections_per_second=settings.connections_per_second, security=security)
+            connections_per_second=settings.connections_per_second, security=security,
+            observer=self.operations.device_outcomes)
         # One engine owns this store: what an earlier process left running is requeued first.
         self.dispatcher.start(requeue=True)
         reactor.addSystemEventTrigger("before", "shutdown", self.dispatcher.stop)
@@ -165,11 +173,15 @@ class HeadEnd:
                                   SoapGuard(self.doorkeeper,
                                             {"GetMeterReadings": Role.READINGS_READER},
                                             encode_fault),
-                                  public_base_url=settings.public_base_url))
+                                  public_base_url=settings.public_base_url,
+                                  observer=self.operations.requests))
         # What the head-end serves, as the WSDLs: public, no credentials needed.
         cim.putChild(b"reading-types", ReadingTypesResource())
         root = _Index([GET_METER_READINGS])
         root.putChild(b"cim", cim)
         root.putChild(b"", root)
+        # Device groups are not modelled in the store yet: every device is in the group "all".
+        self.operations.mount(root, doorkeeper=self.doorkeeper, readings=self.readings,
+                              sla_settings=settings.sla, groups=dict)
         self.site = LimitedSite(root, settings.door_limits)
         self.site.displayTracebacks = False

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import time
 from urllib.parse import parse_qs, urlsplit
 
 from lxml import etree
@@ -131,7 +132,7 @@ class SoapResource(Resource):
     isLeaf = True
 
     def __init__(self, application: Application, wsdl_file: str, guard=None,
-                 public_base_url: str | None = None):
+                 public_base_url: str | None = None, observer=None):
         super().__init__()
         self._server = HttpBase(application)
         self._wsdl_file = wsdl_file
@@ -139,6 +140,9 @@ class SoapResource(Resource):
         # guard.admit(request, envelope, body) -> Deferred[principal], failing with a Fault:
         # who may call (endpoints/auth.py). The principal reaches the service as ctx.udc.
         self._guard = guard
+        # observer.answered(request, p_ctx, http_status, seconds) once per POST, however it
+        # ended: the request log line and metrics (endpoints/request_log.py).
+        self._observer = observer
 
     def render_GET(self, request):
         # twisted.web's parse_qs drops a key with no "=", and `?wsdl` is exactly that.
@@ -161,6 +165,7 @@ class SoapResource(Resource):
         return b"POST SOAP 1.1 requests here; the WSDL is at ?wsdl\n"
 
     def render_POST(self, request):
+        request.soap_started = time.monotonic()
         refused = _content_type_refusal(request.getHeader("content-type"))
         if refused is not None:
             status, fault = refused
@@ -232,6 +237,9 @@ class SoapResource(Resource):
         return NOT_DONE_YET
 
     def _write(self, request, p_ctx, code: int):
+        if self._observer is not None:
+            self._observer.answered(request, p_ctx, code,
+                                    time.monotonic() - getattr(request, "soap_started", 0.0))
         if request.finished or request.channel is None:
             return  # the client hung up (logged once); the engine's work is stored all the same
         p_ctx.out_protocol.serialize(p_ctx, p_ctx.out_protocol.RESPONSE)

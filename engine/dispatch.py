@@ -146,8 +146,9 @@ class Dispatcher:
     def __init__(self, reactor, runner: StoreRunner, settings: EngineSettings | None = None, *,
                  max_sessions: int = 200, session_limits: SessionLimits | None = None,
                  connections_per_second: float = DEFAULT_CONNECTIONS_PER_SECOND,
-                 security: HeadEndSecurity | None = None, engine_id: str | None = None, now: Callable[[], datetime] | None = None,
-                 jitter: Callable[[], float] = random.random):
+                 security: HeadEndSecurity | None = None, engine_id: str | None = None,
+                 now: Callable[[], datetime] | None = None,
+                 jitter: Callable[[], float] = random.random, observer=None):
         self._reactor = reactor
         self._runner = runner
         self.jobs = JobStore(runner.store)
@@ -173,6 +174,9 @@ class Dispatcher:
         self.sessions_started = 0
         # Called after each batch of jobs is settled (a progress display's cue).
         self.on_settled: Callable[[], object] | None = None
+        # observer.device_read(device, error or None) after each session: the device status,
+        # metrics and failure log (engine/device_status.py).
+        self._observer = observer
 
     # -- the face ----------------------------------------------------------------------------
 
@@ -292,6 +296,9 @@ class Dispatcher:
 
         def ended(result):
             self.bounds.ended(device.mrid, route)
+            if self._observer is not None:
+                self._observer.device_read(
+                    device, result.value if isinstance(result, Failure) else None)
             self._dispatch()
             self._claim()
             if isinstance(result, Failure):

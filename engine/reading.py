@@ -94,7 +94,7 @@ class MeterReadingService:
                  connections_per_second: float = DEFAULT_CONNECTIONS_PER_SECOND,
                  settings: EngineSettings | None = None,
                  now: Callable[[], datetime] | None = None,
-                 security: HeadEndSecurity | None = None):
+                 security: HeadEndSecurity | None = None, observer=None):
         """Without `dispatcher`, one of its own is made and started: `concurrency` bounds the
         sessions open at once, `connections_per_second` the new connections (0: unpaced),
         `limits` each session (`timeout` alone is the short form: connect and response
@@ -109,10 +109,15 @@ class MeterReadingService:
                 session_limits=limits or (SessionLimits.of(timeout) if timeout is not None
                                           else SessionLimits()),
                 connections_per_second=connections_per_second, security=security,
-                now=self._now)
+                now=self._now, observer=observer)
             dispatcher.start()
             reactor.addSystemEventTrigger("before", "shutdown", dispatcher.stop)
         self.dispatcher = dispatcher
+
+    @property
+    def sessions_open(self) -> int:
+        """Meter sessions running now (for the metrics)."""
+        return self.dispatcher.bounds.open
 
     @inlineCallbacks
     def read(self, request: GetMeterReadings):

@@ -1,0 +1,138 @@
+"""`/health` (readiness: database, broker when one is configured, reactor lag, what is known of
+the meters; `/health/live` is liveness) and `/metrics` (Prometheus text format).
+
+Both are open (no credentials), as probes and scrapers expect: they hold counts and states, no
+device identity, user name or secret.
+"""
+from __future__ import annotations
+
+import json
+import time
+
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import case, func, select, text
+from sqlalchemy.orm import sessionmaker
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.web.resource import Resource
+from twisted.web.server import NOT_DONE_YET
+
+from cimhes.engine.device_status import DeviceStatusRecord
+from cimhes.engine.store import Device
+
+HEALTH_TIMEOUT = 5.0  # seconds the database may take to answer the health probe
+LAG_LIMIT = 1.0  # seconds of reactor lag past which the head-end is not ready
+
+
+class ReactorLag:
+    """How long a call queued on the reactor now waits before it runs: the time every other
+    request and meter session also waits. Measured when asked (by /health and /metrics), so no
+    timer runs between probes."""
+
+    def __init__(self, reactor, metrics=None):
+        self._reactor = reactor
+        self._metrics = metrics
+        self.seconds = 0.0
+
+    def measure(self) -> Deferred:
+        """Deferred[seconds] firing once the reactor has run a call queued now."""
+        queued = time.monotonic()
+        done = Deferred()
+
+        def ran():
+            self.seconds = time.monotonic() - queued
+            if self._metrics is not None:
+                self._metrics.reactor_lag.set(self.seconds)
+            done.callback(self.seconds)
+
+        self._reactor.callLater(0, ran)
+        return done
+
+
+def meter_states(store) -> dict:
+    """Devices by what their last read said: reachable, unreachable, never read."""
+    session_factory = sessionmaker(store.engine)
+    with session_factory() as session:
+        reachable = case((DeviceStatusRecord.last_success_at.is_(None), 0),
+                         (DeviceStatusRecord.last_error_at.is_(None), 1),
+                         (DeviceStatusRecord.last_success_at >= DeviceStatusRecord.last_error_at,
+                          1), else_=0)
+        total, read, ok = session.execute(
+            select(func.count(Device.id), func.count(DeviceStatusRecord.device_id),
+                   func.coalesce(func.sum(reachable), 0))
+            .outerjoin(DeviceStatusRecord, DeviceStatusRecord.device_id == Device.id)).one()
+        session.execute(text("SELECT 1"))
+    return {"devices": total, "reachable": int(ok), "unreachable": read - int(ok),
+            "never_read": total - read}
+
+
+class HealthResource(Resource):
+    isLeaf = True
+
+    def __init__(self, reactor, runner, store, lag: ReactorLag, broker=None):
+        super().__init__()
+        self._reactor = reactor
+        self._runner = runner
+        self._store = store
+        self._lag = lag
+        self._broker = broker  # an object with .connected (bool), when a broker is configured
+
+    def render_GET(self, request):
+        if request.postpath and request.postpath[0] == b"live":
+            return self._json(request, 200, {"status": "ok", "live": True})
+        self._ready(request)
+        return NOT_DONE_YET
+
+    @inlineCallbacks
+    def _ready(self, request):
+        started = time.monotonic()
+        checks: dict = {}
+        ready = True
+        try:
+            d = self._runner.call(meter_states, self._store)
+            d.addTimeout(HEALTH_TIMEOUT, self._reactor)
+            meters = yield d
+            checks["database"] = {"ok": True, "ms": round((time.monotonic() - started) * 1000, 1)}
+            checks["meters"] = meters
+        except Exception as exc:  # a database that fails or hangs is the answer, not a crash
+            ready = False
+            checks["database"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+        if self._broker is None:
+            checks["broker"] = {"configured": False}
+        else:
+            connected = bool(getattr(self._broker, "connected", False))
+            checks["broker"] = {"configured": True, "ok": connected}
+            ready = ready and connected
+        lag = yield self._lag.measure()
+        checks["reactor_lag_ms"] = round(lag * 1000, 1)
+        if lag > LAG_LIMIT:
+            ready = False
+        body = {"status": "ok" if ready else "failing", "checks": checks}
+        if not request.finished:
+            request.write(self._json(request, 200 if ready else 503, body))
+            request.finish()
+
+    @staticmethod
+    def _json(request, status: int, body: dict) -> bytes:
+        request.setResponseCode(status)
+        request.setHeader("content-type", "application/json")
+        request.setHeader("cache-control", "no-store")
+        return json.dumps(body).encode()
+
+
+class MetricsResource(Resource):
+    isLeaf = True
+
+    def __init__(self, metrics, lag: ReactorLag):
+        super().__init__()
+        self._metrics = metrics
+        self._lag = lag
+
+    def render_GET(self, request):
+        def answer(_lag):
+            if not request.finished:
+                request.setHeader("content-type", CONTENT_TYPE_LATEST)
+                request.write(generate_latest(self._metrics.registry))
+                request.finish()
+
+        self._lag.measure().addCallback(answer)
+        return NOT_DONE_YET
