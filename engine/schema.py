@@ -29,6 +29,7 @@ MODEL_MODULES = (
     "cimhes.engine.security",
     "cimhes.engine.events",
     "cimhes.engine.jobs",
+    "cimhes.engine.device_status",
 )
 
 log = logging.getLogger(__name__)

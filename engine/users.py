@@ -7,8 +7,9 @@ password), so a user created with ``digest=True`` also gets that password encryp
 (Fernet, key in the head-end's secret key file); a user without it can use PasswordText or HTTP
 Basic only.
 
-The audit table is append-only: the store only ever inserts into it, and database triggers refuse
-UPDATE and DELETE (SQLite and PostgreSQL), so even a hand-written statement cannot rewrite history.
+The audit table is append-only: the store only ever inserts into it, and database triggers (made by
+its migration) refuse UPDATE and DELETE on SQLite and PostgreSQL, so even a hand-written statement
+cannot rewrite history.
 
 Every method of :class:`UserStore` blocks on the database: the reactor reaches it through the
 store's thread (``StoreRunner.call``). Password hashing and verification are CPU work (tens of
@@ -34,10 +35,8 @@ from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError
 from sqlalchemy import (
     Boolean,
-    DDL,
     ForeignKey,
     String,
-    event,
     select,
 )
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
@@ -115,24 +114,8 @@ class AuditRecord(Base):
     detail: Mapped[str | None] = mapped_column(String(1024))
 
 
-_APPEND_ONLY = {
-    "sqlite": [
-        "CREATE TRIGGER IF NOT EXISTS audit_no_update BEFORE UPDATE ON audit "
-        "BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END",
-        "CREATE TRIGGER IF NOT EXISTS audit_no_delete BEFORE DELETE ON audit "
-        "BEGIN SELECT RAISE(ABORT, 'the audit trail is append-only'); END",
-    ],
-    "postgresql": [
-        "CREATE OR REPLACE FUNCTION audit_append_only() RETURNS trigger AS $$ BEGIN "
-        "RAISE EXCEPTION 'the audit trail is append-only'; END; $$ LANGUAGE plpgsql",
-        "CREATE TRIGGER audit_append_only BEFORE UPDATE OR DELETE ON audit "
-        "FOR EACH ROW EXECUTE FUNCTION audit_append_only()",
-    ],
-}
-for _dialect, _statements in _APPEND_ONLY.items():
-    for _statement in _statements:
-        event.listen(AuditRecord.__table__, "after_create",
-                     DDL(_statement).execute_if(dialect=_dialect))
+# The audit table's append-only triggers (SQLite and PostgreSQL) are made by its migration,
+# engine/migrations/versions/users_0001_users_roles_audit.py.
 
 
 # ------------------------------------------------------------------------------ values

@@ -40,7 +40,7 @@ def _load_collection(head_end):
 
         def add(mrid, index, read_at):
             rows.append({"device_id": ids[mrid], "reading_type": PROFILE_PLUS_A,
-                         "timestamp": MIDNIGHT + QUARTER * (index + 1), "value": "1.0",
+                         "timestamp": MIDNIGHT + QUARTER * (index + 1), "value": "1.0", "source": "meter",
                          "read_at": read_at})
 
         in_time = MIDNIGHT + timedelta(hours=25)
