@@ -13,7 +13,7 @@ import csv
 import io
 import logging
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from datetime import date, datetime, timedelta, timezone
 from urllib.parse import quote, unquote, urlencode, urlsplit
 
@@ -287,17 +287,20 @@ class DevicesPage(Page):
 
 
 def _security(address) -> list[tuple[str, str]]:
-    """What the page shows of a device's security: mechanisms and whether secrets are set,
-    never the secrets themselves."""
-    rows = [("authentication", address.authentication),
-            ("password", "set" if getattr(address, "password", None) else "not set")]
-    for name in sorted(vars(address)):
-        if name == "password" or not any(w in name for w in ("security", "key", "cipher")):
+    """What the page shows of a device's security: its mechanism and titles, and for each secret
+    (password, keys) only whether it is set, never the secret itself."""
+    rows = []
+    for item in fields(address):
+        name = item.name
+        if not any(w in name for w in ("security", "authentication", "password", "key",
+                                        "title", "cipher")):
             continue
         value = getattr(address, name)
-        if "key" in name:
-            value = "set" if value else "not set"
-        rows.append((name.replace("_", " "), "—" if value is None else str(value)))
+        if name == "password" or "key" in name:
+            shown = "set" if value else "not set"
+        else:
+            shown = "—" if value is None else str(value)
+        rows.append((name.replace("_", " "), shown))
     return rows
 
 
