@@ -16,6 +16,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.web.resource import Resource
 from twisted.web.server import NOT_DONE_YET
 
+from cimhes.engine import redaction
 from cimhes.engine.device_status import DeviceStatusRecord
 from cimhes.engine.store import Device
 
@@ -95,7 +96,7 @@ class HealthResource(Resource):
             checks["meters"] = meters
         except Exception as exc:  # a database that fails or hangs is the answer, not a crash
             ready = False
-            checks["database"] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:300]}
+            checks["database"] = {"ok": False, "error": redaction.summary(exc)[:300]}
         if self._broker is None:
             checks["broker"] = {"configured": False}
         else:

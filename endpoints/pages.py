@@ -26,7 +26,8 @@ from cimhes.cim.message import ErrorCode, Header, Verb
 from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings
 from cimhes.endpoints.auth import Doorkeeper, MalformedCredentials, Refused, basic_login, peer_of
 from cimhes.endpoints.charts import share_bars
-from cimhes.engine.device_status import MAX_SEARCH_RESULTS, DeviceStatusStore
+from cimhes.engine import redaction
+from cimhes.engine.device_status import MAX_EVENTS_SHOWN, MAX_SEARCH_RESULTS, DeviceStatusStore
 from cimhes.engine.sla import SlaCalculator, SlaSettings, day_period, month_period
 from cimhes.engine.store import StoreRunner
 from cimhes.engine.users import Role
@@ -60,7 +61,7 @@ class PagesContext:
     sla: SlaCalculator
     sla_settings: SlaSettings
     readings: object  # engine.reading.MeterReadingService
-    groups: Callable[[], Mapping[str, str]]  # mRID -> device group, read on the store thread
+    groups: Callable[[], Mapping[str, tuple[str, ...]]]  # mRID -> device groups (store thread)
     now: Callable[[], datetime]
 
     def __post_init__(self):
@@ -105,7 +106,7 @@ class Page(Resource):
         d.addCallback(lambda principal: maybeDeferred(handler, request, principal))
         d.addErrback(self._error)
         d.addCallback(lambda response: self._write(request, response))
-        d.addErrback(lambda f: log.error("page %s failed: %s", path, f.getTraceback()))
+        d.addErrback(lambda f: log.error("page %s failed: %s", path, redaction.log_line(f)))
         return NOT_DONE_YET
 
     @inlineCallbacks
@@ -132,7 +133,7 @@ class Page(Resource):
         if failure.check(PageError):
             return Response(f"{failure.value.message}\n", "text/plain; charset=utf-8",
                             failure.value.status)
-        log.error("page failed: %s", failure.getTraceback())
+        log.error("page failed: %s", redaction.log_line(failure))
         return Response("internal error; see the head-end's log\n", "text/plain; charset=utf-8",
                         500)
 
@@ -239,6 +240,7 @@ class DevicesPage(Page):
         status = yield c.runner.call(c.statuses.status, parts[0])
         if status is None:
             raise PageError(404, f"no device with mRID {parts[0]!r}")
+        events = yield c.runner.call(c.statuses.events, parts[0])
         notice, notice_class = None, None
         read = _arg(request, "read")
         if read:
@@ -246,8 +248,7 @@ class DevicesPage(Page):
             notice_class = "ok" if read == "OK" else "bad"
         return c.render("device.html", principal, d=status, notice=notice,
                         notice_class=notice_class, security=_security(status.address),
-                        events_note="No event log is collected by this build yet; events "
-                                    "will be listed here once the head-end reads them.")
+                        events=events, events_limit=MAX_EVENTS_SHOWN)
 
     @inlineCallbacks
     def post(self, request, principal):

@@ -180,8 +180,8 @@ class HeadEnd:
         root = _Index([GET_METER_READINGS])
         root.putChild(b"cim", cim)
         root.putChild(b"", root)
-        # Device groups are not modelled in the store yet: every device is in the group "all".
         self.operations.mount(root, doorkeeper=self.doorkeeper, readings=self.readings,
-                              sla_settings=settings.sla, groups=dict)
+                              sla_settings=settings.sla,
+                              groups=self.operations.statuses.groups)
         self.site = LimitedSite(root, settings.door_limits)
         self.site.displayTracebacks = False

@@ -17,11 +17,23 @@ from sqlalchemy import Boolean, ForeignKey, String, func, or_, select
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
 
 from cimhes.drivers import DeviceAddress
-from cimhes.engine.store import Base, Device, EpochMillis, ReadingRecord, Store, StoreRunner
+from cimhes.engine import redaction
+from cimhes.engine.store import (
+    Base,
+    Device,
+    DeviceGroup,
+    DeviceGroupMember,
+    EndDeviceEventRecord,
+    EpochMillis,
+    ReadingRecord,
+    Store,
+    StoreRunner,
+)
 
 log = logging.getLogger(__name__)
 
 MAX_SEARCH_RESULTS = 50
+MAX_EVENTS_SHOWN = 50
 MAX_ERROR_TEXT = 512
 
 
@@ -136,6 +148,28 @@ class DeviceStatusStore:
             row.broken_note = (note or None) if broken else None
             return True
 
+    def groups(self) -> dict[str, tuple[str, ...]]:
+        """Each grouped device's mRID and the names of its device groups (EndDeviceGroups)."""
+        found: dict[str, list[str]] = {}
+        with self._session() as session:
+            for mrid, group in session.execute(
+                    select(Device.mrid, DeviceGroup.name)
+                    .join(DeviceGroupMember, DeviceGroupMember.device_id == Device.id)
+                    .join(DeviceGroup, DeviceGroup.id == DeviceGroupMember.group_id)
+                    .order_by(DeviceGroup.name)):
+                found.setdefault(mrid, []).append(group)
+        return {mrid: tuple(groups) for mrid, groups in found.items()}
+
+    def events(self, mrid: str, limit: int = MAX_EVENTS_SHOWN) -> list[tuple]:
+        """The device's newest stored events: (created_at, event_type, dlms_code, log)."""
+        with self._session() as session:
+            return [tuple(row) for row in session.execute(
+                select(EndDeviceEventRecord.created_at, EndDeviceEventRecord.event_type,
+                       EndDeviceEventRecord.dlms_code, EndDeviceEventRecord.log)
+                .join(Device, Device.id == EndDeviceEventRecord.device_id)
+                .where(Device.mrid == mrid)
+                .order_by(EndDeviceEventRecord.created_at.desc()).limit(limit))]
+
     def broken_mrids(self) -> set[str]:
         with self._session() as session:
             return set(session.scalars(
@@ -180,5 +214,5 @@ class DeviceOutcomeRecorder:
             return
         written = self._runner.call(self._statuses.record, batch)
         written.addErrback(lambda f: log.error("storing device status failed: %s",
-                                               f.getErrorMessage()))
+                                               redaction.log_line(f)))
         written.addBoth(lambda _: self._write_queued())

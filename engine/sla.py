@@ -2,7 +2,7 @@
 how many intervals are still missing, and how the IEC interface's requests were answered.
 
 What counts as "the scheduled data" is, until the engine schedules collection itself, one
-interval reading type per meter (default: the 15-minute +A load profile, 96 intervals a UTC day);
+interval reading type per meter, grouped by the store's device groups (EndDeviceGroup) (default: the 15-minute +A load profile, 96 intervals a UTC day);
 a meter-day is complete by the deadline when every interval of that day was stored no later than
 ``deadline_hours`` after the day's end. Missing intervals are those not stored at all when the
 report is made. Requests are those recorded in the request log (every CIM request the doors
@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime, time, timedelta, timezone
 
@@ -25,7 +25,7 @@ from sqlalchemy.orm import sessionmaker
 from cimhes.engine.store import Device, ReadingRecord, RequestRecord, Store
 
 DAY_MS = 86_400_000
-DEFAULT_GROUP = "all"  # the group of a device no device group names
+DEFAULT_GROUP = "(no group)"  # where a device that belongs to no device group is counted
 PROFILE_PLUS_A = "0.0.2.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0"
 
 
@@ -115,9 +115,11 @@ class SlaCalculator:
         self._session = sessionmaker(store.engine, expire_on_commit=False)
 
     def report(self, label: str, start: datetime, days: int, settings: SlaSettings,
-               groups: Mapping[str, str], exclude: set[str], now: datetime) -> SlaReport:
+               groups: Mapping[str, str | Sequence[str]], exclude: set[str],
+               now: datetime) -> SlaReport:
         """Figures for the ``days`` UTC days from ``start``; only days already begun at ``now``
-        count. ``groups`` maps mRIDs to their device group; ``exclude`` lists mRIDs left out."""
+        count. ``groups`` maps mRIDs to their device group(s) (a device in two groups counts in
+        both; one in none, in DEFAULT_GROUP); ``exclude`` lists mRIDs left out."""
         report = SlaReport(label, start, days, settings, excluded_broken=bool(exclude))
         start_ms = _millis(start)
         begun = max(0, min(days, math.ceil((_millis(now) - start_ms) / DAY_MS)))
@@ -144,21 +146,25 @@ class SlaCalculator:
             figures: dict[str, GroupFigures] = {}
             daily = [DayFigures(start.date() + timedelta(days=d)) for d in range(begun)]
             for device_id, mrid in sorted(devices.items(), key=lambda item: item[1]):
-                group = groups.get(mrid, DEFAULT_GROUP)
-                g = figures.setdefault(group, GroupFigures(group))
-                if mrid in exclude:
-                    g.excluded += 1
-                    continue
-                g.meters += 1
-                for d in range(begun):
-                    count, timely = stored.get((device_id, d), (0, 0))
-                    g.meter_days += 1
-                    g.intervals_expected += expected
-                    g.intervals_missing += max(0, expected - count)
-                    daily[d].meter_days += 1
-                    if timely >= expected:
-                        g.complete_by_deadline += 1
-                        daily[d].complete_by_deadline += 1
+                names = groups.get(mrid) or (DEFAULT_GROUP,)
+                names = (names,) if isinstance(names, str) else tuple(names)
+                for group_index, group in enumerate(names):
+                    g = figures.setdefault(group, GroupFigures(group))
+                    if mrid in exclude:
+                        g.excluded += 1
+                        continue
+                    g.meters += 1
+                    for d in range(begun):
+                        count, timely = stored.get((device_id, d), (0, 0))
+                        g.meter_days += 1
+                        g.intervals_expected += expected
+                        g.intervals_missing += max(0, expected - count)
+                        if group_index == 0:  # the daily line counts each meter once
+                            daily[d].meter_days += 1
+                        if timely >= expected:
+                            g.complete_by_deadline += 1
+                            if group_index == 0:
+                                daily[d].complete_by_deadline += 1
             report.groups = [figures[name] for name in sorted(figures)]
             report.daily = daily
             report.requests = self._requests(session, start, start + timedelta(days=days),

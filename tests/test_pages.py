@@ -8,10 +8,12 @@ import logging
 import os
 import shutil
 import subprocess
+from datetime import datetime, timezone
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
+import sqlalchemy
 import pytest_twisted
 import requests
 from prometheus_client.parser import text_string_to_metric_families
@@ -20,6 +22,7 @@ from twisted.internet.threads import deferToThread
 
 from cimhes.drivers import DeviceAddress
 from cimhes.endpoints.site import HeadEnd, HeadEndSettings
+from cimhes.engine.store import Device, EndDeviceEventRecord
 from cimhes.engine.users import Role
 from cimhes.fixtures.fleet import start_fleet
 
@@ -75,12 +78,21 @@ def test_device_pages_show_what_the_reads_did_and_read_on_demand(site, caplog):
     reply = yield deferToThread(_read_both, site)
     assert reply.Reply.Result == "PARTIAL"
 
+    with site.store.engine.begin() as connection:
+        (dead_id,) = connection.execute(sqlalchemy.select(Device.id).where(
+            Device.mrid == DEAD.mrid)).one()
+        connection.execute(EndDeviceEventRecord.__table__.insert(), [{
+            "device_id": dead_id, "created_at": datetime(2026, 11, 20, 3, 4, tzinfo=timezone.utc),
+            "event_type": "3.26.38.185", "dlms_code": 1, "log": "0.0.99.98.0.255",
+            "details": None, "read_at": datetime(2026, 11, 20, 4, 0, tzinfo=timezone.utc)}])
+
     found = yield deferToThread(_get, site, "/devices?q=DEAD")
     assert found.status_code == 200
     assert DEAD.mrid in found.text and site.live.mrid not in found.text
     dead = yield deferToThread(_get, site, f"/devices/{quote(DEAD.mrid)}")
     assert "ConnectionFailed" in dead.text and "127.17.0.1:1" in dead.text
     assert "never" in dead.text  # no successful read
+    assert "3.26.38.185" in dead.text and "2026-11-20 03:04:00 UTC" in dead.text
     live = yield deferToThread(_get, site, f"/devices/{quote(site.live.mrid)}")
     assert "ConnectionFailed" not in live.text and "values stored" in live.text
     assert site.live.password not in live.text  # the security table says "set", not what

@@ -13,7 +13,13 @@ from twisted.internet.threads import deferToThread
 from cimhes.drivers import DeviceAddress
 from cimhes.endpoints.site import HeadEnd, HeadEndSettings
 from cimhes.engine.sla import PROFILE_PLUS_A, SlaCalculator, SlaSettings, day_period, month_period
-from cimhes.engine.store import Device, ReadingRecord, RequestSummary
+from cimhes.engine.store import (
+    Device,
+    DeviceGroup,
+    DeviceGroupMember,
+    ReadingRecord,
+    RequestSummary,
+)
 from cimhes.engine.users import Role
 
 from .credentials import TEST_PASSWORD, TEST_USER, add_test_user
@@ -79,7 +85,7 @@ def test_a_day_counts_complete_late_gappy_and_broken_meters_as_they_are(head_end
     label, start, days = day_period(DAY)
     report = calculator.report(label, start, days, SlaSettings(), {}, set(), NOW)
     (group,) = report.groups
-    assert (group.group, group.meters, group.excluded, group.meter_days) == ("all", 4, 0, 4)
+    assert (group.group, group.meters, group.excluded, group.meter_days) == ("(no group)", 4, 0, 4)
     assert group.complete_by_deadline == 1  # only A: B was late, C has gaps, D has nothing
     assert group.share_complete == pytest.approx(0.25)
     assert (group.intervals_expected, group.intervals_missing) == (384, 6 + 96)
@@ -107,7 +113,7 @@ def test_groups_split_the_figures_and_a_month_counts_only_days_begun(head_end):
     report = calculator.report(label, start, days, SlaSettings(), groups, set(), NOW)
     figures = {g.group: (g.meters, g.complete_by_deadline, g.intervals_missing)
                for g in report.groups}
-    assert figures == {"all": (1, 0, 96), "north": (2, 1, 0), "south": (1, 0, 6)}
+    assert figures == {"(no group)": (1, 0, 96), "north": (2, 1, 0), "south": (1, 0, 6)}
 
     label, start, days = month_period(2026, 11)
     month = calculator.report(label, start, days, SlaSettings(), {}, set(), NOW)
@@ -119,6 +125,25 @@ def test_groups_split_the_figures_and_a_month_counts_only_days_begun(head_end):
     assert month.daily[19].share_complete == pytest.approx(0.25)
     assert {d.share_complete for i, d in enumerate(month.daily) if i != 19} == {0.0}
     assert month.requests[0].received == 4
+
+
+def test_the_stores_device_groups_split_the_report_and_a_device_may_be_in_two(head_end):
+    with head_end.store.engine.begin() as connection:
+        ids = dict(connection.execute(Device.__table__.select().with_only_columns(
+            Device.mrid, Device.id)).all())
+        connection.execute(DeviceGroup.__table__.insert(), [
+            {"id": 1, "name": "north", "mrid": None}, {"id": 2, "name": "pilot", "mrid": None}])
+        connection.execute(DeviceGroupMember.__table__.insert(), [
+            {"group_id": 1, "device_id": ids["sla-A"]}, {"group_id": 1, "device_id": ids["sla-B"]},
+            {"group_id": 2, "device_id": ids["sla-A"]}])
+    groups = head_end.operations.statuses.groups()
+    assert groups == {"sla-A": ("north", "pilot"), "sla-B": ("north",)}
+    label, start, days = day_period(DAY)
+    report = SlaCalculator(head_end.store).report(label, start, days, SlaSettings(), groups,
+                                                  set(), NOW)
+    figures = {g.group: (g.meters, g.complete_by_deadline) for g in report.groups}
+    assert figures == {"(no group)": (2, 0), "north": (2, 1), "pilot": (1, 1)}
+    assert (report.daily[0].meter_days, report.daily[0].complete_by_deadline) == (4, 1)
 
 
 @pytest_twisted.inlineCallbacks
@@ -148,7 +173,7 @@ def test_the_report_page_and_its_csv_behind_authentication(head_end):
         assert csv_groups.text.splitlines() == [
             "period,group,meters,excluded,meter_days,complete_by_deadline,share_complete,"
             "intervals_expected,intervals_missing",
-            "2026-11-20,all,3,1,3,1,0.3333,288,6"]
+            "2026-11-20,(no group),3,1,3,1,0.3333,288,6"]
         csv_requests = yield deferToThread(
             requests.get, f"{base}/reports/sla?day=2026-11-20&format=csv&table=requests",
             auth=auth)
