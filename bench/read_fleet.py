@@ -107,14 +107,16 @@ class Phase:
 class FleetProcess:
     """`cimhes simulate` as a child process: started, waited for, always stopped."""
 
-    def __init__(self, meters: int, port: int, delay: float, workdir: Path):
-        self.inventory_path = workdir / f"inventory-{delay:g}.json"
-        self._log = open(workdir / f"simulate-{delay:g}.log", "w+b")
+    def __init__(self, meters: int, port: int, delay: float, workdir: Path,
+                 extra: list[str] = ()):
+        name = f"{delay:g}-{len(extra)}"
+        self.inventory_path = workdir / f"inventory-{name}.json"
+        self._log = open(workdir / f"simulate-{name}.log", "w+b")
         cimhes = Path(sys.executable).with_name("cimhes")
         command = ([str(cimhes)] if cimhes.exists()
                    else [sys.executable, "-m", "cimhes.endpoints.cli"])
         command += ["simulate", "--meters", str(meters), "--port", str(port),
-                    "--inventory", str(self.inventory_path), "--delay", repr(delay)]
+                    "--inventory", str(self.inventory_path), "--delay", repr(delay), *extra]
         self.command = command
         self.process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=self._log)
 

@@ -1,0 +1,271 @@
+"""Benchmark: many sessions at once, and a fleet full of faulty meters: time, memory, file
+descriptors, failures and the reactor's lateness.
+
+The fleet runs in its own process (`cimhes simulate`, meters on their own loopback addresses),
+so the figures below belong to the reading process (the engine with a fresh SQLite store, as a
+GetMeterReadings reaches it). While the engine reads, a LoopingCall probe ticks every 10 ms
+on the reactor and records how late each tick comes (the reactor's lag: what every other
+session and request waits), and samples the process's open file descriptors and RSS.
+
+Two kinds of run, each against a baseline in the same run:
+- `--sessions N --delay S`: N meters read with N sessions at once, every answer S seconds
+  late; the baseline is the ideal rate, N sessions / (exchanges per read x S).
+- `--faults SHARE`: a fleet in which SHARE of the meters misbehave in each of the kinds of
+  `--kinds` (by default the six of issue 5: silent, garbage, drop-mid-block, replay, bad-tag,
+  refuse-association), read beside the same fleet with no faulty meter; the baseline is the
+  clean run's lag.
+
+    python bench/sessions.py --sessions 2000 --delay 1
+    python bench/sessions.py --sessions 5000 --delay 1
+    python bench/sessions.py --meters 1000 --faults 0.1
+"""
+from __future__ import annotations
+
+import argparse
+import collections
+import json
+import os
+import resource
+import shlex
+import sys
+import tempfile
+import time
+from datetime import timedelta
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).parent))
+from read_fleet import (  # noqa: E402  (the sibling benchmark's fleet and window)
+    PROFILE_TYPES,
+    REGISTER_TYPES,
+    Aborted,
+    FleetProcess,
+    machine,
+    process_cpu,
+    window_now,
+)
+
+ISSUE_FAULTS = ["silent", "garbage", "drop-mid-block", "replay", "bad-tag", "refuse-association"]
+EXCHANGES = 17  # AARQ, clock, 4 x (value, scaler_unit), capture objects, buffer + 2 blocks, RLRQ
+
+
+def rss_kb() -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    return 0
+
+
+def open_fds() -> int:
+    return len(os.listdir("/proc/self/fd"))
+
+
+class Probe:
+    """Ticks every `interval` s on the reactor; records lateness, fds and RSS."""
+
+    def __init__(self, reactor, interval: float = 0.01):
+        from twisted.internet.task import LoopingCall
+
+        self._reactor = reactor
+        self.interval = interval
+        self.late: list[float] = []
+        self.fds = 0
+        self.rss = 0
+        self._last = None
+        self._loop = LoopingCall(self._tick)
+        # The garbage collector's pauses, by generation: a full collection over a large
+        # request's results stops every thread, the reactor's too.
+        self.gc_pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
+        self._gc_started = 0.0
+
+    def _on_gc(self, phase, info):
+        if phase == "start":
+            self._gc_started = time.perf_counter()
+        else:
+            self.gc_pauses[info["generation"]].append(time.perf_counter() - self._gc_started)
+
+    def start(self):
+        import gc
+        gc.callbacks.append(self._on_gc)
+        self._last = time.perf_counter()
+        self._loop.start(self.interval, now=False)
+
+    def stop(self):
+        import gc
+        gc.callbacks.remove(self._on_gc)
+        self._loop.stop()
+
+    def _tick(self):
+        now = time.perf_counter()
+        self.late.append(max(0.0, now - self._last - self.interval))
+        self._last = now
+        if len(self.late) % 10 == 0:
+            self.fds = max(self.fds, open_fds())
+            self.rss = max(self.rss, rss_kb())
+
+    def summary(self) -> str:
+        late = sorted(self.late) or [0.0]
+        p99 = late[min(len(late) - 1, int(0.99 * len(late)))]
+        pauses = "; ".join(
+            f"gen{generation} {len(times)} x, longest {1000 * max(times):.0f} ms"
+            for generation, times in self.gc_pauses.items() if times)
+        return (f"reactor lag (10 ms probe, {len(late)} ticks): max {1000 * late[-1]:.0f} ms, "
+                f"p99 {1000 * p99:.1f} ms, median {1000 * late[len(late) // 2]:.1f} ms; "
+                f"collector pauses: {pauses or 'none'}")
+
+
+async def read_all(reactor, inventory, concurrency: int, limits, database: Path,
+                   connections_per_second: float):
+    from cimhes.cim.message import Header
+    from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings
+    from cimhes.drivers import DeviceAddress
+    from cimhes.engine.reading import MeterReadingService
+    from cimhes.engine.store import Store, StoreRunner
+
+    store = Store(f"sqlite:///{database}")
+    store.load_inventory([DeviceAddress.from_inventory(entry) for entry in inventory])
+    runner = StoreRunner(reactor, store)
+    start, end = window_now()
+    request = GetMeterReadings(
+        header=Header(verb="get", noun="MeterReadings"),
+        end_devices=[DeviceRef(mrid=entry["mrid"]) for entry in inventory],
+        reading_types=[*REGISTER_TYPES, *PROFILE_TYPES], start=start, end=end)
+    service = MeterReadingService(reactor, runner, concurrency=concurrency, limits=limits,
+                                  connections_per_second=connections_per_second)
+    probe = Probe(reactor)
+    fds_before, rss_before = open_fds(), rss_kb()
+    probe.start()
+    cpu, wall = process_cpu(), time.perf_counter()
+    try:
+        outcome = await service.read(request)
+    finally:
+        probe.stop()
+        wall, cpu = time.perf_counter() - wall, process_cpu() - cpu
+        runner.stop()
+        store.close()
+    # Let closing sockets finish before counting what is left open.
+    from twisted.internet.task import deferLater
+    await deferLater(reactor, 0.5, lambda: None)
+    return outcome, probe, wall, cpu, fds_before, rss_before, open_fds()
+
+
+def failures(outcome) -> str:
+    codes = collections.Counter(str(getattr(e.code, "value", e.code)) for e in outcome.errors)
+    return ", ".join(f"{code}: {count}" for code, count in sorted(codes.items())) or "none"
+
+
+def report(name, meters, outcome, probe, wall, cpu, fds_before, rss_before, fds_after):
+    print(f"{name}: {meters} meters in {wall:.1f} s ({meters / wall:.0f} reads/s), "
+          f"process CPU {cpu:.1f} s ({1000 * cpu / meters:.2f} ms/read); "
+          f"{len(outcome.meter_readings)} read, errors by code: {failures(outcome)}")
+    print(f"  {probe.summary()}")
+    print(f"  RSS {rss_before // 1024} MB before, peak {probe.rss // 1024} MB "
+          f"({(probe.rss - rss_before) / meters:.0f} kB per session); file descriptors "
+          f"{fds_before} before, peak {probe.fds}, {fds_after} after", flush=True)
+
+
+async def concurrency_run(reactor, args, workdir: Path):
+    from cimhes.drivers.limits import SessionLimits
+
+    fleet = FleetProcess(args.sessions, args.port, args.delay, workdir)
+    try:
+        fleet.wait_ready(300)
+        inventory = json.loads(fleet.inventory_path.read_text())["meters"]
+        print(f"fleet: {shlex.join(fleet.command)}", flush=True)
+        limits = SessionLimits(response_timeout=max(20.0, 10 * args.delay),
+                               session_deadline=max(60.0, 4 * EXCHANGES * args.delay))
+        fleet_cpu = fleet.cpu()
+        result = await read_all(reactor, inventory, args.sessions, limits,
+                                workdir / "sessions.sqlite", args.connections_per_second)
+        fleet_cpu = fleet.cpu() - fleet_cpu
+    finally:
+        fleet.stop()
+    outcome, probe, wall = result[0], result[1], result[2]
+    report(f"{args.sessions} sessions at once, answers {args.delay:g} s late", args.sessions,
+           *result)
+    ideal = args.sessions / (EXCHANGES * args.delay)
+    print(f"  ideal rate {ideal:.0f} reads/s ({args.sessions} sessions / ({EXCHANGES} exchanges "
+          f"x {args.delay:g} s)); measured {args.sessions / wall:.0f} = "
+          f"{100 * args.sessions / wall / ideal:.0f}% of it; fleet process CPU {fleet_cpu:.1f} s")
+
+
+async def fault_runs(reactor, args, workdir: Path):
+    from cimhes.drivers.limits import SessionLimits
+
+    per_kind = max(1, int(args.faults * args.meters))
+    if per_kind * len(args.kinds) > args.meters:
+        raise Aborted(f"{len(args.kinds)} kinds x {per_kind} meters exceed the fleet")
+    specs, first = [], 1
+    for kind in args.kinds:
+        specs += ["--fault", f"{kind}:{first}-{first + per_kind - 1}"]
+        first += per_kind
+    limits = SessionLimits(connect_timeout=5.0, response_timeout=args.timeout,
+                           session_deadline=4 * args.timeout)
+    for name, extra in (("clean fleet", []), (f"{per_kind} faulty meters of each of "
+                                               f"{len(args.kinds)} kinds", specs)):
+        fleet = FleetProcess(args.meters, args.port, 0.0, workdir, extra)
+        try:
+            fleet.wait_ready(120)
+            inventory = json.loads(fleet.inventory_path.read_text())["meters"]
+            print(f"fleet: {shlex.join(fleet.command)}", flush=True)
+            result = await read_all(reactor, inventory, args.concurrency, limits,
+                                    workdir / f"{len(extra)}.sqlite",
+                                    args.connections_per_second)
+        finally:
+            fleet.stop()
+        report(name, args.meters, *result)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--sessions", type=int, help="meters read all at once (concurrency run)")
+    parser.add_argument("--delay", type=float, default=1.0, help="answer delay, s (1)")
+    parser.add_argument("--meters", type=int, default=1000, help="fleet of the fault runs (1000)")
+    parser.add_argument("--faults", type=float, help="share of the fleet faulty in each kind")
+    parser.add_argument("--kinds", nargs="+", default=ISSUE_FAULTS, help="fault kinds")
+    parser.add_argument("--concurrency", type=int, default=200, help="fault runs' bound (200)")
+    parser.add_argument("--timeout", type=float, default=5.0,
+                        help="fault runs' response timeout, s (5)")
+    parser.add_argument("--connections-per-second", type=float, default=1000.0,
+                        help="connection pacing, as the product default (1000)")
+    parser.add_argument("--port", type=int, default=14059)
+    args = parser.parse_args(argv)
+    if (args.sessions is None) == (args.faults is None):
+        parser.error("give either --sessions N or --faults SHARE")
+
+    from twisted.internet import reactor
+    from twisted.internet.defer import Deferred
+
+    from cimhes.drivers.limits import raise_descriptor_limit
+    from cimhes.engine.garbage_collection import tune_for_throughput
+
+    limit = raise_descriptor_limit(args.sessions or args.concurrency)
+    tune_for_throughput()
+    print(machine())
+    print(f"command: {shlex.join(sys.orig_argv)}")
+    print(limit.explain())
+    if not limit.sufficient:
+        return 2
+    exit_code = [1]
+
+    async def run():
+        with tempfile.TemporaryDirectory(prefix="cimhes-sessions-") as workdir:
+            if args.sessions:
+                await concurrency_run(reactor, args, Path(workdir))
+            else:
+                await fault_runs(reactor, args, Path(workdir))
+        exit_code[0] = 0
+
+    def start():
+        done = Deferred.fromCoroutine(run())
+        done.addErrback(lambda failure: print(
+            f"sessions: aborted: {failure.value}" if failure.check(Aborted)
+            else failure.getTraceback(), file=sys.stderr))
+        done.addBoth(lambda _: reactor.stop())
+
+    reactor.callWhenRunning(start)
+    reactor.run()
+    return exit_code[0]
+
+
+if __name__ == "__main__":
+    sys.exit(main())
