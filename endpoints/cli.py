@@ -36,6 +36,7 @@ from cimhes.endpoints.engine_cli import (
     engine_settings,
     run_engine_command,
 )
+from cimhes.endpoints.amqp_options import add_amqp_options, amqp_settings
 from cimhes.endpoints.facade_options import add_facade_options, facade_settings
 from cimhes.endpoints.limit_options import add_limit_options, limit_settings
 from cimhes.endpoints.session_options import add_session_options, ensure_descriptors, session_settings
@@ -68,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     add_limit_options(demo)
     _tls_arguments(demo)
     add_facade_options(demo)
+    add_amqp_options(demo)
     demo.add_argument("--tls-self-signed", action="store_true",
                       help="serve HTTPS with a self-signed pair made beside the database "
                            "(<db>.tls-cert.pem, <db>.tls-key.pem); the ready line names the "
@@ -84,6 +86,7 @@ def main(argv: list[str] | None = None) -> int:
     add_limit_options(serve)
     _tls_arguments(serve)
     add_facade_options(serve)
+    add_amqp_options(serve)
 
     add_admin_commands(commands, "var/cimhes.sqlite")
     add_db_commands(commands)
@@ -206,7 +209,7 @@ def _settings(args):
                            engine=engine_settings(args),
                            schedules_file=getattr(args, "schedules", None),
                            **session_settings(args), **facade_settings(args),
-                           **limit_settings(args))
+                           **limit_settings(args), **amqp_settings(args))
 
 
 def _read_inventory(path: Path) -> list[DeviceAddress]:
@@ -236,7 +239,13 @@ def _run(reactor, head_end, args, meters: list[str], **extra) -> int:
         raise
     tune_for_throughput()
     base_url = f"{'https' if args.tls_cert else 'http'}://{host}:{listening.getHost().port}"
-    ready = {"ready": True, "base_url": base_url, "meters": meters,
+    from cimhes.queue.connection import redact
+
+    amqp = redact(head_end.amqp.connection.url) if head_end.amqp is not None else "off"
+    if head_end.amqp is None:
+        logging.getLogger("cimhes.queue").info(
+            "AMQP is off (no --amqp-url): events are stored and kept in the outbox")
+    ready = {"ready": True, "base_url": base_url, "meters": meters, "amqp": amqp,
              "services": {"GetMeterReadings": f"{base_url}/cim/GetMeterReadings"},
              "pid": os.getpid(), **extra}
     print(json.dumps(ready), flush=True)

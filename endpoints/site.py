@@ -93,6 +93,9 @@ class HeadEndSettings:
     schedules_file: str | None = None
     # What the SLA report counts as complete and in time (engine/sla.py).
     sla: SlaSettings = field(default_factory=SlaSettings)
+    # The RabbitMQ broker (amqp://user:pass@host:port/vhost) for CIM requests over queues and
+    # events to the DMS (cimhes.queue, docs/amqp.md); None: AMQP is off.
+    amqp_url: str | None = None
 
 
 class _Index(Resource):
@@ -167,6 +170,14 @@ class HeadEnd:
                                     limits=settings.reading_requests,
                                     replies=ReplySender(reactor, self.callback_session),
                                     reply_addresses=ReplyAddressPolicy(settings.reply_addresses))
+        self.meter_readings_door = door
+        self.amqp = None
+        if settings.amqp_url:
+            from cimhes.queue.service import AmqpService
+            self.amqp = AmqpService(reactor, settings.amqp_url,
+                                    {"MeterReadings": door.get_meter_readings},
+                                    store_runner=self.store_runner)
+            reactor.callWhenRunning(self.amqp.start)
         cim = CimFolder()
         cim.putChild(GET_METER_READINGS.encode(),
                      SoapResource(get_meter_readings_application(door), GET_METER_READINGS_WSDL,

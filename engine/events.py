@@ -16,7 +16,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import Integer, String, and_, or_, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
@@ -29,6 +29,7 @@ from cimhes.cim.message import Error, ErrorCode
 from cimhes.drivers import DeviceAddress
 from cimhes.drivers.errors import DeviceError
 from cimhes.drivers.idis_events import read_events
+from cimhes.engine import event_outbox
 from cimhes.engine.reading import DEVICE_ERROR_CODES
 from cimhes.engine.store import Base, Device, EndDeviceEventRecord, EpochMillis, Store, StoreRunner
 
@@ -70,6 +71,9 @@ class EventStore:
         insert = postgresql_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
         self._insert = insert(EndDeviceEventRecord.__table__).on_conflict_do_nothing(
             index_elements=["device_id", "log", "created_at", "dlms_code"])
+        table = EndDeviceEventRecord.__table__
+        self._insert_returning = self._insert.returning(
+            table.c.device_id, table.c.log, table.c.created_at, table.c.dlms_code)
 
     def save_events(self, events: Sequence[EndDeviceEvent], received_by: str,
                     recorded_at: datetime) -> int:
@@ -83,13 +87,13 @@ class EventStore:
             unknown = {e.device_mrid for e in events} - set(ids)
             if unknown:
                 raise ValueError(f"events of devices not in the inventory: {sorted(unknown)}")
-            rows, seen = [], set()
+            rows, seen = [], {}
             for event in events:
                 log_name, code = _split_code(event.device_code)
                 key = (ids[event.device_mrid], log_name, event.created, code)
                 if key in seen:
                     continue
-                seen.add(key)
+                seen[key] = event
                 details = dict(event.details)
                 details.update(reason=event.reason, receivedBy=received_by)
                 rows.append({"device_id": key[0], "log": log_name, "created_at": event.created,
@@ -99,8 +103,13 @@ class EventStore:
             rows = self._without_stored_codeless(session, rows)
             if not rows:
                 return 0
-            result = session.connection().execute(self._insert, rows)
-            return max(result.rowcount, 0)
+            # Each inserted event also gets its outbox row, in this transaction (the AMQP relay
+            # publishes it to the DMS: engine/event_outbox.py).
+            inserted = session.connection().execute(self._insert_returning, rows).all()
+            by_key = {(d, g, _millis(c), k): e for (d, g, c, k), e in seen.items()}
+            event_outbox.write(session, [by_key[(d, g, _millis(c), k)]
+                                         for d, g, c, k in inserted], recorded_at)
+            return len(inserted)
 
     def _without_stored_codeless(self, session, rows: list[dict]) -> list[dict]:
         codeless = [(r["device_id"], r["log"], r["created_at"]) for r in rows
@@ -199,6 +208,11 @@ def _device_error(device: DeviceAddress, error: Exception) -> Error:
             if isinstance(error, DeviceError) else ErrorCode.INTERNAL_ERROR)
     return Error(code=code, reason=str(error), id=device.mrid, id_kind="uuid",
                  object_type="EndDevice")
+
+
+def _millis(at: datetime) -> int:
+    """`at` as the store keeps it (whole milliseconds since the epoch, engine/store.py)."""
+    return (at - datetime(1970, 1, 1, tzinfo=timezone.utc)) // timedelta(milliseconds=1)
 
 
 def _split_code(device_code: str) -> tuple[str, int | None]:

@@ -1,0 +1,73 @@
+"""Each new EndDeviceEvent, written to the store's outbox in the transaction that stores it.
+
+`EventStore.save_events` (engine/events.py) calls `write` with the events it actually inserted,
+in its own transaction: an event and its outbox row are committed together or not at all (a
+transactional outbox). Each row (destination ``dms:amqp``) holds one 61968-100 EventMessage
+(EndDeviceEventsMessage:CreatedEndDeviceEvents, Verb created, Noun EndDeviceEvents) with its own
+MessageID (also in the row's ``correlation_id``), and its AMQP routing key in ``kind``
+(``EndDeviceEvents <routing key>``). The AMQP relay (cimhes.queue.events) publishes the rows and
+deletes each only once the broker confirmed it; without a broker they wait in the outbox.
+
+Routing keys, ``<category>.<severity>.<EndDeviceEventType code>``, let a DMS bind by domain and
+severity (docs/amqp.md): e.g. ``outage.critical.3.26.38.85`` (power down),
+``restore.info.3.26.38.49`` (power up), ``voltage.minor.3.26.131.223``, ``tamper.major.3.12.29.212``,
+``diagnostics.info.3.2.22.150``.
+"""
+from __future__ import annotations
+
+import uuid
+from collections.abc import Sequence
+from datetime import datetime
+
+from lxml import etree
+
+from cimhes.cim.codec.end_device_events import encode_created_end_device_events
+from cimhes.cim.end_device_events import EndDeviceEvent
+from cimhes.cim.message import Header, Verb
+from cimhes.engine.store import OutboxMessage
+
+DESTINATION = "dms:amqp"
+KIND_PREFIX = "EndDeviceEvents "
+SOURCE = "cimhes"
+
+# EndDeviceEventType domain 26 (power): subdomain 38 is the supply itself, 131..133 the phases'
+# voltage; eventOrAction 85 (failed / down) and 49 (up). Domain 12: security (tamper, access).
+_OUTAGE, _RESTORE = "85", "49"
+
+
+def category_and_severity(event_type: str) -> tuple[str, str]:
+    """(category, severity) of an EndDeviceEventType code ``type.domain.subDomain.eventOrAction``."""
+    _type, domain, sub_domain, action = event_type.split(".")
+    if domain == "26" and sub_domain == "38":
+        if action == _OUTAGE:
+            return "outage", "critical"
+        if action == _RESTORE:
+            return "restore", "info"
+    if domain == "26":
+        return "voltage", "minor"
+    if domain == "12":
+        return "tamper", "major"
+    return "diagnostics", "info"
+
+
+def routing_key(event: EndDeviceEvent) -> str:
+    category, severity = category_and_severity(event.event_type)
+    return f"{category}.{severity}.{event.event_type}"
+
+
+def event_message(event: EndDeviceEvent, message_id: str, now: datetime) -> bytes:
+    header = Header(verb=Verb.CREATED, noun="EndDeviceEvents", timestamp=now, source=SOURCE,
+                    message_id=message_id)
+    return etree.tostring(encode_created_end_device_events(header, [event]),
+                          xml_declaration=True, encoding="UTF-8")
+
+
+def write(session, events: Sequence[EndDeviceEvent], now: datetime) -> int:
+    """Add one outbox row per event to ``session`` (the caller's transaction)."""
+    for event in events:
+        message_id = str(uuid.uuid4())
+        session.add(OutboxMessage(
+            destination=DESTINATION, kind=(KIND_PREFIX + routing_key(event))[:64],
+            correlation_id=message_id, payload=event_message(event, message_id, now).decode(),
+            created_at=now, attempts=0, next_attempt_at=now))
+    return len(events)
