@@ -189,12 +189,9 @@ def _serve(args) -> int:
     from cimhes.endpoints.site import HeadEnd
 
     ensure_descriptors(args.sessions, SPARE_DESCRIPTORS + args.max_connections)
-    devices = _read_inventory(Path(args.inventory))
-    # Usage points and groups, when the inventory has them (engine/usage_points.py)
-    links = {key: value for key, value in json.loads(Path(args.inventory).read_text()).items()
-             if key in ("usage_points", "groups")}
-    head_end = HeadEnd(reactor, _settings(args), devices, links=links)
-    return _run(reactor, head_end, args, meters=[d.mrid for d in devices])
+    inventory = _read_inventory(Path(args.inventory))
+    head_end = HeadEnd(reactor, _settings(args), inventory)
+    return _run(reactor, head_end, args, meters=[d.address.mrid for d in inventory.devices])
 
 
 def _settings(args):
@@ -212,15 +209,16 @@ def _settings(args):
                            **limit_settings(args), **amqp_settings(args))
 
 
-def _read_inventory(path: Path) -> list[DeviceAddress]:
-    """The devices of an inventory file (the format `cimhes simulate` writes)."""
+def _read_inventory(path: Path):
+    """An inventory file (README, "Inventory file"; `cimhes simulate` writes one)."""
+    from cimhes.engine.inventory import Inventory
+
     try:
-        entries = json.loads(path.read_text())["meters"]
-        return [DeviceAddress.from_inventory(entry) for entry in entries]
+        return Inventory.from_json(json.loads(path.read_text()))
     except json.JSONDecodeError as exc:
         raise ValueError(f"{path} is not JSON: {exc}") from None
-    except (KeyError, TypeError) as exc:
-        raise ValueError(f"{path} is not an inventory ({{\"meters\": [...]}}): {exc}") from None
+    except (ValueError, TypeError) as exc:
+        raise ValueError(f"{path} is not an inventory: {exc}") from None
 
 
 def _run(reactor, head_end, args, meters: list[str], **extra) -> int:

@@ -42,6 +42,7 @@ from cimhes.engine import request_log
 from cimhes.engine.admission import Admission, RequestLimits
 from cimhes.engine.dispatch import Dispatcher
 from cimhes.engine.limits import EngineSettings
+from cimhes.engine.inventory import Inventory
 from cimhes.engine.reading import MeterReadingService
 from cimhes.engine.rate_limits import (
     DEFAULT_CONTROL_LIMITS,
@@ -53,7 +54,6 @@ from cimhes.engine.schedule import ScheduleConfig, Scheduler
 from cimhes.engine.security import CounterStore, StoredCounters
 from cimhes.engine.reading_sources import ReadingRequestService
 from cimhes.engine.sla import SlaSettings
-from cimhes.engine.usage_points import load_links
 from cimhes.engine.store import Store, StoreRunner
 from cimhes.engine.users import AuditTrail, Authenticator, Role, SecretBox, UserStore
 
@@ -116,18 +116,18 @@ class HeadEnd:
     """One head-end process: store (loaded with the inventory's devices), engine and SOAP site
     on the given reactor."""
 
-    def __init__(self, reactor, settings: HeadEndSettings, devices: list[DeviceAddress],
-                 links: Mapping | None = None):
+    def __init__(self, reactor, settings: HeadEndSettings,
+                 devices: Inventory | list[DeviceAddress], links: Mapping | None = None):
         secret_box = SecretBox.from_file(settings.secret_key_file)
         self.store = Store(settings.database_url, secret_box)
         # Before any thread starts: a refused inventory must leave nothing running.
+        if links:  # routes, groups, usage points given apart from the devices
+            devices = Inventory.with_links(devices, links)
         self.store.load_inventory(devices)
         interrupted = request_log.mark_interrupted(self.store)
         if interrupted:
             log.warning("%d requests were in flight when the previous process stopped; they are "
                         "logged as %r", interrupted, request_log.INTERRUPTED)
-        links = links or {}
-        load_links(self.store, links.get("usage_points", ()), links.get("groups", ()))
         self.users = UserStore(self.store, secret_box)
         self.store_runner = StoreRunner(reactor, self.store)
         # The one factory of HTTP sessions for outgoing calls (MDM callbacks, zeep publishers).

@@ -22,6 +22,7 @@ from sqlalchemy import (
     Text,
     UniqueConstraint,
     create_engine,
+    delete,
     event,
     select,
 )
@@ -39,6 +40,7 @@ from twisted.python.threadpool import ThreadPool
 from cimhes.cim.meter_readings import MeterReading
 from cimhes.drivers import DRIVERS, DeviceAddress
 from cimhes.engine import schema
+from cimhes.engine.inventory import Inventory, ServedPeriod
 from cimhes.engine.sealed import Sealed, SecretBox, attach_secret_box, private_database_file
 
 
@@ -286,19 +288,34 @@ class Store:
         self._upsert_readings = _upsert_readings(self.engine.dialect.name)
         self._upsert_readings_positional = _positional_sql(self._upsert_readings, self.engine)
 
-    def load_inventory(self, devices: Iterable[DeviceAddress]) -> int:
-        """Insert or update devices by mRID; returns how many were given. A device whose type
-        no driver serves is refused (ValueError naming it) and nothing is loaded."""
-        devices = list(devices)
-        for address in devices:
+    def load_inventory(self, inventory: Inventory | Iterable[DeviceAddress]) -> int:
+        """Insert or update the inventory's devices (by mRID), routes and groups (by name) and
+        usage points (by mRID), in one transaction; returns how many devices were given.
+
+        The inventory is the truth for what it lists: a listed device's route and groups, and a
+        listed usage point's meter periods, become exactly those given; devices and usage points
+        it does not list are left as they are. A device whose type no driver serves, or a
+        usage point served by a meter known nowhere, is refused (ValueError naming it) and
+        nothing is loaded. A plain list of addresses is an inventory of devices alone."""
+        if not isinstance(inventory, Inventory):
+            inventory = Inventory.of_devices(inventory)
+        inventory.check()
+        for device in inventory.devices:
+            address = device.address
             if address.device_type not in DRIVERS:
                 raise ValueError(f"device {address.mrid} ({address.name}) has device type "
                                  f"{address.device_type!r}, which no driver serves; known: "
                                  f"{sorted(DRIVERS)}")
-        count = 0
         with self._session.begin() as session:
-            known = {d.mrid: d for d in session.scalars(select(Device))}
-            for address in devices:
+            routes = _named(session, Route, {r.name: r for r in inventory.routes},
+                            {d.route for d in inventory.devices if d.route})
+            groups = _named(session, DeviceGroup, {g.name: g for g in inventory.groups},
+                            {g for d in inventory.devices for g in d.groups})
+            known = {d.mrid: d for d in session.scalars(select(Device).where(
+                Device.mrid.in_([d.address.mrid for d in inventory.devices])))}
+            rows = []
+            for device in inventory.devices:
+                address = device.address
                 row = known.get(address.mrid) or Device(mrid=address.mrid)
                 row.name = address.name
                 row.device_type = address.device_type
@@ -311,9 +328,72 @@ class Store:
                 row.system_title = address.system_title
                 row.encryption_key = address.encryption_key
                 row.authentication_key = address.authentication_key
+                row.route_id = routes[device.route].id if device.route else None
                 session.add(row)
-                count += 1
-        return count
+                rows.append(row)
+            session.flush()
+            ids = [row.id for row in rows]
+            if ids:
+                session.execute(delete(DeviceGroupMember).where(DeviceGroupMember.device_id.in_(ids)))
+            session.add_all(DeviceGroupMember(group_id=groups[name].id, device_id=row.id)
+                            for device, row in zip(inventory.devices, rows)
+                            for name in device.groups)
+            self._load_usage_points(session, inventory.usage_points)
+        return len(inventory.devices)
+
+    def _load_usage_points(self, session, usage_points) -> None:
+        if not usage_points:
+            return
+        meters = {p.meter for u in usage_points for p in u.meters}
+        device_ids = dict(session.execute(
+            select(Device.mrid, Device.id).where(Device.mrid.in_(meters))).all())
+        for usage_point in usage_points:
+            for period in usage_point.meters:
+                if period.meter not in device_ids:
+                    raise ValueError(f"usage point {usage_point.mrid} names meter {period.meter}, "
+                                     "which is neither in the inventory nor stored")
+        known = {u.mrid: u for u in session.scalars(select(UsagePoint).where(
+            UsagePoint.mrid.in_([u.mrid for u in usage_points])))}
+        for entry in usage_points:
+            row = known.get(entry.mrid) or UsagePoint(mrid=entry.mrid)
+            row.name = entry.name
+            session.add(row)
+            session.flush()
+            session.execute(delete(UsagePointMeter).where(UsagePointMeter.usage_point_id == row.id))
+            session.add_all(UsagePointMeter(
+                usage_point_id=row.id, device_id=device_ids[p.meter], served_from=p.served_from,
+                served_to=p.served_to) for p in entry.meters)
+
+    def devices_in_group(self, name: str) -> list[DeviceAddress]:
+        """The devices of the EndDeviceGroup named, by mRID; [] for an unknown group."""
+        with self._session() as session:
+            query = (select(Device).join(DeviceGroupMember, DeviceGroupMember.device_id == Device.id)
+                     .join(DeviceGroup, DeviceGroup.id == DeviceGroupMember.group_id)
+                     .where(DeviceGroup.name == name).order_by(Device.mrid))
+            return [row.address() for row in session.scalars(query)]
+
+    def routes_of(self, mrids: Sequence[str]) -> dict[str, str | None]:
+        """Each known device's route name (None: no route), keyed by mRID."""
+        with self._session() as session:
+            query = (select(Device.mrid, Route.name).outerjoin(Route, Route.id == Device.route_id)
+                     .where(Device.mrid.in_(mrids)))
+            return dict(session.execute(query).all())
+
+    def usage_point_meters(self, mrid: str, start: datetime | None = None,
+                           end: datetime | None = None) -> list[ServedPeriod]:
+        """The meters that served the usage point during [start, end) (all if not given), in
+        time order: how a reading request by UsagePoint finds the devices to read."""
+        with self._session() as session:
+            query = (select(Device.mrid, UsagePointMeter.served_from, UsagePointMeter.served_to)
+                     .join(UsagePointMeter, UsagePointMeter.device_id == Device.id)
+                     .join(UsagePoint, UsagePoint.id == UsagePointMeter.usage_point_id)
+                     .where(UsagePoint.mrid == mrid).order_by(UsagePointMeter.served_from))
+            if end is not None:
+                query = query.where(UsagePointMeter.served_from < end)
+            if start is not None:
+                query = query.where((UsagePointMeter.served_to.is_(None))
+                                    | (UsagePointMeter.served_to > start))
+            return [ServedPeriod(m, f, t) for m, f, t in session.execute(query)]
 
     def find_devices(self, mrids: Sequence[str], names: Sequence[str]) -> dict[str, DeviceAddress]:
         """Devices known by the given mRIDs or names, keyed by the mRID or name asked for."""
@@ -364,7 +444,10 @@ class Store:
             read_at_key = stamp(read_at)
             rows = []
             for meter_reading in meter_readings:
-                device_id = ids[meter_reading.meter.mrid]
+                device_id = ids.get(meter_reading.meter.mrid)
+                if device_id is None:
+                    raise ValueError(f"readings of device {meter_reading.meter.mrid}, which is not "
+                                     "in the inventory; none of this batch is stored")
                 for reading in meter_reading.readings:
                     rows.append(row(device_id, reading.reading_type, stamp(reading.timestamp),
                                     str(reading.value), read_at_key, source))
@@ -403,6 +486,22 @@ class Store:
 
     def close(self) -> None:
         self.engine.dispose()
+
+
+def _named(session, model, listed: dict, referenced: set[str]) -> dict:
+    """Rows of a model with a unique `name` (routes, groups): those listed get their fields,
+    those only referenced are made with their name alone; keyed by name."""
+    names = set(listed) | referenced
+    rows = {r.name: r for r in session.scalars(select(model).where(model.name.in_(names)))}
+    for name in names:
+        row = rows.get(name) or model(name=name)
+        if name in listed:
+            for key, value in listed[name].__dict__.items():
+                setattr(row, key, value)
+        session.add(row)
+        rows[name] = row
+    session.flush()
+    return rows
 
 
 def open_database(url: str) -> Engine:

@@ -14,7 +14,7 @@ from zeep.plugins import HistoryPlugin
 
 from cimhes.drivers import DeviceAddress
 from cimhes.endpoints.site import HeadEnd, HeadEndSettings
-from cimhes.engine.usage_points import load_links
+from cimhes.engine.inventory import Inventory
 from cimhes.fixtures import meter_model
 from cimhes.fixtures.fleet import start_fleet
 
@@ -163,8 +163,10 @@ def test_an_unknown_data_source_is_refused(head_end, fleet):
 
 
 def test_links_naming_a_meter_not_in_the_inventory_are_refused(head_end):
-    with pytest.raises(ValueError, match="meter nope is not in the inventory"):
-        load_links(head_end.store, [{"mrid": "UP-2", "meters": [
-            {"mrid": "nope", "from": "2020-01-01T00:00:00Z"}]}])
+    with pytest.raises(ValueError, match="names meter nope"):
+        head_end.store.load_inventory(Inventory.with_links([], {"usage_points": [
+            {"mrid": "UP-2", "meters": [{"mrid": "nope", "from": "2020-01-01T00:00:00Z"}]}]}))
+    with pytest.raises(ValueError, match="group G: meter nope is not in the inventory"):
+        Inventory.with_links([], {"groups": [{"mrid": "G", "members": ["nope"]}]})
     with pytest.raises(ValueError, match="unknown keys"):
-        load_links(head_end.store, [], [{"mrid": "G", "member": []}])
+        Inventory.with_links([], {"groups": [{"mrid": "G", "member": []}]})

@@ -1,0 +1,109 @@
+"""The store on SQLite and on a real PostgreSQL server: readings stored once however often they
+are read, a corrected value replacing the old one with a trace, in bulk."""
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+from sqlalchemy import select, update
+
+from cimhes.cim.meter_readings import DeviceRef, IntervalBlock, IntervalReading, MeterReading, Reading
+from cimhes.drivers import DeviceAddress
+from cimhes.engine.store import ReadingCorrection, ReadingRecord, Store
+
+UTC = timezone.utc
+END = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
+REGISTER = "0.0.0.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0"
+PROFILE = "0.0.2.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0"
+METERS = [DeviceAddress(mrid=f"00000000-0000-5000-8000-{k:012d}", name=f"M{k}",
+                        device_type="idis-meter", host=f"127.13.0.{k}") for k in (1, 2)]
+
+
+@pytest.fixture
+def store(database_url):
+    store = Store(database_url)
+    store.load_inventory(METERS)
+    yield store
+    store.close()
+
+
+def _profile(meter: DeviceAddress, values: list[str], first: int = 0) -> MeterReading:
+    intervals = [IntervalReading(END + timedelta(minutes=15 * (first + n)), Decimal(v))
+                 for n, v in enumerate(values)]
+    return MeterReading(DeviceRef(mrid=meter.mrid), [], [IntervalBlock(PROFILE, intervals)])
+
+
+def _register(meter: DeviceAddress, value: str, at: datetime) -> MeterReading:
+    return MeterReading(DeviceRef(mrid=meter.mrid), [Reading(REGISTER, Decimal(value), at)], [])
+
+
+def _corrections(store: Store) -> list[tuple]:
+    with store.engine.connect() as connection:
+        return [tuple(row) for row in connection.execute(
+            select(ReadingCorrection.old_value, ReadingCorrection.new_value,
+                   ReadingCorrection.old_source, ReadingCorrection.source,
+                   ReadingCorrection.old_read_at, ReadingCorrection.corrected_at)
+            .order_by(ReadingCorrection.id))]
+
+
+def test_the_same_intervals_read_twice_are_stored_once(store):
+    first = END + timedelta(hours=1)
+    store.save_meter_readings([_profile(METERS[0], ["1.5", "2.25", "3"]),
+                               _register(METERS[1], "100.125", END)], first)
+    # A re-read overlapping the first, with one interval more, in one batch.
+    store.save_meter_readings([_profile(METERS[0], ["1.5", "2.25", "3", "4"])],
+                              first + timedelta(hours=1))
+    store.save_meter_readings([_register(METERS[1], "100.125", END)], first + timedelta(hours=2))
+
+    assert store.stored_values(METERS[0].mrid, PROFILE) == [
+        (END + timedelta(minutes=15 * n), Decimal(v)) for n, v in enumerate(["1.5", "2.25", "3", "4"])]
+    assert store.stored_values(METERS[1].mrid, REGISTER) == [(END, Decimal("100.125"))]
+    assert _corrections(store) == []
+    with store.engine.connect() as connection:
+        read_at = connection.execute(select(ReadingRecord.read_at).where(
+            ReadingRecord.timestamp == END, ReadingRecord.reading_type == PROFILE)).scalar_one()
+    assert read_at == first  # an unchanged value is not rewritten
+
+
+def test_a_corrected_value_replaces_the_old_one_and_keeps_a_trace(store):
+    read, corrected = END + timedelta(hours=1), END + timedelta(days=1)
+    store.save_meter_readings([_profile(METERS[0], ["1.5", "2.25", "3"])], read)
+    store.save_meter_readings([_profile(METERS[0], ["1.5", "2.5", "3"])], corrected,
+                              source="push")
+
+    assert [v for _, v in store.stored_values(METERS[0].mrid, PROFILE)] == \
+        [Decimal("1.5"), Decimal("2.5"), Decimal("3")]
+    assert _corrections(store) == [("2.25", "2.5", "read", "push", read, corrected)]
+
+
+def test_a_value_changed_by_any_writer_is_traced(store):
+    """The trace is the database's own: an UPDATE by hand leaves one too."""
+    store.save_meter_readings([_register(METERS[0], "7", END)], END)
+    with store.engine.begin() as connection:
+        connection.execute(update(ReadingRecord).values(value="8", source="manual",
+                                                         read_at=END + timedelta(days=2)))
+    assert _corrections(store) == [("7", "8", "read", "manual", END, END + timedelta(days=2))]
+
+
+def test_a_large_batch_mixing_new_repeated_and_corrected_values(store):
+    """One call with 2 x 960 intervals: half already stored (one of those changed), half new."""
+    old = [str(n) for n in range(480)]
+    store.save_meter_readings([_profile(m, old) for m in METERS], END)
+    again = old.copy()
+    again[17] = "17.5"
+    store.save_meter_readings([_profile(m, again + [str(n) for n in range(480, 960)])
+                               for m in METERS], END + timedelta(days=1))
+    for meter in METERS:
+        values = [v for _, v in store.stored_values(meter.mrid, PROFILE)]
+        assert values == [Decimal(v) for v in again] + [Decimal(n) for n in range(480, 960)]
+    assert [c[:2] for c in _corrections(store)] == [("17", "17.5"), ("17", "17.5")]
+
+
+def test_readings_of_a_device_not_in_the_inventory_are_refused_and_nothing_is_stored(store):
+    stranger = DeviceAddress(mrid="ffffffff-0000-5000-8000-000000000000", name="X",
+                             device_type="idis-meter", host="127.13.0.9")
+    with pytest.raises(ValueError, match=f"{stranger.mrid}, which is not in the inventory"):
+        store.save_meter_readings([_register(METERS[0], "1", END), _register(stranger, "2", END)],
+                                  END)
+    assert store.stored_values(METERS[0].mrid, REGISTER) == []
