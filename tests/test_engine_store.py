@@ -1,5 +1,6 @@
 """The store on SQLite and on a real PostgreSQL server: readings stored once however often they
-are read, a corrected value replacing the old one with a trace, in bulk."""
+are read, a corrected value replacing the old one with a trace, in bulk; events kept once and
+reported through the outbox in the same transaction."""
 from __future__ import annotations
 
 from datetime import datetime, timedelta, timezone
@@ -10,7 +11,14 @@ from sqlalchemy import select, update
 
 from cimhes.cim.meter_readings import DeviceRef, IntervalBlock, IntervalReading, MeterReading, Reading
 from cimhes.drivers import DeviceAddress
-from cimhes.engine.store import ReadingCorrection, ReadingRecord, Store
+from cimhes.engine.store import (
+    DeviceEvent,
+    EndDeviceEventRecord,
+    OutboxEntry,
+    ReadingCorrection,
+    ReadingRecord,
+    Store,
+)
 
 UTC = timezone.utc
 END = datetime(2026, 11, 20, 12, 0, tzinfo=UTC)
@@ -107,3 +115,59 @@ def test_readings_of_a_device_not_in_the_inventory_are_refused_and_nothing_is_st
         store.save_meter_readings([_register(METERS[0], "1", END), _register(stranger, "2", END)],
                                   END)
     assert store.stored_values(METERS[0].mrid, REGISTER) == []
+
+
+EVENT_LOG = "0.0.99.98.0.255"  # the IDIS standard event log
+POWER_DOWN = "3.26.38.185"  # EndDeviceEventType: power down
+POWER_UP = "3.26.38.216"
+
+
+def _events(*minutes: int) -> list[DeviceEvent]:
+    return [DeviceEvent(METERS[0].mrid, END + timedelta(minutes=m, milliseconds=250),
+                        POWER_DOWN if m % 2 else POWER_UP, EVENT_LOG, dlms_code=m,
+                        details={"minute": str(m)}) for m in minutes]
+
+
+def _report(new: list[DeviceEvent]) -> list[OutboxEntry]:
+    return [OutboxEntry("dms", "EndDeviceEvents.created",
+                        ",".join(str(e.dlms_code) for e in new), correlation_id="c-1")]
+
+
+def test_events_fetched_again_are_stored_once_and_reported_once(store):
+    first = store.save_events(_events(1, 2, 3), END, outbox_for=_report)
+    assert first == _events(1, 2, 3)
+    again = store.save_events(_events(2, 3, 4), END + timedelta(hours=1), outbox_for=_report)
+    assert again == _events(4)
+    assert store.save_events(_events(1, 4), END + timedelta(hours=2), outbox_for=_report) == []
+
+    pending = store.pending_outbox("dms", END + timedelta(days=1))
+    assert [p.entry.payload for p in pending] == ["1,2,3", "4"]
+    assert store.pending_outbox("mdm", END + timedelta(days=1)) == []
+    with store.engine.connect() as connection:
+        stored = connection.execute(select(EndDeviceEventRecord.dlms_code,
+                                           EndDeviceEventRecord.details)
+                                    .order_by(EndDeviceEventRecord.created_at)).all()
+    assert stored == [(m, {"minute": str(m)}) for m in (1, 2, 3, 4)]
+
+
+def test_events_and_the_message_reporting_them_are_stored_together_or_not_at_all(store):
+    def broken(new):
+        raise RuntimeError("payload could not be built")
+
+    with pytest.raises(RuntimeError):
+        store.save_events(_events(1, 2), END, outbox_for=broken)
+    # Nothing was kept: the same events are new again, and reported.
+    assert store.save_events(_events(1, 2), END, outbox_for=_report) == _events(1, 2)
+    assert len(store.pending_outbox("dms", END + timedelta(days=1))) == 1
+
+
+def test_an_outbox_message_stays_pending_through_failures_until_published(store):
+    now = datetime.now(timezone.utc)
+    store.add_to_outbox([OutboxEntry("mdm", "MeterReadings.created", "<xml/>")], now)
+    (message,) = store.pending_outbox("mdm", now + timedelta(seconds=1))
+    store.outbox_failed(message.id, "connection refused " * 100, now + timedelta(minutes=5))
+    assert store.pending_outbox("mdm", now + timedelta(minutes=4)) == []
+    (retry,) = store.pending_outbox("mdm", now + timedelta(minutes=5))
+    assert (retry.id, retry.attempts) == (message.id, 1)
+    store.outbox_published([retry.id], now + timedelta(minutes=5))
+    assert store.pending_outbox("mdm", now + timedelta(days=1)) == []
