@@ -6,7 +6,8 @@ aware UTC datetimes), saved by `Store.save_meter_readings` in batches of `--batc
 each on a fresh database, in the same run:
 
 - insert, ignore duplicates: the store's previous statement (INSERT .. ON CONFLICT DO NOTHING:
-  a repeated value is kept once, a corrected one is lost), swapped into the same Store;
+  a repeated value is kept once, a corrected one is lost), swapped into the same Store (both
+  its forms: the DB-API executemany used on SQLite, the Core statement elsewhere);
 - upsert, new rows: the store's statement (INSERT .. ON CONFLICT DO UPDATE .. WHERE the value
   differs), every row new;
 - upsert, all repeated: the same rows saved again (a re-read of intervals already stored);
@@ -56,7 +57,7 @@ from cimhes.cim.meter_readings import (
 )
 from cimhes.drivers import DeviceAddress
 from cimhes.engine import schema
-from cimhes.engine.store import ReadingCorrection, ReadingRecord, Store
+from cimhes.engine.store import ReadingCorrection, ReadingRecord, Store, _positional_sql
 
 UTC = timezone.utc
 REGISTERS = ["0.0.0.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0", "0.0.0.1.19.1.12.0.0.0.0.0.0.0.0.3.72.0",
@@ -120,6 +121,7 @@ def run_paths(new_database, devices, readings, fixed, batch: int) -> dict[str, t
     try:
         store.load_inventory(devices)
         store._upsert_readings = insert_ignoring_duplicates(store.engine.dialect.name)
+        store._upsert_readings_positional = _positional_sql(store._upsert_readings, store.engine)
         results["insert, ignore duplicates"] = timed(store, readings, batch, END)
     finally:
         store.close()
