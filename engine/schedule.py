@@ -40,7 +40,7 @@ from twisted.internet.task import LoopingCall
 
 from cimhes.cim.reading_type import ReadingType
 from cimhes.engine.jobs import NewJob, Priority
-from cimhes.engine.store import Device, Store
+from cimhes.engine.store import Device, Route, Store
 
 log = logging.getLogger(__name__)
 
@@ -152,7 +152,7 @@ class ScheduleConfig:
 
 
 class GroupMembers:
-    """Blocking: the devices (mRID, route) of a group, from the store."""
+    """Blocking: the devices (mRID, route name or None) of a group, from the store."""
 
     def __init__(self, store: Store, config: ScheduleConfig):
         self._session = sessionmaker(store.engine)
@@ -160,10 +160,11 @@ class GroupMembers:
 
     def __call__(self, group: str) -> list[tuple[str, str | None]]:
         with self._session() as session:
-            query = select(Device.mrid).order_by(Device.id)
+            query = (select(Device.mrid, Route.name)
+                     .outerjoin(Route, Route.id == Device.route_id).order_by(Device.id))
             if group != ALL_DEVICES:
                 query = query.where(Device.mrid.in_(self._config.groups[group]))
-            return [(mrid, None) for mrid in session.scalars(query)]
+            return [(mrid, route) for mrid, route in session.execute(query)]
 
 
 class Scheduler:

@@ -105,3 +105,31 @@ def test_an_inventory_that_cannot_be_stored_as_given_is_refused_naming_the_entry
     with pytest.raises(ValueError) as refused:
         Inventory.from_json({**DOCUMENT, **change})
     assert says in str(refused.value)
+
+
+def test_scheduled_jobs_carry_the_devices_route(store):
+    """A schedule run's jobs get each device's route from the store (the dispatcher's pacing
+    per route needs it); a device without one has None."""
+    from cimhes.engine.schedule import ALL_DEVICES, GroupMembers, ScheduleConfig
+
+    store.load_inventory(Inventory.from_json(DOCUMENT))
+    members = GroupMembers(store, ScheduleConfig(groups={"two": (M2, M3)}))
+    assert members(ALL_DEVICES) == [(M1, "DC-7"), (M2, "DC-7"), (M3, None)]
+    assert members("two") == [(M2, "DC-7"), (M3, None)]
+
+
+def test_main_spellings_mrid_periods_and_group_members_load_the_same(store):
+    document = {"meters": [_meter(1, groups=["feeder-12"]), _meter(2), _meter(3)],
+                "groups": [{"mrid": "G-7", "members": [M1, M2]},
+                           {"name": "feeder-12", "members": [M3]}],
+                "usage_points": [{"mrid": "UP-1", "meters": [
+                    {"mrid": M1, "from": "2024-01-01T00:00:00Z"}]}]}
+    store.load_inventory(Inventory.from_json(document))
+    assert [d.mrid for d in store.devices_in_group("G-7")] == [M1, M2]
+    assert [d.mrid for d in store.devices_in_group("feeder-12")] == [M1, M3]
+    assert [p.meter for p in store.usage_point_meters("UP-1")] == [M1]
+    with pytest.raises(ValueError, match="group G-8: meter nope is not in the inventory"):
+        Inventory.from_json({**document, "groups": [{"mrid": "G-8", "members": ["nope"]}]})
+    with pytest.raises(ValueError, match='needs "meter"'):
+        Inventory.from_json({**document, "usage_points": [{"mrid": "UP-1", "meters": [
+            {"mrid": M1, "meter": M2, "from": "2024-01-01T00:00:00Z"}]}]})
