@@ -75,7 +75,7 @@ class HealthResource(Resource):
         self._runner = runner
         self._store = store
         self._lag = lag
-        self._broker = broker  # an object with .connected (bool), when a broker is configured
+        self._broker = broker  # cimhes.queue.service.AmqpService, when a broker is configured
 
     def render_GET(self, request):
         if request.postpath and request.postpath[0] == b"live":
@@ -100,8 +100,9 @@ class HealthResource(Resource):
         if self._broker is None:
             checks["broker"] = {"configured": False}
         else:
-            connected = bool(getattr(self._broker, "connected", False))
-            checks["broker"] = {"configured": True, "ok": connected}
+            state = self._broker.health()  # the connection's state, the URL without password
+            connected = state.get("state") == "connected"
+            checks["broker"] = {"configured": True, "ok": connected, **state}
             ready = ready and connected
         lag = yield self._lag.measure()
         checks["reactor_lag_ms"] = round(lag * 1000, 1)

@@ -193,6 +193,6 @@ class HeadEnd:
         root.putChild(b"", root)
         self.operations.mount(root, doorkeeper=self.doorkeeper, readings=self.readings,
                               sla_settings=settings.sla,
-                              groups=self.operations.statuses.groups)
+                              groups=self.operations.statuses.groups, broker=self.amqp)
         self.site = LimitedSite(root, settings.door_limits)
         self.site.displayTracebacks = False

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 
 import pika
@@ -32,6 +33,15 @@ def test_demo_with_amqp_answers_over_the_queue_and_never_logs_the_password(tmp_p
                 time.sleep(0.1)
         assert props.correlation_id == "cli-1"
         assert b"<msg:Result>OK</msg:Result>" in body
+        # /health shows the broker connected, its URL without the password.
+        try:  # 503 if something else is failing (a busy machine's reactor lag): same body
+            answer = urllib.request.urlopen(f"{ready['base_url']}/health", timeout=10).read()
+        except urllib.error.HTTPError as failing:
+            answer = failing.read()
+        health = json.loads(answer)
+        broker = health["checks"]["broker"]
+        assert (broker["configured"], broker["ok"], broker["state"]) == (True, True, "connected")
+        assert password not in json.dumps(health)
     finally:
         code = _stop(process)
     stderr = process.stderr.read()
