@@ -19,12 +19,12 @@ from cimhes.cim.codec.document import (
     validate,
 )
 from cimhes.cim.codec.envelope import (
+    encode_response_message,
     NS_MESSAGE,
     decode_device,
     decode_header,
     encode_device,
     encode_header,
-    encode_reply,
 )
 from cimhes.cim.end_device_events import EndDeviceEvent
 from cimhes.cim.message import ErrorCode, Header, Reply
@@ -98,8 +98,5 @@ def decode_created_end_device_events(element: etree._Element) -> tuple[Header, t
 
 def encode_events_response(header: Header, reply: Reply) -> etree._Element:
     """The EndDeviceEventsMessage:EndDeviceEventsResponseMessage a receiver answers with."""
-    root = etree.Element(qname(NS_END_DEVICE_EVENTS_MESSAGE, "EndDeviceEventsResponseMessage"),
-                         nsmap={"msg": NS_MESSAGE, "edem": NS_END_DEVICE_EVENTS_MESSAGE})
-    encode_header(root, NS_END_DEVICE_EVENTS_MESSAGE, header)
-    encode_reply(root, NS_END_DEVICE_EVENTS_MESSAGE, reply)
-    return root
+    return encode_response_message(NS_END_DEVICE_EVENTS_MESSAGE, "edem",
+                                   "EndDeviceEventsResponseMessage", header, reply)

@@ -147,6 +147,16 @@ def encode_reply(parent: etree._Element, namespace: str, reply: Reply) -> None:
         encode_id(node, "ID", object_id.value, object_id.kind, object_id.object_type, object_id.id_type, object_id.id_authority)
 
 
+def encode_response_message(namespace: str, prefix: str, local: str, header: Header,
+                            reply: Reply) -> etree._Element:
+    """`local` (e.g. MeterReadingsResponseMessage) in `namespace` with Header and Reply, no
+    Payload: what a receiver of an event message (Created...) answers with, for every noun."""
+    root = etree.Element(qname(namespace, local), nsmap={"msg": NS_MESSAGE, prefix: namespace})
+    encode_header(root, namespace, header)
+    encode_reply(root, namespace, reply)
+    return root
+
+
 def encode_names(parent: etree._Element, namespace: str, names: tuple[Name, ...]) -> None:
     for name in names:
         node = sub_element(parent, namespace, "Names")

@@ -31,6 +31,7 @@ from cimhes.cim.codec.document import (
     validate,
 )
 from cimhes.cim.codec.envelope import (
+    encode_response_message,
     NS_MESSAGE,
     decode_device,
     decode_header,
@@ -370,11 +371,8 @@ def decode_created_meter_readings(element: etree._Element) -> tuple[Header, tupl
 
 def encode_event_response(header: Header, reply: Reply) -> etree._Element:
     """The MeterReadingsMessage:MeterReadingsResponseMessage a receiver answers an event with."""
-    root = etree.Element(qname(NS_METER_READINGS_MESSAGE, "MeterReadingsResponseMessage"),
-                         nsmap={"msg": NS_MESSAGE, "mrm": NS_METER_READINGS_MESSAGE})
-    encode_header(root, NS_METER_READINGS_MESSAGE, header)
-    encode_reply(root, NS_METER_READINGS_MESSAGE, reply)
-    return root
+    return encode_response_message(NS_METER_READINGS_MESSAGE, "mrm",
+                                   "MeterReadingsResponseMessage", header, reply)
 
 
 def encode_fault(reply: Reply) -> etree._Element:
