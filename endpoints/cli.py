@@ -246,8 +246,10 @@ def _run(reactor, head_end, args, meters: list[str], **extra) -> int:
     ready = {"ready": True, "base_url": base_url, "meters": meters, "amqp": amqp,
              "services": {"GetMeterReadings": f"{base_url}/cim/GetMeterReadings"},
              "pid": os.getpid(), **extra}
-    print(json.dumps(ready), flush=True)
-    reactor.run()  # Twisted's own SIGINT/SIGTERM handlers stop it cleanly
+    # Said once the reactor runs, so a caller that signals the process as soon as it reads the
+    # line finds Twisted's SIGINT/SIGTERM handlers installed (a clean stop, exit code 0).
+    reactor.callWhenRunning(print, json.dumps(ready), flush=True)
+    reactor.run()
     return 0
 
 
