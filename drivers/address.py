@@ -23,6 +23,11 @@ class DeviceAddress:
     `security` says how the head-end associates; "hls-gmac" needs the meter's `system_title`
     (8 octets), `encryption_key` (the global unicast key) and `authentication_key` (16 octets
     each), all hex. Neither keys nor password ever show in a repr.
+
+    A meter behind a data concentrator has `physical_address` (its address on the
+    concentrator's network, hex) and `network_id`; `host` and `port` are then the
+    concentrator's, and every APDU goes through it in the gateway protocol
+    (`cimhes.drivers.concentrator`).
     """
 
     mrid: str
@@ -37,8 +42,22 @@ class DeviceAddress:
     system_title: str | None = None
     encryption_key: str | None = None
     authentication_key: str | None = None
+    physical_address: str | None = None
+    network_id: int | None = None
 
     def __post_init__(self) -> None:
+        if self.physical_address is not None:
+            try:
+                octets = bytes.fromhex(self.physical_address)
+            except (TypeError, ValueError):
+                octets = b""
+            if not 1 <= len(octets) <= 64:
+                raise ValueError(f"device {self.mrid}: physical_address must be 1..64 octets "
+                                 "as hex digits")
+        if self.network_id is not None and (self.physical_address is None
+                                            or not 0 <= self.network_id <= 255):
+            raise ValueError(f"device {self.mrid}: network_id is 0..255, and only for a "
+                             "device with a physical_address (behind a concentrator)")
         if self.security not in SECURITIES:
             raise ValueError(f"device {self.mrid}: security {self.security!r} is not one of "
                              f"{sorted(SECURITIES)}")
@@ -83,6 +102,9 @@ class DeviceAddress:
     def __repr__(self) -> str:
         # The password and the keys stay out of logs and tracebacks.
         title = f", system_title={self.system_title!r}" if self.system_title else ""
+        if self.physical_address is not None:
+            title += (f", physical_address={self.physical_address!r}, "
+                      f"network_id={self.network_id or 0}")
         return (f"DeviceAddress(mrid={self.mrid!r}, name={self.name!r}, "
                 f"device_type={self.device_type!r}, host={self.host!r}, port={self.port}, "
                 f"client_address={self.client_address}, server_address={self.server_address}, "

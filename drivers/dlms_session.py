@@ -32,6 +32,10 @@ reason gurux gives:
   `cimhes.drivers.axdr` (gurux's generic decoder is most of the client's CPU; gurux never
   checks that the answer carries the invoke-id sent);
 - it decodes COSEM date-times exactly (`cosem_datetime`), deviation sign stated.
+
+Given a `Gateway` (a meter behind a data concentrator), every APDU it sends goes out inside a
+gateway-request and every answer must come back inside the meter's gateway-response
+(`cimhes.drivers.concentrator`); ciphering and authentication stay the meter's own.
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ from cimhes.drivers.ciphering import (
     ReplayedCounter,
 )
 from cimhes.drivers.ciphering import ber_length as encode_ber_length
+from cimhes.drivers.concentrator import Gateway, GatewayError
 from cimhes.drivers.errors import (
     AssociationRefused,
     AuthenticationFailed,
@@ -242,7 +247,7 @@ class ClientSession:
 
     def __init__(self, device_mrid: str, client_address: int = 16, server_address: int = 1,
                  security: str = "none", password: str | None = None,
-                 hls: HlsGmac | None = None) -> None:
+                 hls: HlsGmac | None = None, gateway: Gateway | None = None) -> None:
         if security not in SECURITIES:
             raise ValueError(f"security {security!r} is not one of {list(SECURITIES)}")
         if security == "low" and not password:
@@ -261,6 +266,9 @@ class ClientSession:
             AUTHENTICATIONS.get(security, Authentication.NONE),
             password if security == "low" else None, InterfaceType.WRAPPER)
         self._channel = CipheredChannel(hls) if hls is not None else None
+        # Behind a concentrator: every APDU out in a gateway-request, every answer in a
+        # gateway-response (cimhes.drivers.concentrator); ciphering stays the meter's own.
+        self._gateway = gateway
         self._challenge = b""  # CtoS we sent (HLS)
         self._server_challenge = b""  # StoC the meter sent (HLS)
         self._state = State.IDLE
@@ -295,7 +303,7 @@ class ClientSession:
         if self._channel is not None:
             data = self._frame(self._hls_aarq())
         else:
-            data = bytes(self._client.aarqRequest()[0])
+            data = self._routed(bytes(self._client.aarqRequest()[0]))
         self._state = State.ASSOCIATING
         return data
 
@@ -338,7 +346,7 @@ class ClientSession:
         if self._channel is not None:
             data = self._frame(bytes((0x62, 0x03, 0x80, 0x01, 0x00)))  # RLRQ, reason normal
         else:
-            data = bytes(self._client.releaseRequest()[0])
+            data = self._routed(bytes(self._client.releaseRequest()[0]))
         self._state = State.RELEASING
         return data
 
@@ -366,6 +374,13 @@ class ClientSession:
                 break
             frame = bytes(self._buffer[:end])
             del self._buffer[:end]
+            if self._gateway is not None:
+                try:
+                    inner = self._gateway.response(frame[WRAPPER_HEADER.size:])
+                except GatewayError as failure:
+                    events.append(self._fail_request(f"through the concentrator: {failure}"))
+                    continue
+                frame = WRAPPER_HEADER.pack(version, source, destination, len(inner)) + inner
             events.append(self._handle_frame(frame))
         return events
 
@@ -390,14 +405,24 @@ class ClientSession:
         return self._protect(self._frame(apdu))
 
     def _frame(self, apdu: bytes) -> bytes:
+        """The wrapper frame carrying `apdu` (inside a gateway-request behind a concentrator)."""
+        if self._gateway is not None:
+            apdu = self._gateway.request(apdu)
         return WRAPPER_HEADER.pack(WRAPPER_VERSION, self.client_address, self.server_address,
                                    len(apdu)) + apdu
 
+    def _routed(self, frame: bytes) -> bytes:
+        """A frame gurux built for a meter on the wire, sent through the concentrator if any."""
+        return frame if self._gateway is None else self._frame(frame[WRAPPER_HEADER.size:])
+
     def _protect(self, frame: bytes) -> bytes:
-        """A gurux-built wrapper frame, with its APDU ciphered when the session is (HLS)."""
+        """A frame built by `_frame`, with its APDU ciphered when the session is (HLS)."""
         if self._channel is None:
             return frame
-        return self._frame(self._count(self._channel.protect, frame[WRAPPER_HEADER.size:]))
+        apdu = frame[WRAPPER_HEADER.size:]
+        if self._gateway is not None:
+            apdu = apdu[len(self._gateway.request_prefix):]
+        return self._frame(self._count(self._channel.protect, apdu))
 
     def _count(self, operation, *args):
         try:

@@ -17,6 +17,7 @@ from twisted.internet.defer import Deferred
 from twisted.logger import Logger
 
 from cimhes.drivers.address import DeviceAddress
+from cimhes.drivers.concentrator import gateway_of
 from cimhes.drivers.dlms_session import (
     AuthenticationRequired,
     ClientSession,
@@ -80,7 +81,7 @@ async def in_association(reactor: Any, device: DeviceAddress, limits: SessionLim
     way every operation on an IDIS meter talks to it."""
     hls = await session_security(reactor, device, limits, pacer, security)
     session = ClientSession(device.mrid, device.client_address, device.server_address,
-                            device.security, device.password, hls)
+                            device.security, device.password, hls, gateway_of(device))
     connection = await connect(reactor, device, session, limits, pacer)
     failure = None
     try:
@@ -111,7 +112,7 @@ def located(operation: Deferred, device: DeviceAddress) -> Deferred:
 
 
 def _located_result(result: Any, device: DeviceAddress) -> Any:
-    where = f"{device.host}:{device.port}"
+    where = _where(device)
     for error in result.errors:
         error.located(device.name, where)
     return result
@@ -119,8 +120,16 @@ def _located_result(result: Any, device: DeviceAddress) -> Any:
 
 def _located_failure(failure: Any, device: DeviceAddress) -> Any:
     if isinstance(failure.value, DeviceError):
-        failure.value.located(device.name, f"{device.host}:{device.port}")
+        failure.value.located(device.name, _where(device))
     return failure
+
+
+def _where(device: DeviceAddress) -> str:
+    """host:port, and for a meter behind a concentrator its physical address there."""
+    if device.physical_address is None:
+        return f"{device.host}:{device.port}"
+    return (f"physical address {device.physical_address} behind the concentrator at "
+            f"{device.host}:{device.port}")
 
 
 def datetime_or_error(mrid: str, value: Any, what: str) -> datetime:

@@ -22,6 +22,7 @@ from twisted.logger import Logger
 
 from cimhes.drivers.address import DeviceAddress
 from cimhes.drivers.ciphering import HlsGmac, check_system_title
+from cimhes.drivers.concentrator import gateway_of
 from cimhes.drivers.dlms_session import ClientSession, DataAccessError
 from cimhes.drivers.errors import AuthenticationFailed, DeviceError, ProtocolError, ReplayDetected
 from cimhes.drivers.limits import ConnectionPacer, SessionLimits
@@ -116,7 +117,8 @@ async def read_invocation_counter(reactor: Any, device: DeviceAddress, limits: S
                                   pacer: ConnectionPacer | None) -> int:
     """The meter's invocation counter object (the last counter it accepted from the management
     client), read in a public-client association."""
-    session = ClientSession(device.mrid, PUBLIC_CLIENT_ADDRESS, device.server_address)
+    session = ClientSession(device.mrid, PUBLIC_CLIENT_ADDRESS, device.server_address,
+                            gateway=gateway_of(device))
     connection = await connect(reactor, device, session, limits, pacer)
     try:
         await connection.request(session.associate(), "AARQ (public client)")
