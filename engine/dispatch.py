@@ -189,6 +189,9 @@ class Dispatcher:
         self._stopped = False
         started = (self._runner.call(self.jobs.requeue_unfinished) if requeue
                    else succeed(0))
+        # The routes' own session bounds (concentrators), as the inventory stored them.
+        started.addCallback(lambda requeued: self._runner.call(
+            self._runner.store.route_session_limits).addCallback(self._route_limits, requeued))
 
         def go(requeued):
             if requeued:
@@ -201,6 +204,10 @@ class Dispatcher:
                 self.wake()
             return requeued
         return started.addCallback(go)
+
+    def _route_limits(self, limits: dict[str, int], requeued):
+        self.bounds.route_limits = dict(limits)
+        return requeued
 
     def stop(self) -> None:
         self._stopped = True

@@ -11,6 +11,7 @@ from datetime import datetime
 from typing import Any
 
 from cimhes.drivers import DeviceAddress
+from cimhes.drivers.concentrator import DEFAULT_MAX_SESSIONS, ConcentratorRoute
 
 
 @dataclass(frozen=True)
@@ -24,6 +25,23 @@ class InventoryDevice:
 class RouteEntry:
     name: str
     kind: str | None = None  # "concentrator", "cellular", "direct", ...
+    # A concentrator's address and network id (kind "concentrator" only; its meters are
+    # reached there, drivers/concentrator.py).
+    host: str | None = None
+    port: int | None = None
+    network_id: int | None = None
+    # Sessions open at once on the route (the engine's per-route bound; a concentrator's
+    # default is drivers.concentrator.DEFAULT_MAX_SESSIONS, other routes' None:
+    # EngineSettings.max_sessions_per_route).
+    max_sessions: int | None = None
+
+    def concentrator(self) -> ConcentratorRoute | None:
+        """The concentrator its meters are reached through (a route of kind "concentrator"
+        with a host); None for any other route, which only names a shared bottleneck."""
+        if self.kind != "concentrator" or self.host is None:
+            return None
+        return ConcentratorRoute(self.name, self.host, self.port, self.network_id,
+                                 self.max_sessions)
 
 
 @dataclass(frozen=True)
@@ -66,7 +84,10 @@ class Inventory:
         _only(document, {"meters", "routes", "groups", "usage_points"}, "the inventory")
         if "meters" not in document:
             raise ValueError('the inventory has no "meters" list')
-        devices = [_device(entry) for entry in _list(document, "meters")]
+        concentrators = {route.name: route.concentrator()
+                         for route in map(_route, _list(document, "routes"))
+                         if route.concentrator() is not None}
+        devices = [_device(entry, concentrators) for entry in _list(document, "meters")]
         return cls._with(devices, document)
 
     @classmethod
@@ -83,7 +104,7 @@ class Inventory:
 
     @classmethod
     def _with(cls, devices: list[InventoryDevice], document: Mapping) -> "Inventory":
-        routes = tuple(_entry(RouteEntry, e, "route") for e in _list(document, "routes"))
+        routes = tuple(_route(e) for e in _list(document, "routes"))
         groups, members = [], {}
         for entry in _list(document, "groups"):
             group, listed = _group(entry)
@@ -118,10 +139,50 @@ class Inventory:
                         f"({', '.join(sorted({u for _, u in served}))})")
 
 
-def _device(entry: Any) -> InventoryDevice:
+def _route(entry: Any) -> RouteEntry:
+    """A route. One of kind "concentrator" with a host is a gateway to the meters behind it,
+    with port 4059, network id 0 and `DEFAULT_MAX_SESSIONS` unless given; any other route
+    (a concentrator without host included: the meters have addresses of their own) names no
+    port or network id."""
+    route = _entry(RouteEntry, entry, "route")
+    if route.max_sessions is not None and (not isinstance(route.max_sessions, int)
+                                           or route.max_sessions < 1):
+        raise ValueError(f"route {route.name}: max_sessions must be a whole number >= 1")
+    if route.kind != "concentrator" or route.host is None:
+        if route.host is not None or route.port is not None or route.network_id is not None:
+            raise ValueError(f"route {route.name}: host, port and network_id are for a route "
+                             'of kind "concentrator" (with its host)')
+        return route
+    if not isinstance(route.host, str) or not route.host:
+        raise ValueError(f"concentrator {route.name}: host must be an address")
+    route = RouteEntry(route.name, route.kind, route.host,
+                       4059 if route.port is None else route.port,
+                       0 if route.network_id is None else route.network_id,
+                       DEFAULT_MAX_SESSIONS if route.max_sessions is None else route.max_sessions)
+    route.concentrator()  # checks port, network id and bound
+    return route
+
+
+def _device(entry: Any, concentrators: Mapping[str, ConcentratorRoute]) -> InventoryDevice:
     if not isinstance(entry, Mapping):
         raise ValueError(f"inventory meter entry {entry!r} is not an object")
     address_keys = {k: v for k, v in entry.items() if k not in ("route", "groups")}
+    concentrator = concentrators.get(entry.get("route"))
+    if concentrator is not None or "physical_address" in address_keys:
+        # Reached through a concentrator: its host, port and network id are the meter's.
+        mrid = entry.get("mrid")
+        if concentrator is None:
+            raise ValueError(f"meter {mrid}: a physical_address needs a route of kind "
+                             '"concentrator" with its host, listed under "routes"')
+        if "physical_address" not in address_keys:
+            raise ValueError(f"meter {mrid}: its route {concentrator.name} is a concentrator; "
+                             "the meter needs its physical_address there")
+        for key in ("host", "port", "network_id"):
+            given, reached = address_keys.get(key), getattr(concentrator, key)
+            if given is not None and given != reached:
+                raise ValueError(f"meter {mrid}: {key} {given!r} is not its concentrator "
+                                 f"{concentrator.name}'s ({reached!r})")
+            address_keys[key] = reached
     address = DeviceAddress.from_inventory(address_keys)
     groups = entry.get("groups", [])
     if not isinstance(groups, list) or not all(isinstance(g, str) and g for g in groups):

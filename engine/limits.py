@@ -6,8 +6,8 @@ session (timeouts, answer sizes) and the pacing of new connections are the drive
 (`cimhes.drivers.limits`); the global session bound is `HeadEndSettings.read_concurrency`.
 
 `ConnectionBounds` is the sans-IO bookkeeping of the bounds a dispatcher enforces before it
-connects: sessions open at once, sessions per route, and the gap between two connections to one
-device. It is asked "may a session to this device start now?", told when one starts and ends,
+connects: sessions open at once, sessions per route (a route's own bound when it has one: a
+concentrator's PLC segment), and the gap between two connections to one device. It is asked "may a session to this device start now?", told when one starts and ends,
 and answers with the time at which a refused device would next be allowed, so the dispatcher
 sleeps on one timer instead of polling.
 """
@@ -77,6 +77,9 @@ class ConnectionBounds:
         self._clock = clock
         self.open = 0
         self._per_route: dict[str, int] = {}
+        # Routes with a bound of their own (a concentrator's segment, from the store's route
+        # table); any other route has `max_sessions_per_route`.
+        self.route_limits: dict[str, int] = {}
         self._busy: set[str] = set()
         self._last_end: dict[str, float] = {}
 
@@ -85,8 +88,7 @@ class ConnectionBounds:
         before some session ends)."""
         if self.open >= self.max_sessions or device in self._busy:
             return None
-        if (route is not None
-                and self._per_route.get(route, 0) >= self._settings.max_sessions_per_route):
+        if route is not None and self._per_route.get(route, 0) >= self.route_limit(route):
             return None
         last = self._last_end.get(device)
         if last is not None:
@@ -94,6 +96,10 @@ class ConnectionBounds:
             if gap_left > 0:
                 return gap_left
         return 0.0
+
+    def route_limit(self, route: str) -> int:
+        """Sessions that may be open at once on `route`."""
+        return self.route_limits.get(route, self._settings.max_sessions_per_route)
 
     def started(self, device: str, route: str | None) -> None:
         self.open += 1

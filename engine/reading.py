@@ -133,7 +133,11 @@ class MeterReadingService:
             return outcome
 
         settings = self.dispatcher.settings
-        jobs = [NewJob(device.mrid, tuple(reading_types), request.start, request.end)
+        # Each job carries its device's route, so the per-route bound (a concentrator's
+        # segment) holds across every request.
+        routes = yield self._store.call(self._store.store.routes_of, [d.mrid for d in devices])
+        jobs = [NewJob(device.mrid, tuple(reading_types), request.start, request.end,
+                       route=routes.get(device.mrid))
                 for device in devices]
         ids, _ = yield self._store.call(
             self.dispatcher.jobs.create_request, f"on-demand:{uuid.uuid4()}", "on-demand", jobs,

@@ -81,6 +81,13 @@ class Route(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(128), unique=True)
     kind: Mapped[str | None] = mapped_column(String(32))
+    # A concentrator (kind "concentrator", drivers/concentrator.py): where it listens, its
+    # network id, and the sessions its segment serves at once (the engine's bound for the
+    # route; None: EngineSettings.max_sessions_per_route). Migration branch "gateway".
+    host: Mapped[str | None] = mapped_column(String(255))
+    port: Mapped[int | None] = mapped_column(Integer)
+    network_id: Mapped[int | None] = mapped_column(Integer)
+    max_sessions: Mapped[int | None] = mapped_column(Integer)
 
 
 class Device(Base):
@@ -104,6 +111,9 @@ class Device(Base):
     system_title: Mapped[str | None] = mapped_column(String(16))
     encryption_key: Mapped[str | None] = mapped_column("sealed_encryption_key", Sealed())
     authentication_key: Mapped[str | None] = mapped_column("sealed_authentication_key", Sealed())
+    # Behind a concentrator (host and port are then its): the meter's address there.
+    physical_address: Mapped[str | None] = mapped_column(String(128))
+    network_id: Mapped[int | None] = mapped_column(Integer)
 
     def address(self) -> DeviceAddress:
         return DeviceAddress(
@@ -112,6 +122,7 @@ class Device(Base):
             server_address=self.server_address, security=self.security,
             password=self.password, system_title=self.system_title,
             encryption_key=self.encryption_key, authentication_key=self.authentication_key,
+            physical_address=self.physical_address, network_id=self.network_id,
         )
 
 
@@ -362,6 +373,8 @@ class Store:
                 row.system_title = address.system_title
                 row.encryption_key = address.encryption_key
                 row.authentication_key = address.authentication_key
+                row.physical_address = address.physical_address
+                row.network_id = address.network_id
                 row.route_id = routes[device.route].id if device.route else None
                 session.add(row)
                 rows.append(row)
@@ -412,6 +425,12 @@ class Store:
             query = (select(Device.mrid, Route.name).outerjoin(Route, Route.id == Device.route_id)
                      .where(Device.mrid.in_(mrids)))
             return dict(session.execute(query).all())
+
+    def route_session_limits(self) -> dict[str, int]:
+        """The routes that bound their own sessions (a concentrator's segment): name -> bound."""
+        with self._session() as session:
+            return dict(session.execute(select(Route.name, Route.max_sessions)
+                                        .where(Route.max_sessions.is_not(None))).all())
 
     def usage_point_meters(self, mrid: str, start: datetime | None = None,
                            end: datetime | None = None) -> list[ServedPeriod]:
