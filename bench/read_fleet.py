@@ -31,6 +31,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -75,6 +76,115 @@ def other_process_cpu(pid: int) -> float:
     """User + system CPU seconds of another process (the fleet), from /proc."""
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def thread_cpu(ident: int) -> float:
+    """CPU seconds of one thread of this process (its own clock, whatever thread asks)."""
+    return time.clock_gettime(time.pthread_getcpuclockid(ident))
+
+
+class CollectorPauses:
+    """Time spent in Python's cyclic collector, per generation, while it is installed."""
+
+    def __init__(self) -> None:
+        import gc
+        self._gc = gc
+        self.spent = [0.0, 0.0, 0.0]
+        self.count = [0, 0, 0]
+        self.longest = 0.0
+        self.cpu = 0.0
+        self._started = self._started_cpu = 0.0
+        gc.callbacks.append(self._callback)
+
+    def _callback(self, phase: str, info: dict) -> None:
+        if phase == "start":
+            self._started, self._started_cpu = time.perf_counter(), time.thread_time()
+            return
+        pause = time.perf_counter() - self._started
+        self.cpu += time.thread_time() - self._started_cpu
+        generation = info["generation"]
+        self.spent[generation] += pause
+        self.count[generation] += 1
+        self.longest = max(self.longest, pause)
+
+    def stop(self) -> None:
+        self._gc.callbacks.remove(self._callback)
+
+    def summary(self, reads: int) -> str:
+        total = sum(self.spent)
+        runs = ", ".join(f"gen{g} {self.count[g]} x {1000 * self.spent[g]:.0f} ms"
+                         for g in range(3) if self.count[g])
+        return (f"cyclic collector: {1000 * total:.0f} ms wall, {1000 * self.cpu:.0f} ms CPU "
+                f"({1e6 * self.cpu / reads:.0f} us CPU/read; {runs or 'did not run'}; longest "
+                f"pause {1000 * self.longest:.1f} ms)")
+
+
+# Where a function's own CPU is counted in the profile by part: the first pattern its file
+# matches. Built-in functions (sockets, epoll, isinstance, ...) count for the part that called
+# them, in proportion to the calls.
+PARTS = (
+    ("/twisted/", "Twisted (reactor, Deferreds, TCP transport)"),
+    ("/drivers/transport.py", "driver: transport (timers, request/answer)"),
+    ("/drivers/dlms_session.py", "driver: DLMS session (requests, frames, APDUs)"),
+    ("/drivers/axdr.py", "driver: A-XDR decoding"),
+    ("/drivers/ciphering.py", "driver: ciphering (AES-GCM)"),
+    ("/drivers/", "driver: IDIS association + conversion to CIM"),
+    ("/gurux_dlms/", "gurux-dlms (AARQ/AARE, RLRQ)"),
+    ("/cim/", "CIM objects (MeterReading, IntervalReading)"),
+    ("/sqlalchemy/", "SQLAlchemy"),
+    ("/engine/store.py", "engine: store"),
+    ("/engine/jobs.py", "engine: job store"),
+    ("/engine/", "engine: dispatch, reading, outcomes"),
+    ("sqlite3", "sqlite3"),
+    ("/decimal", "decimal"),
+    ("/datetime", "datetime"),
+)
+
+
+def part_of(filename: str) -> str:
+    for pattern, part in PARTS:
+        if pattern in filename:
+            return part
+    return "other Python"
+
+
+class ThreadProfilers:
+    """cProfile on the reactor thread and on the store thread, timed by each thread's CPU
+    clock (waiting in epoll or for the GIL costs nothing), reported by part."""
+
+    def __init__(self) -> None:
+        import cProfile
+        self.reactor = cProfile.Profile(time.thread_time)
+        self.store = cProfile.Profile(time.thread_time)
+
+    def report(self, reads: int, top: int) -> None:
+        import pstats
+        keep = os.environ.get("CIMHES_BENCH_PROFILE_DIR")
+        if keep:  # for pstats browsing afterwards
+            self.reactor.dump_stats(Path(keep) / "reactor.prof")
+            self.store.dump_stats(Path(keep) / "store.prof")
+        print("profile of a full read, by part (cProfile on thread CPU time; cProfile's own "
+              "overhead inflates small functions, so read the shares):")
+        for name, profiler in (("reactor thread", self.reactor), ("store thread", self.store)):
+            stats = pstats.Stats(profiler)
+            parts: dict[str, float] = {}
+            for (filename, _, _), (_, _, own, _, callers) in stats.stats.items():
+                if filename != "~":
+                    part = part_of(filename)
+                    parts[part] = parts.get(part, 0.0) + own
+                    continue
+                calls = sum(entry[1] for entry in callers.values()) or 1
+                for (caller_file, _, _), entry in callers.items():
+                    part = part_of(caller_file)
+                    parts[part] = parts.get(part, 0.0) + own * entry[1] / calls
+            total = sum(parts.values())
+            print(f"  {name}: {1000 * total / reads:.2f} ms/read under the profiler")
+            for part, spent in sorted(parts.items(), key=lambda item: -item[1]):
+                print(f"    {1e6 * spent / reads:8.0f} us/read {100 * spent / total:5.1f} %  {part}")
+        print(f"  the reactor thread's {top} costliest functions (own time):")
+        pstats.Stats(self.reactor).sort_stats("tottime").print_stats(top)
+        print(f"  the store thread's {top // 2} costliest functions (own time):")
+        pstats.Stats(self.store).sort_stats("tottime").print_stats(top // 2)
 
 
 @dataclass
@@ -205,20 +315,26 @@ async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: 
             end_devices=[DeviceRef(mrid=entry["mrid"]) for entry in inventory],
             reading_types=[*REGISTER_TYPES, *PROFILE_TYPES], start=window[0], end=window[1])
 
-        profiler = None
+        store_thread = await runner.call(threading.get_ident)
+        profilers = None
         if profile:
-            import cProfile
-            profiler = cProfile.Profile()
-            profiler.enable()
+            profilers = ThreadProfilers()
+            await runner.call(profilers.store.enable)
+            profilers.reactor.enable()
+        pauses = CollectorPauses()
         fleet_cpu, cpu, wall = fleet.cpu(), process_cpu(), time.perf_counter()
+        store_cpu = thread_cpu(store_thread)
         outcome = await service.read(request)
         wall, cpu = time.perf_counter() - wall, process_cpu() - cpu
+        store_cpu = thread_cpu(store_thread) - store_cpu
+        if await runner.call(threading.get_ident) != store_thread:
+            raise Aborted("the store's worker thread changed during the read")
         fleet_cpu = fleet.cpu() - fleet_cpu
-        if profiler is not None:
-            profiler.disable()
-            import pstats
-            print("profile of the reactor thread (cProfile; the store thread is not in it):")
-            pstats.Stats(profiler).sort_stats("tottime").print_stats(profile)
+        pauses.stop()
+        if profilers is not None:
+            profilers.reactor.disable()
+            await runner.call(profilers.store.disable)
+            profilers.report(len(inventory), profile)
 
         check_outcome(outcome, inventory)
         with store.engine.connect() as connection:
@@ -231,19 +347,17 @@ async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: 
         store.close()
 
     phase = Phase("cimhes engine", len(inventory), concurrency, wall, cpu, fleet_cpu)
-    store_wall = sum(spent[0] for spent in store.timings.values())
-    store_cpu = sum(spent[1] for spent in store.timings.values())
     save_wall, save_cpu, saves = store.timings["save_meter_readings"]
     phase.notes.append(
-        f"store thread: {store_wall:.2f} s wall busy, {store_cpu:.2f} s CPU "
-        f"({1000 * store_cpu / len(inventory):.2f} ms/read), of which save_meter_readings "
+        f"store thread: {store_cpu:.2f} s CPU ({1000 * store_cpu / len(inventory):.2f} ms/read: "
+        f"jobs created, claimed and settled, readings saved), of which save_meter_readings "
         f"{save_wall:.2f} s wall / {save_cpu:.2f} s CPU for {stored} rows in {saves} "
-        "transactions, written while meters were still being read (busy wall includes "
-        "waiting for the GIL)")
+        "transactions, written while meters were still being read")
     reactor_cpu = cpu - store_cpu
     phase.notes.append(
-        f"reactor thread (DLMS sessions, driver, engine): {reactor_cpu:.2f} s CPU "
-        f"({1000 * reactor_cpu / len(inventory):.2f} ms/read)")
+        f"reactor thread (DLMS sessions, driver, engine) and the rest of the process: "
+        f"{reactor_cpu:.2f} s CPU ({1000 * reactor_cpu / len(inventory):.2f} ms/read)")
+    phase.notes.append(pauses.summary(len(inventory)))
     return phase, {m.meter.mrid: m for m in outcome.meter_readings}
 
 

@@ -273,6 +273,8 @@ class Dispatcher:
 
     def _dispatch(self) -> None:
         while not self._stopped:
+            if self.bounds.open >= self.bounds.max_sessions:
+                return  # no job may start (take would ask each queued one, to hear the same)
             job, wait = self._queue.take(
                 lambda j: self.bounds.wait_for(j.device.mrid, j.route))
             if job is None:
@@ -418,8 +420,16 @@ class Dispatcher:
         steps = {t: step for t, step in steps.items() if step is not None}
         if not steps or end is None:
             return {}
-        stored = self.jobs.stored_times(job.device.mrid, list(steps), start, end)
-        gaps = {t: missing_ranges(start, end, step, stored[t]) for t, step in steps.items()}
+        # What this read brought is stored already (the writer ran first): a type it brought
+        # in full has no gap, whatever else the store holds, and costs no query.
+        read = {block.reading_type: {r.timestamp for r in block.readings}
+                for block in share.meter_reading.interval_blocks}
+        gaps = {t: missing_ranges(start, end, step, read.get(t, ())) for t, step in steps.items()}
+        short = [t for t, ranges in gaps.items() if ranges]
+        if short:
+            stored = self.jobs.stored_times(job.device.mrid, short, start, end)
+            for t in short:
+                gaps[t] = missing_ranges(start, end, steps[t], stored[t])
         return {t: ranges for t, ranges in gaps.items() if ranges}
 
 

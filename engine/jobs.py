@@ -34,6 +34,7 @@ from sqlalchemy import (
     Integer,
     String,
     UniqueConstraint,
+    bindparam,
     func,
     select,
     update,
@@ -51,6 +52,9 @@ class JobState(str, Enum):
     FAILED = "failed"
     CANCELLED = "cancelled"
 
+
+# Ids bound in one IN (...) list, well below every database's parameter limit.
+_IDS_PER_QUERY = 500
 
 FINISHED = (JobState.DONE.value, JobState.FAILED.value, JobState.CANCELLED.value)
 
@@ -283,18 +287,42 @@ class JobStore:
         alone). Returns the ids whose change was applied."""
         applied = []
         with self._session.begin() as session:
+            # Which of them are still ours, locked (FOR UPDATE; SQLite's one writer holds the
+            # whole database already); the finished ones are then written by one statement
+            # executed for many rows, retries and re-reads (rare) one by one below.
+            ours: set[int] = set()
+            ids = [c.job_id for c in completions]
+            for at in range(0, len(ids), _IDS_PER_QUERY):
+                ours.update(session.scalars(select(JobRecord.id).where(
+                    JobRecord.id.in_(ids[at:at + _IDS_PER_QUERY]),
+                    JobRecord.state == JobState.RUNNING.value,
+                    JobRecord.claimed_by == engine_id).with_for_update()))
+            finished = [c for c in completions
+                        if c.job_id in ours and c.state is not JobState.QUEUED]
+            if finished:
+                table = JobRecord.__table__
+                session.connection().execute(
+                    update(table).where(table.c.id == bindparam("b_id"),
+                                        table.c.state == JobState.RUNNING.value,
+                                        table.c.claimed_by == engine_id)
+                    .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"),
+                            last_error=bindparam("b_error"), missing=bindparam("b_missing"),
+                            finished_at=bindparam("b_finished")),
+                    [{"b_id": c.job_id, "b_state": c.state.value, "b_attempts": c.attempts,
+                      "b_error": c.error[:1024] if c.error else None, "b_missing": c.missing,
+                      "b_finished": c.finished_at} for c in finished])
+                applied.extend(c.job_id for c in finished)
             for c in completions:
+                if c.job_id not in ours or c.state is not JobState.QUEUED:
+                    continue
                 values: dict = {"state": c.state.value, "attempts": c.attempts,
                                 "last_error": c.error[:1024] if c.error else None,
-                                "missing": c.missing}
-                if c.state is JobState.QUEUED:
-                    values.update(next_attempt_at=c.next_attempt_at, claimed_by=None)
-                    if c.read_window is not None:
-                        values.update(read_start=c.read_window[0], read_end=c.read_window[1])
-                    if c.reread:
-                        values["rereads"] = JobRecord.rereads + 1
-                else:
-                    values["finished_at"] = c.finished_at
+                                "missing": c.missing, "next_attempt_at": c.next_attempt_at,
+                                "claimed_by": None}
+                if c.read_window is not None:
+                    values.update(read_start=c.read_window[0], read_end=c.read_window[1])
+                if c.reread:
+                    values["rereads"] = JobRecord.rereads + 1
                 result = session.execute(update(JobRecord).where(
                     JobRecord.id == c.job_id, JobRecord.state == JobState.RUNNING.value,
                     JobRecord.claimed_by == engine_id).values(**values))

@@ -8,6 +8,7 @@ boundaries b1..bn is re-read with the window (b1 - interval, bn].
 """
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable
 from datetime import datetime, timedelta, timezone
 
@@ -31,6 +32,7 @@ MEASURING_PERIOD_SECONDS: dict[int, int] = {
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
 
 
+@functools.lru_cache(maxsize=1024)
 def interval_length(reading_type: str) -> timedelta | None:
     """The interval of an interval reading type; None for a register (or an unknown period)."""
     seconds = MEASURING_PERIOD_SECONDS.get(ReadingType.parse(reading_type).measuring_period)
