@@ -296,7 +296,7 @@ def timed_store_class():
 
 async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: int,
                            timeout: float, database: Path, fleet: FleetProcess,
-                           profile: int = 0):
+                           profile: int = 0, name: str = "cimhes engine"):
     from sqlalchemy import func, select
 
     from cimhes.cim.message import Header
@@ -346,7 +346,7 @@ async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: 
         runner.stop()
         store.close()
 
-    phase = Phase("cimhes engine", len(inventory), concurrency, wall, cpu, fleet_cpu)
+    phase = Phase(name, len(inventory), concurrency, wall, cpu, fleet_cpu)
     save_wall, save_cpu, saves = store.timings["save_meter_readings"]
     phase.notes.append(
         f"store thread: {store_cpu:.2f} s CPU ({1000 * store_cpu / len(inventory):.2f} ms/read: "
@@ -553,9 +553,21 @@ async def one_run(reactor, args, delay: float, workdir: Path) -> None:
               f"({INTERVALS} intervals); reading types: {len(REGISTER_TYPES)} registers + "
               f"{len(PROFILE_TYPES)} profile columns", flush=True)
 
+        # First with nothing known of the meters (a head-end's first read of them), then again
+        # with their scaler_units and capture objects remembered (every later read), each on a
+        # fresh store.
+        from cimhes.drivers.meter_configuration import CONFIGURATIONS
+        CONFIGURATIONS.clear()
+        cold, _ = await read_with_cimhes(
+            reactor, inventory, window, args.concurrency, args.timeout,
+            workdir / f"cimhes-{delay:g}-cold.sqlite", fleet, 0,
+            "cimhes, first read")
+        print(f"cimhes first read (configuration unknown) done in {cold.wall:.1f} s",
+              flush=True)
         ours, engine = await read_with_cimhes(
             reactor, inventory, window, args.concurrency, args.timeout,
-            workdir / f"cimhes-{delay:g}.sqlite", fleet, args.profile)
+            workdir / f"cimhes-{delay:g}.sqlite", fleet, args.profile,
+            "cimhes, config known")
         sample_size = args.sample_delayed if delay > 0 else args.sample
         sample = spread(inventory, sample_size)
         print(f"cimhes done in {ours.wall:.1f} s; baseline reads {len(sample)} meters "
@@ -567,21 +579,24 @@ async def one_run(reactor, args, delay: float, workdir: Path) -> None:
         check = cross_check(reads, engine, window)
     finally:
         fleet.stop()
-    report(ours, theirs, check)
+    report([cold, ours], theirs, check)
 
 
-def report(ours: Phase, theirs: Phase, check: str) -> None:
+def report(phases: list[Phase], theirs: Phase, check: str) -> None:
     print(f"{'':22}{'meters':>7}{'concurrency':>13}{'wall s':>9}{'reads/s':>9}"
           f"{'CPU s/read':>12}{'reads/CPU-s':>13}{'fleet CPU s/read':>18}")
-    for phase in (ours, theirs):
+    for phase in (*phases, theirs):
         print(f"{phase.name:22}{phase.meters:>7}{phase.concurrency:>13}{phase.wall:>9.2f}"
               f"{phase.reads_per_second:>9.1f}{phase.cpu_per_read:>12.4f}"
               f"{phase.reads_per_cpu_second:>13.0f}{phase.fleet_cpu / phase.meters:>18.4f}")
-    print(f"cimhes / baseline: throughput {ours.reads_per_second / theirs.reads_per_second:.2f}x, "
-          f"reads per CPU-second {ours.reads_per_cpu_second / theirs.reads_per_cpu_second:.2f}x "
-          f"({ours.reads_per_cpu_second:.0f} against {theirs.reads_per_cpu_second:.0f})")
-    for note in ours.notes:
-        print(f"  {note}")
+    for phase in phases:
+        print(f"{phase.name} / baseline: throughput "
+              f"{phase.reads_per_second / theirs.reads_per_second:.2f}x, reads per CPU-second "
+              f"{phase.reads_per_cpu_second / theirs.reads_per_cpu_second:.2f}x "
+              f"({phase.reads_per_cpu_second:.0f} against {theirs.reads_per_cpu_second:.0f})")
+        for note in phase.notes:
+            print(f"  {note}")
+    ours = phases[-1]
     print(f"  fleet process CPU: {ours.fleet_cpu:.2f} s during cimhes "
           f"({100 * ours.fleet_cpu / ours.wall:.0f}% of one core), {theirs.fleet_cpu:.2f} s during "
           f"the baseline ({100 * theirs.fleet_cpu / theirs.wall:.0f}% of one core)")

@@ -37,6 +37,7 @@ from cimhes.drivers.idis_catalogue import (
     Derivation,
 )
 from cimhes.drivers.limits import ConnectionPacer, SessionLimits
+from cimhes.drivers.meter_configuration import CONFIGURATIONS, ConfigurationCache
 from cimhes.drivers.security import HeadEndSecurity
 from cimhes.drivers.idis_association import (
     Conversation,
@@ -106,6 +107,10 @@ class IdisMeterDriver:
 
     device_type = "idis-meter"
 
+    def __init__(self, configurations: ConfigurationCache = CONFIGURATIONS) -> None:
+        # What it remembers of each meter between reads (cimhes.drivers.meter_configuration).
+        self.configurations = configurations
+
     def serves(self, reading_type: str) -> bool:
         return reading_type in READING_TYPE_MAP
 
@@ -165,14 +170,22 @@ class IdisMeterDriver:
         async def converse(conversation: Conversation) -> _Answers:
             return await self._converse(conversation, plan, start, end)
 
-        answers = await in_association(reactor, device, limits, pacer, converse, security)
-        return _meter_read_result(device, plan, answers)
+        try:
+            answers = await in_association(reactor, device, limits, pacer, converse, security)
+            result = _meter_read_result(device, plan, answers)
+        except BaseException:
+            self.configurations.forget(device.mrid)  # whatever failed may be what is cached
+            raise
+        if any(not isinstance(error, HistoryShortfall) for error in result.errors):
+            self.configurations.forget(device.mrid)
+        return result
 
     async def _converse(self, conversation: Conversation, plan: _Plan,
                         start: datetime | None, end: datetime | None) -> _Answers:
         """Inside the one association: clock, registers, profiles by range."""
         mrid = conversation.device_mrid
         get = conversation.get
+        known = self.configurations.of(mrid)
         meter_time = await conversation.clock()
         window = None if start is None else (start, end if end is not None else meter_time)
         answers = _Answers(meter_time, window)
@@ -197,14 +210,22 @@ class IdisMeterDriver:
         for key in values:
             answer = await get(*key)
             answers.values[key] = answer if isinstance(answer, DataAccessError) else answer.value
-        for class_id, obis in scalers:
-            answers.scaler_units[(class_id, obis)] = _scaler_unit(
-                mrid, obis, await get(class_id, obis, 3))
+        for key in scalers:
+            scaler_unit = known.scaler_units.get(key)
+            if scaler_unit is None:
+                scaler_unit = _scaler_unit(mrid, key[1], await get(key[0], key[1], 3))
+                if not isinstance(scaler_unit, DataAccessError):
+                    known.scaler_units[key] = scaler_unit
+            answers.scaler_units[key] = scaler_unit
 
         for profile in profiles:
             # From the capture before the window: a deltaData value needs the row before it.
             since = PROFILE_PERIODS[profile].floor(window[0])
-            answers.profiles[profile] = await conversation.profile_rows(profile, since, window[1])
+            answer = await conversation.profile_rows(profile, since, window[1],
+                                                     known.captures.get(profile))
+            if not isinstance(answer, DataAccessError):
+                known.captures[profile] = answer[0]
+            answers.profiles[profile] = answer
         return answers
 
 

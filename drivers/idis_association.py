@@ -58,18 +58,34 @@ class Conversation:
             raise ProtocolError(self.device_mrid, f"clock unreadable: {clock.reason}")
         return datetime_or_error(self.device_mrid, clock.value, "clock time")
 
-    async def profile_rows(self, profile: str, start: datetime, end: datetime
+    async def profile_rows(self, profile: str, start: datetime, end: datetime,
+                           known_captures: list | None = None
                            ) -> tuple[list, list[tuple[datetime, list]]] | DataAccessError:
-        """(capture_objects, [(row time, row)]) of `profile`'s rows start <= time <= end."""
-        captures = await self.get(PROFILE_GENERIC_CLASS, profile, 3)
-        if isinstance(captures, DataAccessError):
-            return captures
+        """(capture_objects, [(row time, row)]) of `profile`'s rows start <= time <= end.
+        With `known_captures` (remembered from an earlier read) the capture objects are not
+        asked for, unless the rows do not fit them: then they are asked for once more."""
+        if known_captures is None:
+            captures = await self.get(PROFILE_GENERIC_CLASS, profile, 3)
+            if isinstance(captures, DataAccessError):
+                return captures
+            known_captures = captures.value
+        else:
+            captures = None
         rows = await self.connection.request(
             self.session.get_rows_by_range(profile, start, end),
             f"GET {profile} buffer from {start.isoformat()} to {end.isoformat()}")
         if isinstance(rows, DataAccessError):
             return rows
-        return timed_rows(self.device_mrid, profile, captures.value, rows.value)
+        if captures is None:
+            try:
+                return timed_rows(self.device_mrid, profile, known_captures, rows.value)
+            except ProtocolError:
+                # The profile changed since its capture objects were read: read them again.
+                captures = await self.get(PROFILE_GENERIC_CLASS, profile, 3)
+                if isinstance(captures, DataAccessError):
+                    return captures
+                known_captures = captures.value
+        return timed_rows(self.device_mrid, profile, known_captures, rows.value)
 
 
 async def in_association(reactor: Any, device: DeviceAddress, limits: SessionLimits,

@@ -29,6 +29,7 @@ from cimhes.cim.message import Error, ErrorCode
 from cimhes.drivers import DeviceAddress
 from cimhes.drivers.errors import DeviceError
 from cimhes.drivers.idis_events import read_events
+from cimhes.drivers.meter_configuration import note_events
 from cimhes.engine import event_outbox
 from cimhes.engine.reading import DEVICE_ERROR_CODES
 from cimhes.engine.store import Base, Device, EndDeviceEventRecord, EpochMillis, Store, StoreRunner
@@ -81,6 +82,7 @@ class EventStore:
         of a device the store does not know is a ValueError naming it (nothing is stored)."""
         if not events:
             return 0
+        note_events(events)  # a meter reprogrammed: its remembered configuration goes
         with self._session.begin() as session:
             ids = dict(session.execute(select(Device.mrid, Device.id).where(
                 Device.mrid.in_({e.device_mrid for e in events}))).all())

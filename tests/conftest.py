@@ -43,3 +43,14 @@ def empty_database_url(request, tmp_path):
     url = server.new_database(migrated=False)
     yield url
     server.drop(url)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_meter_configurations():
+    """Each test starts with no remembered meter configuration: fleets of different tests
+    reuse mRIDs with other scaler_units and profiles (cimhes.drivers.meter_configuration)."""
+    from cimhes.drivers.meter_configuration import CONFIGURATIONS
+
+    CONFIGURATIONS.clear()
+    yield
+    CONFIGURATIONS.clear()
