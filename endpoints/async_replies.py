@@ -19,6 +19,8 @@ from urllib.parse import urlsplit
 from twisted.internet.defer import inlineCallbacks
 from twisted.internet.task import deferLater
 
+from cimhes.cim.codec.envelope import NS_MESSAGE
+from cimhes.cim.message import Error, ErrorCode
 from cimhes.endpoints.cim_client import CimPoster
 
 log = logging.getLogger(__name__)
@@ -62,13 +64,43 @@ class ReplyAddressPolicy:
         return False
 
 
+def async_refusal(header, replies: ReplySender | None, policy: ReplyAddressPolicy) -> Error | None:
+    """The Error refusing an asynchronous request cimhes cannot honour, else None (also None
+    for a synchronous request): no ReplyAddress (1.5), no reply sender (5.2), a ReplyAddress the
+    operator did not allow (7.2), nothing to correlate the outcome with (1.5)."""
+    if not header.async_reply:
+        return None
+    if not header.reply_address:
+        return Error(code=ErrorCode.REPLY_ADDRESS_MISSING,
+                     reason="AsyncReplyFlag is true but the Header has no ReplyAddress",
+                     xpath=f"{{{NS_MESSAGE}}}ReplyAddress")
+    if replies is None:
+        return Error(code=ErrorCode.UNSUPPORTED_REQUEST,
+                     reason="this head-end sends no asynchronous replies; send the "
+                            "request without AsyncReplyFlag",
+                     xpath=f"{{{NS_MESSAGE}}}AsyncReplyFlag")
+    if not policy.allows(header.reply_address):
+        return Error(code=ErrorCode.REPLY_ADDRESS_REFUSED,
+                     reason=f"ReplyAddress {header.reply_address[:200]!r} is not one the "
+                            "operator allowed; nothing is sent there",
+                     xpath=f"{{{NS_MESSAGE}}}ReplyAddress")
+    if not (header.correlation_id or header.message_id):
+        return Error(code=ErrorCode.HEADER_MISSING,
+                     reason="an asynchronous request needs a CorrelationID (or a "
+                            "MessageID) for the outcome to be matched to it",
+                     xpath=f"{{{NS_MESSAGE}}}CorrelationID")
+    return None
+
+
 class ReplySender:
-    """Posts outcomes to ReplyAddresses, retrying a few times with backoff."""
+    """Posts outcomes to ReplyAddresses, retrying a few times with backoff, through one noun's
+    Reply WSDL (ReplyMeterReadings unless told another, e.g. ReplyEndDeviceEvents)."""
 
     def __init__(self, reactor, session_factory, *, attempts: int = DEFAULT_ATTEMPTS,
-                 first_retry: float = DEFAULT_FIRST_RETRY):
+                 first_retry: float = DEFAULT_FIRST_RETRY, wsdl_file: str = REPLY_WSDL,
+                 operation: str = REPLY_OPERATION):
         self._reactor = reactor
-        self._poster = CimPoster(reactor, REPLY_WSDL, REPLY_OPERATION, session_factory)
+        self._poster = CimPoster(reactor, wsdl_file, operation, session_factory)
         self._attempts = attempts
         self._first_retry = first_retry
 

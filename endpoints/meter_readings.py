@@ -25,7 +25,6 @@ from cimhes.cim.codec import (
     encode_fault,
     encode_meter_readings_response,
 )
-from cimhes.cim.codec.envelope import NS_MESSAGE
 from cimhes.cim.message import Error, ErrorCode, ErrorLevel, Reply, ReplyResult, reply_header
 from cimhes.cim.meter_readings import (
     MESSAGE_COUNT_PROPERTY,
@@ -35,7 +34,7 @@ from cimhes.cim.meter_readings import (
     ReadingSource,
     split_into_messages,
 )
-from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
+from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender, async_refusal
 from cimhes.cim.header_limits import check_header
 from cimhes.endpoints.soap_resource import CimFault, soap_application
 from cimhes.engine.admission import Admission, Refused
@@ -101,28 +100,7 @@ class GetMeterReadingsDoor:
 
     def _refusal(self, request) -> Error | None:
         """The Error for a request refused before any meter is read, else None."""
-        header = request.header
-        if header.async_reply:
-            if not header.reply_address:
-                return Error(code=ErrorCode.REPLY_ADDRESS_MISSING,
-                             reason="AsyncReplyFlag is true but the Header has no ReplyAddress",
-                             xpath=f"{{{NS_MESSAGE}}}ReplyAddress")
-            if self._replies is None:
-                return Error(code=ErrorCode.UNSUPPORTED_REQUEST,
-                             reason="this head-end sends no asynchronous replies; send the "
-                                    "request without AsyncReplyFlag",
-                             xpath=f"{{{NS_MESSAGE}}}AsyncReplyFlag")
-            if not self._reply_addresses.allows(header.reply_address):
-                return Error(code=ErrorCode.REPLY_ADDRESS_REFUSED,
-                             reason=f"ReplyAddress {header.reply_address[:200]!r} is not one the "
-                                    "operator allowed; nothing is sent there",
-                             xpath=f"{{{NS_MESSAGE}}}ReplyAddress")
-            if not (header.correlation_id or header.message_id):
-                return Error(code=ErrorCode.HEADER_MISSING,
-                             reason="an asynchronous request needs a CorrelationID (or a "
-                                    "MessageID) for the outcome to be matched to it",
-                             xpath=f"{{{NS_MESSAGE}}}CorrelationID")
-        return None
+        return async_refusal(request.header, self._replies, self._reply_addresses)
 
     def _read_within_limit(self, request, admitted):
         """Deferred[ReadOutcome | None]: the outcome, or None once the sync time limit passes

@@ -20,6 +20,7 @@ from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, SessionLimits
 from cimhes.drivers.security import DEFAULT_CLIENT_SYSTEM_TITLE, HeadEndSecurity
 from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
 from cimhes.endpoints.auth import Doorkeeper, SoapGuard
+from cimhes.endpoints import end_device_events
 from cimhes.endpoints.cim_paths import CimFolder
 from cimhes.endpoints.http_door import DoorLimits, LimitedSite
 from cimhes.endpoints.meter_readings import (
@@ -41,6 +42,7 @@ from cimhes.endpoints.tls import callback_session
 from cimhes.engine import request_log
 from cimhes.engine.admission import Admission, RequestLimits
 from cimhes.engine.dispatch import Dispatcher
+from cimhes.engine.event_queries import EventRequestLimits
 from cimhes.engine.limits import EngineSettings
 from cimhes.engine.inventory import Inventory
 from cimhes.engine.reading import MeterReadingService
@@ -82,6 +84,8 @@ class HeadEndSettings:
     # request's own, with Forwarded / X-Forwarded-* headers of a reverse proxy honoured.
     public_base_url: str | None = None
     reading_requests: ReadingRequestLimits = field(default_factory=ReadingRequestLimits)
+    # Bounds on GetEndDeviceEvents: events per message and per request, sync time limit.
+    event_requests: EventRequestLimits = field(default_factory=EventRequestLimits)
     # ReplyAddresses asynchronous requests may name (URL prefixes); empty: async is refused.
     reply_addresses: tuple[str, ...] = ()
     # MDM endpoints (name, ReceiveMeterReadings URL) every new reading is published to.
@@ -171,14 +175,19 @@ class HeadEnd:
                                     replies=ReplySender(reactor, self.callback_session),
                                     reply_addresses=ReplyAddressPolicy(settings.reply_addresses))
         self.meter_readings_door = door
+        cim = CimFolder()
+        # GetEndDeviceEvents (endpoints/end_device_events.py) at /cim/GetEndDeviceEvents.
+        self.end_device_events_door = end_device_events.mount(self, reactor, settings, cim,
+                                                              security)
         self.amqp = None
         if settings.amqp_url:
             from cimhes.queue.service import AmqpService
             self.amqp = AmqpService(reactor, settings.amqp_url,
-                                    {"MeterReadings": door.get_meter_readings},
+                                    {"MeterReadings": door.get_meter_readings,
+                                     "EndDeviceEvents":
+                                         self.end_device_events_door.get_end_device_events},
                                     store_runner=self.store_runner)
             reactor.callWhenRunning(self.amqp.start)
-        cim = CimFolder()
         cim.putChild(GET_METER_READINGS.encode(),
                      SoapResource(get_meter_readings_application(door), GET_METER_READINGS_WSDL,
                                   SoapGuard(self.doorkeeper,
@@ -188,7 +197,7 @@ class HeadEnd:
                                   observer=self.operations.requests))
         # What the head-end serves, as the WSDLs: public, no credentials needed.
         cim.putChild(b"reading-types", ReadingTypesResource())
-        root = _Index([GET_METER_READINGS])
+        root = _Index([GET_METER_READINGS, end_device_events.WSDL_NAME])
         root.putChild(b"cim", cim)
         root.putChild(b"", root)
         self.operations.mount(root, doorkeeper=self.doorkeeper, readings=self.readings,

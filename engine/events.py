@@ -137,14 +137,7 @@ class EventStore:
                 query = query.where(table.created_at >= start)
             if end is not None:
                 query = query.where(table.created_at <= end)
-            found = []
-            for r in session.scalars(query):
-                details = dict(r.details or {})
-                reason, received_by = details.pop("reason", ""), details.pop("receivedBy", "")
-                code = f"{r.log}:{r.dlms_code}" if r.dlms_code is not None else r.log
-                found.append((EndDeviceEvent(mrid, r.created_at, r.event_type, code, reason,
-                                             tuple(details.items())), received_by))
-            return found
+            return [event_of_record(r, mrid) for r in session.scalars(query)]
 
     def record_unrecognised(self, push: UnrecognisedPush) -> None:
         with self._session.begin() as session:
@@ -203,6 +196,15 @@ class EventReadingService:
         outcome.stored = yield self._runner.call(self._events.save_events, outcome.events, "log",
                                                  self._now())
         return outcome
+
+
+def event_of_record(record: EndDeviceEventRecord, mrid: str) -> tuple[EndDeviceEvent, str]:
+    """(the EndDeviceEvent of a stored row of device ``mrid``, how it first arrived)."""
+    details = dict(record.details or {})
+    reason, received_by = details.pop("reason", ""), details.pop("receivedBy", "")
+    code = (f"{record.log}:{record.dlms_code}" if record.dlms_code is not None else record.log)
+    return (EndDeviceEvent(mrid, record.created_at, record.event_type, code, reason,
+                           tuple(details.items())), received_by)
 
 
 def _device_error(device: DeviceAddress, error: Exception) -> Error:

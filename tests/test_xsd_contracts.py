@@ -29,7 +29,9 @@ def test_documents_are_the_contract_files():
                              "GetMeterReadingsMessage.xsd", "GetMeterReadings.wsdl",
                              "ReplyMeterReadings.wsdl", "MeterReadingsMessage.xsd",
                              "ReceiveMeterReadings.wsdl", "EndDeviceEvents.xsd",
-                             "EndDeviceEventsMessage.xsd"}
+                             "EndDeviceEventsMessage.xsd", "GetEndDeviceEvents.xsd",
+                             "GetEndDeviceEventsMessage.xsd", "GetEndDeviceEvents.wsdl",
+                             "ReplyEndDeviceEvents.wsdl", "ReceiveEndDeviceEvents.wsdl"}
 
 
 def _soap_actions(path) -> dict[str, str]:
