@@ -1,4 +1,5 @@
-"""Decoding of COSEM Data in A-XDR (Blue Book 4.1.5, Green Book 9.5): what a GET answers with.
+"""COSEM Data in A-XDR (Blue Book 4.1.5, Green Book 9.5): decoding what a GET answers with, and
+encoding the few typed values a SET or ACTION carries.
 
 This is the client's one decoder of attribute values. It exists, instead of gurux-dlms's
 `_GXCommon.getData`, because profiling a full meter read (association, clock, four registers with
@@ -18,7 +19,8 @@ import operator
 import struct
 from typing import Any
 
-__all__ = ["AxdrError", "ber_length", "decode_data"]
+__all__ = ["AxdrError", "ber_length", "decode_data", "null", "boolean", "integer", "unsigned",
+           "long_unsigned", "double_long_unsigned", "enum", "octet_string", "array", "structure"]
 
 
 class AxdrError(ValueError):
@@ -220,3 +222,62 @@ def _uniform_array(data: bytes, offset: int, count: int) -> tuple[list, int] | N
         else:
             append(values_of(fields))
     return items, end
+
+
+# --- encoding: each function gives the bytes of one typed value; compose by nesting -----------
+
+def _encoded_length(size: int) -> bytes:
+    if size < 0x80:
+        return bytes((size,))
+    octets = (size.bit_length() + 7) // 8
+    return bytes((0x80 | octets,)) + size.to_bytes(octets, "big")
+
+
+def _fixed(tag: int, value: int) -> bytes:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ValueError(f"A-XDR type {tag} needs an integer, not {value!r}")
+    try:
+        return bytes((tag,)) + _FIXED[tag].pack(value)
+    except struct.error:
+        raise ValueError(f"{value} is out of range for A-XDR type {tag}") from None
+
+
+def null() -> bytes:
+    return bytes((NULL,))
+
+
+def boolean(value: bool) -> bytes:
+    return bytes((BOOLEAN, 1 if value else 0))
+
+
+def integer(value: int) -> bytes:
+    return _fixed(15, value)
+
+
+def unsigned(value: int) -> bytes:
+    return _fixed(17, value)
+
+
+def long_unsigned(value: int) -> bytes:
+    return _fixed(18, value)
+
+
+def double_long_unsigned(value: int) -> bytes:
+    return _fixed(6, value)
+
+
+def enum(value: int) -> bytes:
+    return _fixed(22, value)
+
+
+def octet_string(value: bytes) -> bytes:
+    return bytes((OCTET_STRING,)) + _encoded_length(len(value)) + bytes(value)
+
+
+def array(items: list[bytes]) -> bytes:
+    """An array of already encoded elements (all of one type, as the caller ensures)."""
+    return bytes((ARRAY,)) + _encoded_length(len(items)) + b"".join(items)
+
+
+def structure(items: list[bytes]) -> bytes:
+    return bytes((STRUCTURE,)) + _encoded_length(len(items)) + b"".join(items)

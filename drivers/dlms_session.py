@@ -1,8 +1,8 @@
 """Sans-IO DLMS/COSEM client session over the TCP wrapper: bytes in, events out, bytes to send.
 
 `ClientSession` is one application association with one meter, in the manner of h11: it owns no
-socket and no timer. Its methods (`associate`, `get`, `get_rows_by_range`, `release`) return the
-bytes to send; `receive_data` takes whatever arrived and returns the events it completes. A
+socket and no timer. Its methods (`associate`, `get`, `get_rows_by_range`, `set`, `action`,
+`release`) return the bytes to send; `receive_data` takes whatever arrived and returns the events it completes. A
 small explicit state machine says what may happen next:
 
     IDLE --associate()--> ASSOCIATING --AARE accepted--> ASSOCIATED
@@ -11,6 +11,8 @@ small explicit state machine says what may happen next:
                                                               (event: AuthenticationRequired)
     AUTHENTICATION_DUE --authenticate()--> AUTHENTICATING --f(CtoS) right--> ASSOCIATED
     ASSOCIATED --get()/get_rows_by_range()--> AWAITING_DATA --last block--> ASSOCIATED
+    ASSOCIATED --set()--> AWAITING_SET --set-response--> ASSOCIATED          (event: SetResult)
+    ASSOCIATED --action()--> AWAITING_ACTION --action-response--> ASSOCIATED (event: ActionResult)
     ASSOCIATED --release()--> RELEASING --RLRE--> IDLE
     any --wrapper header broken--> BROKEN   (the byte stream is out of step: only closing helps)
 
@@ -31,6 +33,9 @@ itself, each for a reason gurux gives:
   (tests/test_drivers_requests.py checks the bytes against gurux's);
 - it splits the TCP stream into wrapper frames and checks version and wPorts (gurux scans for a
   0x0001 word and silently skips bytes it does not like);
+- it builds SET-Request-Normal and ACTION-Request-Normal and reads their answers (typed
+  `SetResult`, `ActionResult`, invoke-id checked) the same way (tests/test_drivers_requests.py
+  checks the bytes against gurux's `write` and `method` builders);
 - it reads GET-Responses (normal and with datablock) and decodes their Data with
   `cimhes.drivers.axdr` (gurux's generic decoder is most of the client's CPU; gurux never
   checks that the answer carries the invoke-id sent);
@@ -95,10 +100,18 @@ _RANGE_ON_CLOCK = bytes.fromhex("01020402041200080906" "0000010000ff" "0f0212000
 _ALL_COLUMNS = bytes.fromhex("0100")
 _DATE_TIME_OCTETS = struct.Struct(">HBBBBBBBhB")
 
+# SET and ACTION requests (Green Book 9.3, Set-Request-Normal, Action-Request-Normal).
+SET_REQUEST = 0xC1
+SET_REQUEST_NORMAL = 1
+ACTION_REQUEST_NORMAL = 1
+_SET_NORMAL = struct.Struct(">BBBH6sBB")     # tag, kind, invoke, class, OBIS, attribute, no selection
+_ACTION_NORMAL = struct.Struct(">BBBH6sB")   # tag, kind, invoke, class, OBIS, method
+
 # APDU tags (Green Book, xDLMS / ACSE APDUs) of the answers this client expects.
 AARE = 0x61
 RLRE = 0x63
 GET_RESPONSE = 0xC4
+SET_RESPONSE = 0xC5
 GET_RESPONSE_NORMAL = 1
 GET_RESPONSE_WITH_DATABLOCK = 2
 CONFIRMED_SERVICE_ERROR = 0x0E
@@ -120,6 +133,23 @@ DATA_ACCESS_RESULTS = {
     17: "long-set-aborted",
     18: "no-long-set-in-progress",
     19: "data-block-number-invalid",
+    250: "other-reason",
+}
+
+# Action-Result enumeration (Green Book, Action-Response).
+ACTION_RESULTS = {
+    0: "success",
+    1: "hardware-fault",
+    2: "temporary-failure",
+    3: "read-write-denied",
+    4: "object-undefined",
+    9: "object-class-inconsistent",
+    11: "object-unavailable",
+    12: "type-unmatched",
+    13: "scope-of-access-violated",
+    14: "data-block-unavailable",
+    15: "long-action-aborted",
+    16: "no-long-action-in-progress",
     250: "other-reason",
 }
 
@@ -157,9 +187,10 @@ ASSOCIATION_LN_CLASS = 15
 ASSOCIATION_LN = bytes((0, 0, 40, 0, 0, 255))  # the current association
 REPLY_TO_HLS_AUTHENTICATION = 1  # method 1 of the association LN object
 CHALLENGE_SIZE = 16  # CtoS, within the 8..64 octets the Green Book allows
-# Conformance a ciphered session proposes: get, selective-access, block-transfer-with-get,
-# action (for reply_to_HLS_authentication).
-HLS_CONFORMANCE = (1 << (23 - 11)) | (1 << (23 - 19)) | (1 << (23 - 21)) | (1 << (23 - 23))
+# Conformance a ciphered session proposes: get, set, selective-access, block-transfer-with-get,
+# action (for reply_to_HLS_authentication and the controls).
+HLS_CONFORMANCE = ((1 << (23 - 11)) | (1 << (23 - 19)) | (1 << (23 - 20)) | (1 << (23 - 21))
+                   | (1 << (23 - 23)))
 CLIENT_MAX_PDU_SIZE = 0xFFFF
 
 log = logging.getLogger(__name__)
@@ -176,6 +207,8 @@ class State(enum.Enum):
     AUTHENTICATING = "authenticating"
     ASSOCIATED = "associated"
     AWAITING_DATA = "awaiting data"
+    AWAITING_SET = "awaiting set result"
+    AWAITING_ACTION = "awaiting action result"
     RELEASING = "releasing"
     BROKEN = "broken"
 
@@ -212,6 +245,39 @@ class DataAccessError:
 
 
 @dataclass(frozen=True)
+class SetResult:
+    """The meter's answer to a SET: its data-access-result (0 success)."""
+
+    result: int
+
+    @property
+    def ok(self) -> bool:
+        return self.result == 0
+
+    @property
+    def reason(self) -> str:
+        return "success" if self.ok else DATA_ACCESS_RESULTS.get(
+            self.result, f"data-access-result {self.result}")
+
+
+@dataclass(frozen=True)
+class ActionResult:
+    """The meter's answer to an ACTION: its action-result (0 success) and the return
+    parameters, if any (a decoded value, or a DataAccessError)."""
+
+    result: int
+    data: Any = None
+
+    @property
+    def ok(self) -> bool:
+        return self.result == 0
+
+    @property
+    def reason(self) -> str:
+        return ACTION_RESULTS.get(self.result, f"action-result {self.result}")
+
+
+@dataclass(frozen=True)
 class NextBlockRequest:
     """The meter sent one block of a long GET; `data` asks for the next one and must be sent."""
 
@@ -223,7 +289,8 @@ class Released:
     """The meter answered the release request; the session is IDLE again."""
 
 
-Event = Union[Associated, AuthenticationRequired, AttributeValue, DataAccessError, NextBlockRequest, Released, DeviceError]
+Event = Union[Associated, AuthenticationRequired, AttributeValue, DataAccessError, SetResult,
+              ActionResult, NextBlockRequest, Released, DeviceError]
 
 
 _DATE_TIME = struct.Struct(">HBBBBBBBhB")
@@ -361,6 +428,29 @@ class ClientSession:
             _RANGE_ON_CLOCK, _cosem_datetime_octets(start), _DATE_TIME_TAG,
             _cosem_datetime_octets(end), _ALL_COLUMNS)))
 
+    def set(self, class_id: int, obis: str, attribute: int, value: bytes) -> bytes:
+        """SET one attribute (normal, no selective access) to `value`, one A-XDR encoded Data
+        (`cimhes.drivers.axdr` builds it). A request larger than the meter's negotiated PDU
+        size would need SET with block transfer, which this client does not do: refused here
+        (`LocalProtocolError`) rather than sent to be refused."""
+        self._expect_state(State.ASSOCIATED, "set")
+        invoke = self._next_invoke_id()
+        apdu = _SET_NORMAL.pack(SET_REQUEST, SET_REQUEST_NORMAL, INVOKE_PRIORITY | invoke,
+                                class_id, _logical_name(obis), attribute, 0) + value
+        self._check_fits(apdu, f"SET {obis} attribute {attribute}")
+        return self._start(State.AWAITING_SET, invoke, apdu)
+
+    def action(self, class_id: int, obis: str, method: int, parameter: bytes | None) -> bytes:
+        """Invoke `method` of an object (ACTION-Request-Normal) with `parameter`, one A-XDR
+        encoded Data, or none."""
+        self._expect_state(State.ASSOCIATED, "action")
+        invoke = self._next_invoke_id()
+        apdu = _ACTION_NORMAL.pack(ACTION_REQUEST, ACTION_REQUEST_NORMAL,
+                                   INVOKE_PRIORITY | invoke, class_id, _logical_name(obis), method)
+        apdu += b"\x00" if parameter is None else b"\x01" + parameter
+        self._check_fits(apdu, f"ACTION {obis} method {method}")
+        return self._start(State.AWAITING_ACTION, invoke, apdu)
+
     def release(self) -> bytes:
         self._expect_state(State.ASSOCIATED, "release")
         data = self._frame(RLRQ_NORMAL)
@@ -416,10 +506,21 @@ class ClientSession:
         return invoke
 
     def _start_get(self, invoke: int, apdu: bytes) -> bytes:
+        return self._start(State.AWAITING_DATA, invoke, apdu)
+
+    def _start(self, state: State, invoke: int, apdu: bytes) -> bytes:
         self._blocks = []
         self._invoke_id = invoke
-        self._state = State.AWAITING_DATA
+        self._state = state
         return self._protect(self._frame(apdu))
+
+    def _check_fits(self, apdu: bytes, what: str) -> None:
+        # Ciphering adds up to 20 octets (tag, length, SC, IC, tag).
+        size = len(apdu) + (20 if self._channel is not None else 0)
+        if self.max_pdu_size is not None and size > self.max_pdu_size:
+            raise LocalProtocolError(
+                f"{what} is {size} octets, more than the meter's PDU size {self.max_pdu_size}; "
+                "SET/ACTION with block transfer is not supported")
 
     def _frame(self, apdu: bytes) -> bytes:
         """The wrapper frame carrying `apdu` (inside a gateway-request behind a concentrator)."""
@@ -522,6 +623,10 @@ class ClientSession:
             return self._on_hls_reply(apdu, tag)
         if self._state is State.AWAITING_DATA:
             return self._on_get_response(apdu)
+        if self._state is State.AWAITING_SET:
+            return self._on_set_response(apdu)
+        if self._state is State.AWAITING_ACTION:
+            return self._on_action_response(apdu)
         if self._state is State.RELEASING:
             if tag != RLRE:
                 return self._fail_request(f"expected RLRE, got {_apdu_name(tag)}")
@@ -534,7 +639,8 @@ class ClientSession:
         self._blocks = []
         if self._state in (State.ASSOCIATING, State.AUTHENTICATING):
             self._state = State.IDLE
-        elif self._state in (State.AWAITING_DATA, State.RELEASING):
+        elif self._state in (State.AWAITING_DATA, State.AWAITING_SET, State.AWAITING_ACTION,
+                             State.RELEASING):
             self._state = State.ASSOCIATED
         return self._error(reason)
 
@@ -688,6 +794,48 @@ class ClientSession:
             return self._fail_request(f"get-response data: {failure}")
         return self._fail_request(f"get-response of kind {kind} was not asked for")
 
+    def _on_set_response(self, apdu: bytes) -> Event:
+        """Set-Response-Normal: tag, kind 1, invoke-id, Data-Access-Result."""
+        if apdu[0] != SET_RESPONSE:
+            return self._fail_request(f"expected set-response, got {_apdu_name(apdu[0])}")
+        if len(apdu) != 4 or apdu[1] != 1:
+            return self._fail_request(f"set-response {self._raw(apdu)} is not a "
+                                      "set-response-normal")
+        if apdu[2] & 0x0F != self._invoke_id:
+            return self._fail_request(
+                f"set-response {apdu[:3].hex()} does not answer invoke-id {self._invoke_id}")
+        self._state = State.ASSOCIATED
+        return SetResult(apdu[3])
+
+    def _on_action_response(self, apdu: bytes) -> Event:
+        """Action-Response-Normal: tag, kind 1, invoke-id, Action-Result, optional
+        return parameters (Get-Data-Result: data, or a data-access-result)."""
+        if apdu[0] != ACTION_RESPONSE:
+            return self._fail_request(f"expected action-response, got {_apdu_name(apdu[0])}")
+        if len(apdu) < 5 or apdu[1] != 1:
+            return self._fail_request(f"action-response {self._raw(apdu)} is not an "
+                                      "action-response-normal")
+        if apdu[2] & 0x0F != self._invoke_id:
+            return self._fail_request(
+                f"action-response {apdu[:3].hex()} does not answer invoke-id {self._invoke_id}")
+        data = None
+        try:
+            if apdu[4] == 1:
+                if len(apdu) < 7:
+                    raise AxdrError("return parameters truncated")
+                if apdu[5] == 0:
+                    data = decode_data(apdu, 6)
+                elif apdu[5] == 1 and len(apdu) == 7:
+                    data = DataAccessError(apdu[6])
+                else:
+                    raise AxdrError(f"bad Get-Data-Result choice {apdu[5]}")
+            elif apdu[4] != 0 or len(apdu) != 5:
+                raise AxdrError("return-parameters flag or length is wrong")
+        except AxdrError as failure:
+            return self._fail_request(f"action-response {self._raw(apdu)}: {failure}")
+        self._state = State.ASSOCIATED
+        return ActionResult(apdu[3], data)
+
     def _on_block(self, apdu: bytes) -> Event:
         # DataBlock-G: last-block BOOLEAN, block-number Unsigned32, result CHOICE
         # { raw-data [0] OCTET STRING, data-access-result [1] ENUMERATED }
@@ -786,6 +934,7 @@ def _cosem_datetime_octets(moment: datetime) -> bytes:
 
 def _apdu_name(tag: int) -> str:
     names = {AARE: "AARE", RLRE: "RLRE", GET_RESPONSE: "get-response",
+             SET_RESPONSE: "set-response", ACTION_RESPONSE: "action-response",
              CONFIRMED_SERVICE_ERROR: "confirmed-service-error",
              EXCEPTION_RESPONSE: "exception-response"}
     return names.get(tag, f"APDU tag 0x{tag:02x}")

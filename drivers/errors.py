@@ -128,3 +128,16 @@ class ReplayDetected(DeviceError):
         self.args = (device_mrid, reason, counter, last_seen)
         self.counter = counter
         self.last_seen = last_seen
+
+
+class UnknownDevice(DeviceError):
+    """The head-end's inventory has no device by this mRID (the CIM layer's 2.4)."""
+
+
+class ControlNotConfirmed(DeviceError):
+    """A control the meter accepted, whose read-back does not show the state it should have
+    brought (the state read back is in the outcome)."""
+
+
+class ControlCancelled(DeviceError):
+    """A scheduled control cancelled before it ran; nothing was sent to the device."""

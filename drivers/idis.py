@@ -12,8 +12,9 @@ Values are converted exactly: CIM value = raw * 10**scaler / 10**cim_multiplier,
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from datetime import datetime, timedelta
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from typing import Any
 
@@ -21,6 +22,7 @@ from twisted.internet.defer import Deferred
 
 from cimhes.cim.meter_readings import DeviceRef, IntervalBlock, IntervalReading, MeterReading, Name, Reading
 from cimhes.drivers.address import DeviceAddress
+from cimhes.drivers.controls import ControlCommand, ControlOutcome, ControlStatus, checked
 from cimhes.drivers.dlms_session import DataAccessError
 from cimhes.drivers.errors import (
     DeviceError,
@@ -39,6 +41,7 @@ from cimhes.drivers.idis_catalogue import (
 from cimhes.drivers.limits import ConnectionPacer, SessionLimits
 from cimhes.drivers.meter_configuration import CONFIGURATIONS, ConfigurationCache
 from cimhes.drivers.security import HeadEndSecurity
+from cimhes.drivers.idis_controls import control_in_association
 from cimhes.drivers.idis_association import (
     Conversation,
     column_of,
@@ -143,6 +146,44 @@ class IdisMeterDriver:
         return located(Deferred.fromCoroutine(self._read(
             reactor, device, reading_types, start, end, SessionLimits.of(limits), pacer,
             security)), device)
+
+    def control(self, reactor: Any, device: DeviceAddress, command: ControlCommand,
+                limits: SessionLimits | float = SessionLimits(), security: HeadEndSecurity | None = None,
+                *, pacer: ConnectionPacer | None = None,
+                now: Callable[[], datetime] | None = None, resumed: bool = False) -> Deferred:
+        """Deferred[ControlOutcome]: `command` carried out in one association (the SET/ACTION
+        steps, then the read-back GETs; drivers/idis_controls.py). Never fails for a device
+        problem: that is an outcome FAILED with the DeviceError (named and located). `now` is
+        the head-end's clock (clock-sync sets the meter to it); `resumed` says an earlier
+        attempt may have reached the meter, so its state is read first and a control already
+        in effect is not sent again. A command with bad parameters raises ValueError."""
+        command = checked(command)
+        clock = now or (lambda: datetime.now(timezone.utc))
+
+        async def converse(conversation: Conversation) -> ControlOutcome:
+            return await control_in_association(conversation, command, clock, resumed)
+
+        async def run() -> ControlOutcome:
+            try:
+                return await in_association(reactor, device, SessionLimits.of(limits), pacer,
+                                            converse, security)
+            except DeviceError as error:
+                return ControlOutcome(device.mrid, command.kind, ControlStatus.FAILED,
+                                      str(error), {}, error)
+
+        where = f"{device.host}:{device.port}"
+
+        def locate(outcome: ControlOutcome) -> ControlOutcome:
+            # Every reason but DONE's names the device, as a DeviceError's text does.
+            if outcome.error is not None:
+                outcome.error.located(device.name, where)
+                return replace(outcome, reason=str(outcome.error))
+            if outcome.status is ControlStatus.REFUSED:
+                named = ", ".join(part for part in (device.name, where) if part)
+                return replace(outcome, reason=f"{command.kind.value} refused by device "
+                               f"{device.mrid} ({named}): {outcome.reason}")
+            return outcome
+        return Deferred.fromCoroutine(run()).addCallback(locate)
 
     def _plan(self, device: DeviceAddress, reading_types: list[str],
               with_profile: bool) -> _Plan:

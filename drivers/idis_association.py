@@ -51,6 +51,18 @@ class Conversation:
         return await self.connection.request(self.session.get(class_id, obis, attribute),
                                              f"GET {obis} attribute {attribute}")
 
+    async def set(self, class_id: int, obis: str, attribute: int, value: bytes) -> Any:
+        """SetResult (`value`: one A-XDR encoded Data)."""
+        return await self.connection.request(self.session.set(class_id, obis, attribute, value),
+                                             f"SET {obis} attribute {attribute}")
+
+    async def action(self, class_id: int, obis: str, method: int,
+                     parameter: bytes | None) -> Any:
+        """ActionResult (`parameter`: one A-XDR encoded Data, or None)."""
+        return await self.connection.request(
+            self.session.action(class_id, obis, method, parameter),
+            f"ACTION {obis} method {method}")
+
     async def clock(self) -> datetime:
         """The meter's clock (0.0.1.0.0.255 attribute 2); ProtocolError if unreadable."""
         clock = await self.get(CLOCK_CLASS, CLOCK_OBIS, 2)
