@@ -141,3 +141,7 @@ class ControlNotConfirmed(DeviceError):
 
 class ControlCancelled(DeviceError):
     """A scheduled control cancelled before it ran; nothing was sent to the device."""
+
+
+class ControlExpired(DeviceError):
+    """A control not started within the allowed delay after its due time; nothing was sent."""

@@ -41,6 +41,7 @@ from cimhes.endpoints.soap_resource import SoapResource
 from cimhes.endpoints.tls import callback_session
 from cimhes.engine import request_log
 from cimhes.engine.admission import Admission, RequestLimits
+from cimhes.engine.controls import ControlService, ControlSettings
 from cimhes.engine.dispatch import Dispatcher
 from cimhes.engine.event_queries import EventRequestLimits
 from cimhes.engine.limits import EngineSettings
@@ -77,6 +78,8 @@ class HeadEndSettings:
     callback_ca_bundle: str | None = None
     # Rate limits on controls (engine/rate_limits.py), applied by ControlGate.admit.
     control_limits: tuple[ControlLimit, ...] = DEFAULT_CONTROL_LIMITS
+    # Control jobs: attempts per device, latest start after the due time (engine/controls.py).
+    controls: ControlSettings = field(default_factory=ControlSettings)
     request_limits: RequestLimits = field(default_factory=RequestLimits)  # devices, pending
     # The head-end's DLMS system title (HLS-GMAC), 8 octets hex.
     client_system_title: str = DEFAULT_CLIENT_SYSTEM_TITLE
@@ -152,6 +155,10 @@ class HeadEnd:
                             else SessionLimits.of(settings.device_timeout)),
             connections_per_second=settings.connections_per_second, security=security,
             observer=self.operations.device_outcomes)
+        # Meter controls as durable jobs on the same dispatcher (engine/controls.py); made
+        # before the dispatcher starts, so resumed control jobs find their runner.
+        self.controls = ControlService(reactor, self.store_runner, self.dispatcher,
+                                       settings=settings.controls, gate=self.control_gate)
         # One engine owns this store: what an earlier process left running is requeued first.
         self.dispatcher.start(requeue=True)
         reactor.addSystemEventTrigger("before", "shutdown", self.dispatcher.stop)

@@ -13,6 +13,10 @@ are then paced by the drivers' `ConnectionPacer`, and each session is bounded by
 device starts, every other claimed read job for that device over the same window joins it: one
 association reads the union of their reading types, and each job gets its own share.
 
+Other kinds. A job of a kind registered in `Dispatcher.runners` (controls: engine/controls.py)
+is run by its runner, alone in its session, under the same bounds and order; the runner returns
+a `RunResult` (its final state or a retry, and what waiters get) and the dispatcher settles it.
+
 Outcomes. After a session the readings are stored (`ReadingWriter`, idempotent), then each job
 is settled in one batched transaction on the store thread: done; re-read later (intervals still
 missing and the deadline not reached: the next read covers exactly the gaps); retried with
@@ -67,6 +71,23 @@ class JobOutcome:
     result: MeterReadResult | None = None
     error: BaseException | None = None
     missing: dict[str, list[tuple[datetime, datetime]]] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class RunResult:
+    """What a runner decided for its job: DONE, FAILED, or QUEUED again at `next_attempt_at`;
+    `value` goes to the job's waiters, `error` is the device error (if any) that made it."""
+
+    state: JobState
+    value: object = None
+    error: BaseException | None = None
+    error_text: str | None = None
+    next_attempt_at: datetime | None = None
+
+
+# A runner of one job kind: run(job) -> Deferred[RunResult]; it must not fail its Deferred for a
+# device problem (that is a RunResult), and its own durable writes come before it returns.
+JobRunner = Callable[[Job], Deferred]
 
 
 class FairQueue:
@@ -177,6 +198,9 @@ class Dispatcher:
         # observer.device_read(device, error or None) after each session: the device status,
         # metrics and failure log (engine/device_status.py).
         self._observer = observer
+        # Job kind -> its runner, for every kind but "read" (engine/controls.py registers
+        # "control").
+        self.runners: dict[str, JobRunner] = {}
 
     # -- the face ----------------------------------------------------------------------------
 
@@ -222,6 +246,18 @@ class Dispatcher:
         self._waiters.setdefault(job_id, []).append(waiter)
         return waiter
 
+    def forget(self, job_id: int) -> None:
+        """Nobody waits for job `job_id` any more (it was cancelled before it ran)."""
+        self._waiters.pop(job_id, None)
+
+    @property
+    def pacer(self) -> ConnectionPacer:
+        return self._pacer
+
+    @property
+    def security(self) -> HeadEndSecurity | None:
+        return self._security
+
     def wake(self) -> None:
         """New or due jobs may be in the store: claim and dispatch what the limits allow."""
         if self._stopped:
@@ -240,7 +276,10 @@ class Dispatcher:
             return
         self._claiming = True
         self._wanted_claim = False
-        claimed = self._runner.call(self.jobs.claim, self.engine_id, room, self._now())
+        # Only the kinds this process can run: a dispatcher without a control service (a
+        # `collect` process) must leave controls to one that has it.
+        claimed = self._runner.call(self.jobs.claim, self.engine_id, room, self._now(),
+                                    kinds=("read", *self.runners))
 
         def got(result):
             jobs, next_due = result
@@ -281,6 +320,9 @@ class Dispatcher:
                 if wait is not None:
                     self._wake_at(wait)
                 return
+            if job.kind in self.runners:
+                self._start_run(job)
+                continue
             # Jobs over the same window share the association; a different window would change
             # what the others get (a register asked with a window is read from its history).
             batch = [job] + self._queue.take_device(
@@ -317,6 +359,33 @@ class Dispatcher:
             stored.addBoth(lambda saved: self._read(batch, result, saved))
             return None
         reading.addBoth(ended)
+
+    def _start_run(self, job: Job) -> None:
+        device, route = job.device, job.route
+        self.bounds.started(device.mrid, route)
+        self.sessions_started += 1
+        self._in_session += 1
+        try:
+            running = self.runners[job.kind](job)
+        except Exception:  # a runner that raises instead of failing its Deferred
+            running = Deferred()
+            running.errback(Failure())
+
+        def ended(result):
+            self.bounds.ended(device.mrid, route)
+            if isinstance(result, Failure):
+                log.error("%s job %d for %s failed: %s", job.kind, job.id, device.mrid,
+                          redaction.log_line(result))
+                result = RunResult(JobState.FAILED, error=result.value,
+                                   error_text=f"internal error: {redaction.summary(result.value)}")
+            if self._observer is not None:
+                error = result.error if isinstance(result.error, DeviceError) else None
+                self._observer.device_read(device, error)
+            self._dispatch()
+            self._claim()
+            self._queue_settle([(job, result, None)])
+            return None
+        running.addBoth(ended)
 
     # -- outcomes ----------------------------------------------------------------------------
 
@@ -372,7 +441,12 @@ class Dispatcher:
         completions = []
         outcomes = []
         for job, share, error in batch:
-            if error is not None:
+            if isinstance(share, RunResult):
+                completion = Completion(
+                    job.id, share.state, job.attempts + 1, now, error=share.error_text,
+                    next_attempt_at=share.next_attempt_at)
+                outcomes.append(JobOutcome(job, share.state, share.value, share.error))
+            elif error is not None:
                 completion = self._after_failure(job, error, now)
                 outcomes.append(JobOutcome(job, completion.state, share, error))
             else:

@@ -2,7 +2,7 @@
 
 A `JobRequestRecord` is what the work is for (an on-demand GetMeterReadings, one run of a read
 schedule); a `JobRecord` is one device's part of it: its kind ("read"; controls, event-log
-fetches and deliveries join as their drivers arrive), state, priority, attempts, next-attempt
+fetches and deliveries join as their drivers arrive; "control", engine/controls.py), state, priority, attempts, next-attempt
 time, deadline, the reading types and window it must bring, the intervals still missing and
 the last error. States: queued -> running -> done | failed | cancelled; a retry or a re-read
 puts a job back to queued with a later next-attempt time.
@@ -22,7 +22,7 @@ store's thread (`StoreRunner.call`).
 """
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from enum import Enum, IntEnum
@@ -39,7 +39,7 @@ from sqlalchemy import (
     select,
     update,
 )
-from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
+from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from cimhes.drivers import DeviceAddress
 from cimhes.engine.store import Base, Device, EpochMillis, ReadingRecord, Store
@@ -205,9 +205,14 @@ class JobStore:
 
     def create_request(self, key: str, kind: str, jobs: Sequence[NewJob], *, priority: int,
                        max_attempts: int, now: datetime, deadline: datetime | None = None,
-                       schedule: str | None = None) -> tuple[list[int], bool]:
+                       schedule: str | None = None, not_before: datetime | None = None,
+                       attach: Callable[[Session, list[JobRecord]], None] | None = None,
+                       ) -> tuple[list[int], bool]:
         """Create the request `key` and its jobs, once; returns (job ids, created now). A key
-        that exists already gives its jobs' ids and False (a schedule run created twice)."""
+        that exists already gives its jobs' ids and False (a schedule run created twice).
+        `not_before` makes the jobs due then (a scheduled control), not now; `attach(session,
+        rows)` adds what belongs with the new jobs in the same transaction (a control's
+        command)."""
         with self._session.begin() as session:
             existing = session.scalar(select(JobRequestRecord).where(JobRequestRecord.key == key))
             if existing is not None:
@@ -223,10 +228,12 @@ class JobStore:
                 priority=priority, device_mrid=job.device_mrid, route=job.route,
                 reading_types=list(job.reading_types), window_start=job.start,
                 window_end=job.end, read_start=job.start, read_end=job.end, attempts=0,
-                max_attempts=max_attempts, rereads=0, next_attempt_at=now, deadline=deadline,
-                created_at=now) for job in jobs]
+                max_attempts=max_attempts, rereads=0, next_attempt_at=not_before or now,
+                deadline=deadline, created_at=now) for job in jobs]
             session.add_all(rows)
             session.flush()
+            if attach is not None:
+                attach(session, rows)
             return [row.id for row in rows], True
 
     def requeue_unfinished(self, engine_id: str | None = None) -> int:
@@ -239,11 +246,13 @@ class JobStore:
             return result.rowcount
 
     def claim(self, engine_id: str, limit: int, now: datetime,
-              only: Iterable[int] | None = None) -> tuple[list[Job], datetime | None]:
+              only: Iterable[int] | None = None,
+              kinds: Iterable[str] | None = None) -> tuple[list[Job], datetime | None]:
         """Up to `limit` due queued jobs, now running for `engine_id`, and when the next queued
         job falls due (None: none queued). Order: priority, then round-robin between the
         requests of one priority (each request's first job, then each one's second, ...), so
-        a large request never holds a small one back. `only` restricts the claim to those ids."""
+        a large request never holds a small one back. `only` restricts the claim to those ids,
+        `kinds` to the job kinds the claiming engine can run."""
         with self._session.begin() as session:
             turn = func.row_number().over(partition_by=JobRecord.request_id,
                                           order_by=JobRecord.id).label("turn")
@@ -252,6 +261,8 @@ class JobStore:
                           JobRecord.next_attempt_at <= now))
             if only is not None:
                 due = due.where(JobRecord.id.in_(list(only)))
+            if kinds is not None:
+                due = due.where(JobRecord.kind.in_(list(kinds)))
             due = due.subquery()
             ids = session.scalars(select(due.c.id).order_by(due.c.priority, due.c.turn, due.c.id)
                                   .limit(limit)).all()
@@ -277,8 +288,11 @@ class JobStore:
                         state=JobState.FAILED.value, finished_at=now,
                         last_error="device no longer in the inventory"))
                 jobs = [by_id[i] for i in ids if i in by_id]
-            next_due = session.scalar(select(func.min(JobRecord.next_attempt_at)).where(
-                JobRecord.state == JobState.QUEUED.value))
+            pending = select(func.min(JobRecord.next_attempt_at)).where(
+                JobRecord.state == JobState.QUEUED.value)
+            if kinds is not None:
+                pending = pending.where(JobRecord.kind.in_(list(kinds)))
+            next_due = session.scalar(pending)
             return jobs, next_due
 
     def settle(self, completions: Sequence[Completion], engine_id: str) -> list[int]:

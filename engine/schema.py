@@ -30,6 +30,7 @@ MODEL_MODULES = (
     "cimhes.engine.events",
     "cimhes.engine.jobs",
     "cimhes.engine.device_status",
+    "cimhes.engine.controls",
 )
 
 log = logging.getLogger(__name__)
