@@ -78,7 +78,8 @@ class Server:
                        text=True, check=True, capture_output=True)
         self.log = open(workdir / f"serve-{port}.log", "w+b")
         self.process = subprocess.Popen(
-            [str(CIMHES), "serve", "--inventory", str(inventory), "--port", str(port), *common,
+            [str(CIMHES), "serve", "--push-port", "0",
+             "--inventory", str(inventory), "--port", str(port), *common,
              *extra], stdout=subprocess.PIPE, stderr=self.log)
         readable, _, _ = select.select([self.process.stdout], [], [], 120)
         line = self.process.stdout.readline() if readable else b""

@@ -39,6 +39,7 @@ from cimhes.endpoints.engine_cli import (
 from cimhes.endpoints.amqp_options import add_amqp_options, amqp_settings
 from cimhes.endpoints.facade_options import add_facade_options, facade_settings
 from cimhes.endpoints.limit_options import add_limit_options, limit_settings
+from cimhes.endpoints.push_options import DEMO_PUSH_PORT, add_push_options, listen_for_pushes
 from cimhes.endpoints.session_options import add_session_options, ensure_descriptors, session_settings
 
 DEMO_USER = "demo"
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     _tls_arguments(demo)
     add_facade_options(demo)
     add_amqp_options(demo)
+    add_push_options(demo, DEMO_PUSH_PORT)
     demo.add_argument("--tls-self-signed", action="store_true",
                       help="serve HTTPS with a self-signed pair made beside the database "
                            "(<db>.tls-cert.pem, <db>.tls-key.pem); the ready line names the "
@@ -87,6 +89,7 @@ def main(argv: list[str] | None = None) -> int:
     _tls_arguments(serve)
     add_facade_options(serve)
     add_amqp_options(serve)
+    add_push_options(serve)
 
     add_admin_commands(commands, "var/cimhes.sqlite")
     add_db_commands(commands)
@@ -232,6 +235,7 @@ def _run(reactor, head_end, args, meters: list[str], **extra) -> int:
                                           interface=host)
         else:
             listening = reactor.listenTCP(args.port, head_end.site, interface=host)
+        push = listen_for_pushes(reactor, head_end, args)
     except (CannotListenError, OSError, ValueError):
         head_end.store_runner.stop()  # its thread would keep the process alive
         raise
@@ -243,7 +247,7 @@ def _run(reactor, head_end, args, meters: list[str], **extra) -> int:
     if head_end.amqp is None:
         logging.getLogger("cimhes.queue").info(
             "AMQP is off (no --amqp-url): events are stored and kept in the outbox")
-    ready = {"ready": True, "base_url": base_url, "meters": meters, "amqp": amqp,
+    ready = {"ready": True, "base_url": base_url, "meters": meters, "amqp": amqp, "push": push,
              "services": {"GetMeterReadings": f"{base_url}/cim/GetMeterReadings"},
              "pid": os.getpid(), **extra}
     # Said once the reactor runs, so a caller that signals the process as soon as it reads the

@@ -44,6 +44,8 @@ from cimhes.engine.admission import Admission, RequestLimits
 from cimhes.engine.controls import ControlService, ControlSettings
 from cimhes.engine.dispatch import Dispatcher
 from cimhes.engine.event_queries import EventRequestLimits
+from cimhes.engine.events import EventStore
+from cimhes.engine.push import PushIntake
 from cimhes.engine.limits import EngineSettings
 from cimhes.engine.inventory import Inventory
 from cimhes.engine.reading import MeterReadingService
@@ -137,6 +139,10 @@ class HeadEnd:
                         "logged as %r", interrupted, request_log.INTERRUPTED)
         self.users = UserStore(self.store, secret_box)
         self.store_runner = StoreRunner(reactor, self.store)
+        # Pushes from the inventory's devices (the CLI starts the listener: push_options.py).
+        self.push_intake = PushIntake(
+            self.store_runner, EventStore(self.store),
+            [d.address for d in devices.devices] if isinstance(devices, Inventory) else devices)
         # The one factory of HTTP sessions for outgoing calls (MDM callbacks, zeep publishers).
         self.callback_session = partial(callback_session, settings.callback_ca_bundle)
         self.counters = StoredCounters(self.store_runner, CounterStore(self.store))

@@ -75,7 +75,8 @@ def test_simulate_writes_an_inventory_that_serve_loads(tmp_path):
         db = str(tmp_path / "serve.sqlite")
         _admin("user", "add", "mdm", "--role", "readings-reader", "--password-stdin",
                "--db", db, stdin="mdm-password-1\n")
-        server, served = _start("serve", "--inventory", str(inventory), "--port", "0",
+        server, served = _start("serve", "--push-port", "0",
+                                "--inventory", str(inventory), "--port", "0",
                                 "--db", db)
         try:
             assert served["meters"] == [e["mrid"] for e in entries]
@@ -135,7 +136,8 @@ def test_a_bad_inventory_is_one_clear_line_and_exit_code_2(tmp_path):
                               ('{"devices": []}', "is not an inventory")]:
         if content is not None:
             inventory.write_text(content)
-        done = subprocess.run([str(CIMHES), "serve", "--inventory", str(inventory), "--port", "0",
+        done = subprocess.run([str(CIMHES), "serve", "--push-port", "0",
+                               "--inventory", str(inventory), "--port", "0",
                                "--db", str(tmp_path / "x.sqlite")],
                               capture_output=True, text=True, timeout=30)
         assert done.returncode == 2
@@ -172,7 +174,8 @@ def test_hls_gmac_fleets_write_their_keys_to_the_inventory_and_are_read_with_the
         db = str(tmp_path / "serve.sqlite")
         _admin("user", "add", "mdm", "--role", "readings-reader", "--password-stdin",
                "--db", db, stdin="mdm-password-1\n")
-        server, served = _start("serve", "--inventory", str(inventory), "--port", "0",
+        server, served = _start("serve", "--push-port", "0",
+                                "--inventory", str(inventory), "--port", "0",
                                 "--db", db)
         try:
             reply = _read_registers(served["base_url"], served["meters"], "mdm",
@@ -210,7 +213,8 @@ def test_an_inventory_key_that_is_not_hex_is_refused_without_showing_it(tmp_path
         "mrid": "m-1", "name": "X1", "device_type": "idis-meter", "host": "127.0.1.9",
         "client_address": 1, "security": "hls-gmac", "system_title": "43494d0000000001",
         "encryption_key": secret, "authentication_key": "22" * 16}]}))
-    done = subprocess.run([str(CIMHES), "serve", "--inventory", str(inventory), "--port", "0",
+    done = subprocess.run([str(CIMHES), "serve", "--push-port", "0",
+                           "--inventory", str(inventory), "--port", "0",
                            "--db", str(tmp_path / "x.sqlite")],
                           capture_output=True, text=True, timeout=30)
     assert done.returncode == 2

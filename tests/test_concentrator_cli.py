@@ -33,7 +33,8 @@ def test_simulated_concentrators_are_in_the_inventory_and_served(tmp_path):
         db = str(tmp_path / "serve.sqlite")
         _admin("user", "add", "mdm", "--role", "readings-reader", "--password-stdin",
                "--db", db, stdin="mdm-password-1\n")
-        server, served = _start("serve", "--inventory", str(inventory), "--port", "0",
+        server, served = _start("serve", "--push-port", "0",
+                                "--inventory", str(inventory), "--port", "0",
                                 "--db", db)
         try:
             assert served["meters"] == [m["mrid"] for m in document["meters"]]

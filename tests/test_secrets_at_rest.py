@@ -185,7 +185,7 @@ def test_a_start_on_a_locked_database_is_one_line_without_sql_or_passwords(tmp_p
     locker.execute("BEGIN IMMEDIATE")
     try:
         finished = subprocess.run(
-            [str(CIMHES), "serve", "--inventory", str(inventory), "--port", "0",
+            [str(CIMHES), "serve", "--push-port", "0", "--inventory", str(inventory), "--port", "0",
              "--db", f"sqlite:///{db}?timeout=0.3",
              "--secret-key-file", str(tmp_path / "key")],
             capture_output=True, text=True, timeout=60)

@@ -92,7 +92,8 @@ def test_serve_refuses_to_start_with_more_sessions_than_descriptors(tmp_path):
     inventory = tmp_path / "inventory.json"
     inventory.write_text('{"meters": []}')
     done = subprocess.run(
-        [sys.executable, "-m", "cimhes.endpoints.cli", "serve", "--inventory", str(inventory),
+        [sys.executable, "-m", "cimhes.endpoints.cli", "serve", "--push-port", "0",
+         "--inventory", str(inventory),
          "--port", "0", "--db", str(tmp_path / "x.sqlite"), "--sessions", str(10 ** 9)],
         capture_output=True, text=True, timeout=60)
     assert done.returncode == 2

@@ -1,0 +1,39 @@
+"""The push listener of `cimhes serve` and `cimhes demo`: where meters deliver their DataNotifications.
+
+`--push-port P` on `--push-host` (default: the HTTP `--host`), `--no-push` to run without it.
+`serve` listens on 4059 by default (the IANA port of DLMS/COSEM, where meters' push setups
+point); `demo` on any free port (0), named on its ready line, so demos side by side never clash. `listen_for_pushes` starts
+`PushListenerFactory` (endpoints/push_listener.py) on the head-end's `PushIntake`, whose
+directory is the inventory's devices: pushed alarms become stored EndDeviceEvents (and, through
+the event outbox, AMQP events to the DMS when AMQP is on), pushed readings stored readings.
+What the ready line says of it: `"push": {"host": H, "port": P}`, or `"push": "off"`.
+"""
+from __future__ import annotations
+
+from cimhes.endpoints.push_listener import PushListenerFactory
+
+DEFAULT_PUSH_PORT = 4059  # serve
+DEMO_PUSH_PORT = 0  # demo: any free port
+
+
+def add_push_options(parser, default_port: int = DEFAULT_PUSH_PORT) -> None:
+    parser.add_argument("--push-port", type=int, default=default_port,
+                        help=f"TCP port of the push listener (DataNotifications, TCP wrapper; "
+                             f"default {default_port}; 0: any free port)")
+    parser.add_argument("--push-host", default=None,
+                        help="interface of the push listener (default: --host)")
+    parser.add_argument("--no-push", action="store_true",
+                        help="do not listen for pushes")
+
+
+def listen_for_pushes(reactor, head_end, args):
+    """Start the push listener the options ask for; what the ready line says of it."""
+    if args.no_push:
+        return "off"
+    if not 0 <= args.push_port < 65536:
+        raise ValueError(f"--push-port {args.push_port} is not 0..65535")
+    host = args.push_host or args.host
+    listening = reactor.listenTCP(args.push_port, PushListenerFactory(reactor, head_end.push_intake),
+                                  interface=host)
+    reactor.addSystemEventTrigger("before", "shutdown", listening.stopListening)
+    return {"host": host, "port": listening.getHost().port}
