@@ -17,7 +17,7 @@ import logging
 import uuid
 from collections.abc import Callable
 from dataclasses import replace
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 
 from spyne import AnyXml, ServiceBase, rpc
 from twisted.internet.defer import Deferred, inlineCallbacks
@@ -36,9 +36,10 @@ from cimhes.cim.meter_readings import MESSAGE_COUNT_PROPERTY, MESSAGE_INDEX_PROP
 from cimhes.drivers.limits import SessionLimits
 from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender, async_refusal
 from cimhes.endpoints.auth import SoapGuard
+from cimhes.endpoints.publisher import EVENTS_OPERATION, EVENTS_WSDL, MdmPublisher
 from cimhes.endpoints.meter_readings import caller_of
 from cimhes.endpoints.soap_resource import CimFault, SoapResource, soap_application
-from cimhes.engine import request_log
+from cimhes.engine import publishing, request_log
 from cimhes.engine.admission import Admission, Refused
 from cimhes.engine.event_queries import EventOutcome, EventRequestLimits, EventRequestService
 from cimhes.engine.events import EventReadingService, EventStore
@@ -208,10 +209,18 @@ def get_end_device_events_application(door: GetEndDeviceEventsDoor):
 
 
 def mount(head_end, reactor, settings, cim, security=None) -> GetEndDeviceEventsDoor:
-    """The head-end's GetEndDeviceEvents: an EventStore and log reader on its store, the door
-    (limits ``settings.event_requests``), served at ``cim``/GetEndDeviceEvents for the
-    events-reader role. Sets ``head_end.events`` (the EventStore) and returns the door."""
-    head_end.events = EventStore(head_end.store)
+    """The head-end's events: the EventStore (which writes an outbox row per event subscriber
+    with each new event), the publisher delivering those rows (``settings.event_subscribers``,
+    started with the reactor), the log reader, and the GetEndDeviceEvents door (limits
+    ``settings.event_requests``) at ``cim``/GetEndDeviceEvents for the events-reader role.
+    Sets ``head_end.events`` and ``head_end.event_publisher``; returns the door."""
+    subscribers = dict(settings.event_subscribers)
+    head_end.events = EventStore(head_end.store, list(subscribers))
+    head_end.event_publisher = MdmPublisher(
+        reactor, head_end.store_runner, subscribers, head_end.callback_session,
+        first_retry=timedelta(seconds=settings.publish_first_retry), wsdl_file=EVENTS_WSDL,
+        operation=EVENTS_OPERATION, destination=publishing.event_destination)
+    reactor.callWhenRunning(head_end.event_publisher.start)  # and delivers what a last run left
     reader = EventReadingService(
         reactor, head_end.store_runner, head_end.events, concurrency=settings.read_concurrency,
         limits=(settings.session_limits if settings.device_timeout is None

@@ -13,6 +13,9 @@ def add_facade_options(parser) -> None:
                              "none: AsyncReplyFlag is refused)")
 
 
+    parser.add_argument("--event-subscriber", action="append", default=[], metavar="NAME=URL",
+                        help="an MDM's ReceiveEndDeviceEvents endpoint every new end-device "
+                             "event is published to (repeatable)")
     parser.add_argument("--subscriber", action="append", default=[], metavar="NAME=URL",
                         help="an MDM's ReceiveMeterReadings endpoint every new reading is "
                              "published to (repeatable)")
@@ -23,4 +26,5 @@ def facade_settings(args) -> dict:
 
     return {"public_base_url": args.public_base_url,
             "reply_addresses": tuple(args.reply_address),
-            "subscribers": tuple(parse_subscriber(s) for s in args.subscriber)}
+            "subscribers": tuple(parse_subscriber(s) for s in args.subscriber),
+            "event_subscribers": tuple(parse_subscriber(s) for s in args.event_subscriber)}

@@ -7,11 +7,14 @@ and every reply it gets is validated against the project's XSDs (which follow 61
 line per scenario while it runs, a summary, and writes JUnit XML (``--junit FILE``) for CI.
 Exit status: 0 all passed, 1 a scenario failed, 2 the harness could not run.
 
+GetEndDeviceEvents's scenarios (``events-*``) are in ``endpoints/harness_events.py``.
+
 ``cimhes harness --listen PORT`` plays the head-end toward an MDM under test: it serves
 GetMeterReadings at ``/cim/GetMeterReadings`` (the WSDL at ``?wsdl``), validates each request the
 MDM sends and answers with a schema-valid reply (its values are samples, not a meter's), printing
 a verdict per request; ``--send-created URL`` first posts a CreatedMeterReadings sample to the
-MDM's ReceiveMeterReadings endpoint and checks its answer.
+MDM's ReceiveMeterReadings endpoint and checks its answer, ``--send-created-events URL`` a
+CreatedEndDeviceEvents sample to its ReceiveEndDeviceEvents.
 """
 from __future__ import annotations
 
@@ -272,7 +275,16 @@ SCENARIOS: list[tuple[str, str, Callable[[Target], str]]] = [
 ]
 
 
+def _with_event_scenarios() -> None:
+    # GetEndDeviceEvents's scenarios live in their own module, which builds on this one's helpers.
+    from cimhes.endpoints.harness_events import EVENT_SCENARIOS
+
+    known = {name for name, _, _ in SCENARIOS}
+    SCENARIOS.extend(s for s in EVENT_SCENARIOS if s[0] not in known)
+
+
 def run(target: Target, names: list[str] | None = None, out=sys.stdout) -> list[Outcome]:
+    _with_event_scenarios()
     outcomes = []
     chosen = [s for s in SCENARIOS if not names or s[0] in names]
     for index, (name, description, scenario) in enumerate(chosen, start=1):
@@ -367,11 +379,15 @@ def harness_main(argv: list[str]) -> int:
                         help="a meter the head-end knows (for the reading scenarios)")
     parser.add_argument("--user", help="HTTP Basic user for the head-end")
     parser.add_argument("--password", help="HTTP Basic password (never printed)")
+    _with_event_scenarios()
     parser.add_argument("--scenario", action="append", default=None,
                         help=f"run only these ({', '.join(s[0] for s in SCENARIOS)})")
     parser.add_argument("--junit", help="write JUnit XML here")
     parser.add_argument("--send-created", metavar="URL",
                         help="with --listen: first post a CreatedMeterReadings sample here")
+    parser.add_argument("--send-created-events", metavar="URL",
+                        help="with --listen: first post a CreatedEndDeviceEvents sample to this "
+                             "ReceiveEndDeviceEvents endpoint")
     parser.add_argument("--ca-bundle", help="PEM CAs to verify an HTTPS head-end against")
     args = parser.parse_args(argv)
     session = requests.Session()
@@ -385,6 +401,14 @@ def harness_main(argv: list[str]) -> int:
                       f"{send_created(args.send_created, session)}")
             except (ScenarioFailed, requests.RequestException, CodecError) as exc:
                 print(f"CreatedMeterReadings to {args.send_created}: FAIL {exc}")
+                return 1
+        if args.send_created_events:
+            from cimhes.endpoints.harness_events import send_created_events
+            try:
+                print(f"CreatedEndDeviceEvents to {args.send_created_events}: Result "
+                      f"{send_created_events(args.send_created_events, session)}")
+            except (ScenarioFailed, requests.RequestException, CodecError) as exc:
+                print(f"CreatedEndDeviceEvents to {args.send_created_events}: FAIL {exc}")
                 return 1
         listen(args.listen, args.host)
         return 0

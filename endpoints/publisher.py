@@ -1,5 +1,6 @@
-"""Publishing new readings to the MDMs that subscribed: CreatedMeterReadings through their
-ReceiveMeterReadings service (``xsd/ReceiveMeterReadings.wsdl``), posted with zeep.
+"""Publishing new readings and events to the MDMs that subscribed: CreatedMeterReadings through
+their ReceiveMeterReadings service (``xsd/ReceiveMeterReadings.wsdl``) and CreatedEndDeviceEvents
+through their ReceiveEndDeviceEvents service (``xsd/ReceiveEndDeviceEvents.wsdl``), posted with zeep.
 
 Every message goes through the store's outbox first (``engine/publishing.py``): one row per
 subscriber, delivered by a loop that retries a subscriber that is down with exponential backoff
@@ -30,6 +31,8 @@ log = logging.getLogger(__name__)
 
 RECEIVE_WSDL = "ReceiveMeterReadings.wsdl"
 RECEIVE_OPERATION = "CreatedMeterReadings"
+EVENTS_WSDL = "ReceiveEndDeviceEvents.wsdl"
+EVENTS_OPERATION = "CreatedEndDeviceEvents"
 SOURCE = "cimhes"
 
 
@@ -48,17 +51,22 @@ def _created_document(meter_readings, now: datetime) -> bytes:
 
 
 class MdmPublisher:
-    """Queues CreatedMeterReadings for each subscriber and delivers them."""
+    """Delivers the outbox rows of its subscribers through one Receive service: by default
+    CreatedMeterReadings (ReceiveMeterReadings, rows queued by `publish`); with
+    ``wsdl_file=EVENTS_WSDL, operation=EVENTS_OPERATION, destination=publishing.event_destination``
+    CreatedEndDeviceEvents (ReceiveEndDeviceEvents, rows written with the events themselves)."""
 
     def __init__(self, reactor, store: StoreRunner, subscribers: Mapping[str, str],
                  session_factory: Callable, *, poll_interval: float = 1.0,
                  first_retry: timedelta = publishing.FIRST_RETRY,
-                 now: Callable[[], datetime] | None = None):
+                 now: Callable[[], datetime] | None = None, wsdl_file: str = RECEIVE_WSDL,
+                 operation: str = RECEIVE_OPERATION,
+                 destination: Callable[[str], str] = publishing.destination):
         self._reactor = reactor
         self._store = store
         self._subscribers = dict(subscribers)
-        self._destinations = {publishing.destination(n): n for n in self._subscribers}
-        self._poster = CimPoster(reactor, RECEIVE_WSDL, RECEIVE_OPERATION, session_factory)
+        self._destinations = {destination(n): n for n in self._subscribers}
+        self._poster = CimPoster(reactor, wsdl_file, operation, session_factory)
         self._first_retry = first_retry
         self._now = now or (lambda: datetime.now(timezone.utc))
         self._loop = LoopingCall(self.deliver_due)

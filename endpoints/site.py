@@ -95,6 +95,8 @@ class HeadEndSettings:
     reply_addresses: tuple[str, ...] = ()
     # MDM endpoints (name, ReceiveMeterReadings URL) every new reading is published to.
     subscribers: tuple[tuple[str, str], ...] = ()
+    # MDM endpoints (name, ReceiveEndDeviceEvents URL) every new end-device event is published to.
+    event_subscribers: tuple[tuple[str, str], ...] = ()
     publish_first_retry: float = 2.0  # s before the first retry; doubled each time, <= 10 min
     # The engine's other bounds: per route, per device, retries, re-reads (docs/architecture.md).
     engine: EngineSettings = field(default_factory=EngineSettings)

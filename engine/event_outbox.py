@@ -1,12 +1,18 @@
 """Each new EndDeviceEvent, written to the store's outbox in the transaction that stores it.
 
-`EventStore.save_events` (engine/events.py) calls `write` with the events it actually inserted,
-in its own transaction: an event and its outbox row are committed together or not at all (a
-transactional outbox). Each row (destination ``dms:amqp``) holds one 61968-100 EventMessage
-(EndDeviceEventsMessage:CreatedEndDeviceEvents, Verb created, Noun EndDeviceEvents) with its own
-MessageID (also in the row's ``correlation_id``), and its AMQP routing key in ``kind``
-(``EndDeviceEvents <routing key>``). The AMQP relay (cimhes.queue.events) publishes the rows and
-deletes each only once the broker confirmed it; without a broker they wait in the outbox.
+`EventStore.save_events` (engine/events.py), the one way events are stored (log reads and
+pushes alike), calls `write` with the events it actually inserted, in its own transaction: an
+event and its outbox rows are committed together or not at all (a transactional outbox).
+
+- For the DMS, one row per event (destination ``dms:amqp``): one 61968-100 EventMessage
+  (EndDeviceEventsMessage:CreatedEndDeviceEvents, Verb created, Noun EndDeviceEvents) with its
+  own MessageID (also in the row's ``correlation_id``), and its AMQP routing key in ``kind``
+  (``EndDeviceEvents <routing key>``). The AMQP relay (cimhes.queue.events) publishes the rows
+  and deletes each only once the broker confirmed it; without a broker they wait in the outbox.
+- For each MDM event subscriber (``--event-subscriber NAME=URL``), one row per batch of at most
+  ``EVENTS_PER_MESSAGE`` events (destination ``mdm-events:NAME``, kind CreatedEndDeviceEvents):
+  the same EventMessage holding the batch, posted with zeep through ReceiveEndDeviceEvents by
+  endpoints/publisher.py (retries with backoff, pending across restarts: engine/publishing.py).
 
 Routing keys, ``<category>.<severity>.<EndDeviceEventType code>``, let a DMS bind by domain and
 severity (docs/amqp.md): e.g. ``outage.critical.3.26.38.85`` (power down),
@@ -24,9 +30,12 @@ from lxml import etree
 from cimhes.cim.codec.end_device_events import encode_created_end_device_events
 from cimhes.cim.end_device_events import EndDeviceEvent
 from cimhes.cim.message import Header, Verb
+from cimhes.engine import publishing
 from cimhes.engine.store import OutboxMessage
 
 DESTINATION = "dms:amqp"
+# Events in one CreatedEndDeviceEvents to an MDM subscriber (a log read of many meters is split).
+EVENTS_PER_MESSAGE = 1000
 KIND_PREFIX = "EndDeviceEvents "
 SOURCE = "cimhes"
 
@@ -55,19 +64,35 @@ def routing_key(event: EndDeviceEvent) -> str:
     return f"{category}.{severity}.{event.event_type}"
 
 
-def event_message(event: EndDeviceEvent, message_id: str, now: datetime) -> bytes:
+def event_message(events: Sequence[EndDeviceEvent], message_id: str, now: datetime) -> bytes:
+    """The CreatedEndDeviceEvents EventMessage reporting ``events``."""
     header = Header(verb=Verb.CREATED, noun="EndDeviceEvents", timestamp=now, source=SOURCE,
                     message_id=message_id)
-    return etree.tostring(encode_created_end_device_events(header, [event]),
+    return etree.tostring(encode_created_end_device_events(header, list(events)),
                           xml_declaration=True, encoding="UTF-8")
 
 
-def write(session, events: Sequence[EndDeviceEvent], now: datetime) -> int:
-    """Add one outbox row per event to ``session`` (the caller's transaction)."""
+def write(session, events: Sequence[EndDeviceEvent], now: datetime,
+          subscribers: Sequence[str] = ()) -> int:
+    """Add the outbox rows reporting ``events`` to ``session`` (the caller's transaction): one
+    per event for the DMS, one per batch and subscriber for the MDMs; how many rows."""
+    rows = 0
     for event in events:
         message_id = str(uuid.uuid4())
         session.add(OutboxMessage(
             destination=DESTINATION, kind=(KIND_PREFIX + routing_key(event))[:64],
-            correlation_id=message_id, payload=event_message(event, message_id, now).decode(),
+            correlation_id=message_id, payload=event_message([event], message_id, now).decode(),
             created_at=now, attempts=0, next_attempt_at=now))
-    return len(events)
+        rows += 1
+    if not subscribers:
+        return rows
+    for first in range(0, len(events), EVENTS_PER_MESSAGE):
+        message_id = str(uuid.uuid4())
+        payload = event_message(events[first:first + EVENTS_PER_MESSAGE], message_id, now).decode()
+        for name in subscribers:
+            session.add(OutboxMessage(
+                destination=publishing.event_destination(name),
+                kind=publishing.KIND_CREATED_END_DEVICE_EVENTS, correlation_id=message_id,
+                payload=payload, created_at=now, attempts=0, next_attempt_at=now))
+            rows += 1
+    return rows

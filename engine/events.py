@@ -64,9 +64,13 @@ class UnrecognisedPush:
 
 
 class EventStore:
-    """Blocking unit-of-work methods for events, over the head-end's store."""
+    """Blocking unit-of-work methods for events, over the head-end's store. `save_events` is
+    the one way events are stored, whether read from a log or pushed."""
 
-    def __init__(self, store: Store):
+    def __init__(self, store: Store, subscribers: Sequence[str] = ()):
+        """``subscribers``: names of the MDMs every new event is published to (each gets an
+        outbox row in the event's transaction, engine/event_outbox.py)."""
+        self._subscribers = tuple(subscribers)
         self._engine = store.engine
         self._session = sessionmaker(store.engine, expire_on_commit=False)
         insert = postgresql_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
@@ -105,12 +109,14 @@ class EventStore:
             rows = self._without_stored_codeless(session, rows)
             if not rows:
                 return 0
-            # Each inserted event also gets its outbox row, in this transaction (the AMQP relay
-            # publishes it to the DMS: engine/event_outbox.py).
+            # Each inserted event also gets its outbox rows, in this transaction (the AMQP relay
+            # publishes them to the DMS, the MDM publisher to each subscriber:
+            # engine/event_outbox.py).
             inserted = session.connection().execute(self._insert_returning, rows).all()
             by_key = {(d, g, _millis(c), k): e for (d, g, c, k), e in seen.items()}
             event_outbox.write(session, [by_key[(d, g, _millis(c), k)]
-                                         for d, g, c, k in inserted], recorded_at)
+                                         for d, g, c, k in inserted], recorded_at,
+                               self._subscribers)
             return len(inserted)
 
     def _without_stored_codeless(self, session, rows: list[dict]) -> list[dict]:

@@ -1,4 +1,4 @@
-"""Readings published to subscribers (MDMs) through the store's transactional outbox.
+"""Readings and events published to subscribers (MDMs) through the store's transactional outbox.
 
 :func:`enqueue` writes one outbox row per subscriber for a message (the encoded CIM event), in one
 transaction; :func:`due` lists the rows whose next attempt has come; :func:`delivered` and
@@ -17,6 +17,7 @@ from sqlalchemy import select, update
 from cimhes.engine.store import OutboxMessage, Store
 
 KIND_CREATED_METER_READINGS = "CreatedMeterReadings"
+KIND_CREATED_END_DEVICE_EVENTS = "CreatedEndDeviceEvents"
 FIRST_RETRY = timedelta(seconds=2)
 MAX_RETRY = timedelta(minutes=10)
 
@@ -24,6 +25,11 @@ MAX_RETRY = timedelta(minutes=10)
 def destination(subscriber: str) -> str:
     """The outbox destination of a subscriber named ``subscriber``."""
     return f"mdm:{subscriber}"[:32]
+
+
+def event_destination(subscriber: str) -> str:
+    """The outbox destination of an event subscriber (ReceiveEndDeviceEvents) ``subscriber``."""
+    return f"mdm-events:{subscriber}"[:32]
 
 
 @dataclass(frozen=True)

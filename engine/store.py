@@ -258,19 +258,6 @@ class OutboxMessage(Base):
 
 
 @dataclass(frozen=True)
-class DeviceEvent:
-    """An end-device event to store: which device (mRID), when, its CIM EndDeviceEventType,
-    the event log it came from, the device's own DLMS code and the EndDeviceEventDetails."""
-
-    device: str
-    created_at: datetime
-    event_type: str
-    log: str
-    dlms_code: int | None = None
-    details: Mapping[str, str] | None = None
-
-
-@dataclass(frozen=True)
 class OutboxEntry:
     """A message to publish: to which destination ("mdm", "dms", ...), what kind, the payload."""
 
@@ -331,7 +318,6 @@ class Store:
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._upsert_readings = _upsert_readings(self.engine.dialect.name)
         self._upsert_readings_positional = _positional_sql(self._upsert_readings, self.engine)
-        self._insert_events = _insert_new_events(self.engine.dialect.name)
 
     def load_inventory(self, inventory: Inventory | Iterable[DeviceAddress]) -> int:
         """Insert or update the inventory's devices (by mRID), routes and groups (by name) and
@@ -537,36 +523,6 @@ class Store:
                 for r in session.scalars(select(RequestRecord).order_by(RequestRecord.id))
             ]
 
-    def save_events(self, events: Sequence[DeviceEvent], read_at: datetime,
-                    outbox_for: Callable[[list[DeviceEvent]], Iterable[OutboxEntry]] | None = None,
-                    ) -> list[DeviceEvent]:
-        """Store the events not stored yet (an event fetched again is kept once) and return
-        those; `outbox_for(new_events)` gives the messages that report them, written in the same
-        transaction (a crash stores both or neither), due at `read_at`. A device not in the inventory is a
-        ValueError naming it, and nothing is stored."""
-        with self._session.begin() as session:
-            ids = dict(session.execute(select(Device.mrid, Device.id).where(
-                Device.mrid.in_({e.device for e in events}))).all())
-            rows, by_key = [], {}
-            for event_ in events:
-                if event_.device not in ids:
-                    raise ValueError(f"events of device {event_.device}, which is not in the "
-                                     "inventory; none of this batch is stored")
-                row = {"device_id": ids[event_.device], "created_at": event_.created_at,
-                       "event_type": event_.event_type, "dlms_code": event_.dlms_code,
-                       "log": event_.log, "details": dict(event_.details or {}) or None,
-                       "read_at": read_at}
-                rows.append(row)
-                by_key[_event_key(row["device_id"], row["log"], event_.created_at,
-                                  event_.dlms_code)] = event_
-            new: list[DeviceEvent] = []
-            if rows:
-                inserted = session.execute(self._insert_events, rows)
-                new = [by_key[_event_key(*key)] for key in inserted]
-            messages = list(outbox_for(new)) if outbox_for and new else []
-            self._add_to_outbox(session, messages, read_at)
-        return new
-
     def add_to_outbox(self, entries: Iterable[OutboxEntry], now: datetime) -> None:
         """Queue messages to publish, due at once."""
         with self._session.begin() as session:
@@ -690,21 +646,6 @@ def _upsert_readings(dialect: str):
         set_={"value": statement.excluded.value, "read_at": statement.excluded.read_at,
               "source": statement.excluded.source},
         where=table.c.value != statement.excluded.value)
-
-
-def _insert_new_events(dialect: str):
-    """INSERT .. ON CONFLICT DO NOTHING RETURNING the key of each row inserted: which of the
-    events given were new."""
-    insert = {"sqlite": sqlite_insert, "postgresql": postgresql_insert}[dialect]
-    table = EndDeviceEventRecord.__table__
-    return insert(table).on_conflict_do_nothing(
-        index_elements=[table.c.device_id, table.c.log, table.c.created_at, table.c.dlms_code],
-    ).returning(table.c.device_id, table.c.log, table.c.created_at, table.c.dlms_code)
-
-
-def _event_key(device_id: int, log: str, created_at: datetime, dlms_code: int | None) -> tuple:
-    # As stored: times to the millisecond.
-    return device_id, log, (created_at - _UNIX_EPOCH) // _MILLISECOND, dlms_code
 
 
 def _sqlite_pragmas(dbapi_connection, _record) -> None:

@@ -7,14 +7,18 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
+from lxml import etree
 from sqlalchemy import select, update
 
 from cimhes.cim.meter_readings import DeviceRef, IntervalBlock, IntervalReading, MeterReading, Reading
 from cimhes.drivers import DeviceAddress
+from cimhes.cim.end_device_events import EndDeviceEvent
+from cimhes.engine import event_outbox
+from cimhes.engine.events import EventStore
 from cimhes.engine.store import (
-    DeviceEvent,
     EndDeviceEventRecord,
     OutboxEntry,
+    OutboxMessage,
     ReadingCorrection,
     ReadingRecord,
     Store,
@@ -118,47 +122,56 @@ def test_readings_of_a_device_not_in_the_inventory_are_refused_and_nothing_is_st
 
 
 EVENT_LOG = "0.0.99.98.0.255"  # the IDIS standard event log
-POWER_DOWN = "3.26.38.185"  # EndDeviceEventType: power down
-POWER_UP = "3.26.38.216"
+POWER_DOWN = "3.26.38.85"  # EndDeviceEventType: power down
+POWER_UP = "3.26.38.49"
 
 
-def _events(*minutes: int) -> list[DeviceEvent]:
-    return [DeviceEvent(METERS[0].mrid, END + timedelta(minutes=m, milliseconds=250),
-                        POWER_DOWN if m % 2 else POWER_UP, EVENT_LOG, dlms_code=m,
-                        details={"minute": str(m)}) for m in minutes]
+def _events(*minutes: int) -> list[EndDeviceEvent]:
+    return [EndDeviceEvent(METERS[0].mrid, END + timedelta(minutes=m, milliseconds=250),
+                           POWER_DOWN if m % 2 else POWER_UP, f"{EVENT_LOG}:{m}", "",
+                           details=(("minute", str(m)),)) for m in minutes]
 
 
-def _report(new: list[DeviceEvent]) -> list[OutboxEntry]:
-    return [OutboxEntry("dms", "EndDeviceEvents.created",
-                        ",".join(str(e.dlms_code) for e in new), correlation_id="c-1")]
+def _outbox(store: Store) -> list[tuple[str, str]]:
+    with store.engine.connect() as connection:
+        return [tuple(r) for r in connection.execute(
+            select(OutboxMessage.destination, OutboxMessage.payload).order_by(OutboxMessage.id))]
 
 
 def test_events_fetched_again_are_stored_once_and_reported_once(store):
-    first = store.save_events(_events(1, 2, 3), END, outbox_for=_report)
-    assert first == _events(1, 2, 3)
-    again = store.save_events(_events(2, 3, 4), END + timedelta(hours=1), outbox_for=_report)
-    assert again == _events(4)
-    assert store.save_events(_events(1, 4), END + timedelta(hours=2), outbox_for=_report) == []
+    events = EventStore(store, subscribers=["mdm-1"])
+    assert events.save_events(_events(1, 2, 3), "log", END) == 3
+    assert events.save_events(_events(2, 3, 4), "push", END + timedelta(hours=1)) == 1
+    assert events.save_events(_events(1, 4), "log", END + timedelta(hours=2)) == 0
 
-    pending = store.pending_outbox("dms", END + timedelta(days=1))
-    assert [p.entry.payload for p in pending] == ["1,2,3", "4"]
-    assert store.pending_outbox("mdm", END + timedelta(days=1)) == []
+    rows = _outbox(store)
+    # One row per new event for the DMS, one per batch for the subscriber.
+    assert [d for d, _ in rows] == ["dms:amqp"] * 3 + ["mdm-events:mdm-1"] + ["dms:amqp",
+                                                                             "mdm-events:mdm-1"]
+    batch = etree.fromstring(rows[3][1].encode())
+    assert len(batch.findall(".//{*}EndDeviceEvent")) == 3
     with store.engine.connect() as connection:
         stored = connection.execute(select(EndDeviceEventRecord.dlms_code,
                                            EndDeviceEventRecord.details)
                                     .order_by(EndDeviceEventRecord.created_at)).all()
-    assert stored == [(m, {"minute": str(m)}) for m in (1, 2, 3, 4)]
+    assert [(code, details["minute"], details["receivedBy"]) for code, details in stored] == [
+        (1, "1", "log"), (2, "2", "log"), (3, "3", "log"), (4, "4", "push")]
 
 
-def test_events_and_the_message_reporting_them_are_stored_together_or_not_at_all(store):
-    def broken(new):
+def test_events_and_the_messages_reporting_them_are_stored_together_or_not_at_all(store,
+                                                                                 monkeypatch):
+    events = EventStore(store, subscribers=["mdm-1"])
+
+    def broken(*args):
         raise RuntimeError("payload could not be built")
 
+    monkeypatch.setattr(event_outbox, "event_message", broken)
     with pytest.raises(RuntimeError):
-        store.save_events(_events(1, 2), END, outbox_for=broken)
+        events.save_events(_events(1, 2), "log", END)
+    monkeypatch.undo()
     # Nothing was kept: the same events are new again, and reported.
-    assert store.save_events(_events(1, 2), END, outbox_for=_report) == _events(1, 2)
-    assert len(store.pending_outbox("dms", END + timedelta(days=1))) == 1
+    assert events.save_events(_events(1, 2), "log", END) == 2
+    assert len(_outbox(store)) == 3
 
 
 def test_an_outbox_message_stays_pending_through_failures_until_published(store):
