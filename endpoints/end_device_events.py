@@ -42,7 +42,7 @@ from cimhes.endpoints.soap_resource import CimFault, SoapResource, soap_applicat
 from cimhes.engine import publishing, request_log
 from cimhes.engine.admission import Admission, Refused
 from cimhes.engine.event_queries import EventOutcome, EventRequestLimits, EventRequestService
-from cimhes.engine.events import EventReadingService, EventStore
+from cimhes.engine.events import EventReadingService
 from cimhes.engine.users import Role
 
 WSDL_NAME = "GetEndDeviceEvents"
@@ -209,13 +209,12 @@ def get_end_device_events_application(door: GetEndDeviceEventsDoor):
 
 
 def mount(head_end, reactor, settings, cim, security=None) -> GetEndDeviceEventsDoor:
-    """The head-end's events: the EventStore (which writes an outbox row per event subscriber
-    with each new event), the publisher delivering those rows (``settings.event_subscribers``,
-    started with the reactor), the log reader, and the GetEndDeviceEvents door (limits
-    ``settings.event_requests``) at ``cim``/GetEndDeviceEvents for the events-reader role.
-    Sets ``head_end.events`` and ``head_end.event_publisher``; returns the door."""
+    """The head-end's events on its EventStore (``head_end.events``, which writes an outbox row
+    per event subscriber with each new event): the publisher delivering those rows
+    (``settings.event_subscribers``, started with the reactor), the log reader, and the
+    GetEndDeviceEvents door (limits ``settings.event_requests``) at ``cim``/GetEndDeviceEvents
+    for the events-reader role. Sets ``head_end.event_publisher``; returns the door."""
     subscribers = dict(settings.event_subscribers)
-    head_end.events = EventStore(head_end.store, list(subscribers))
     head_end.event_publisher = MdmPublisher(
         reactor, head_end.store_runner, subscribers, head_end.callback_session,
         first_retry=timedelta(seconds=settings.publish_first_retry), wsdl_file=EVENTS_WSDL,

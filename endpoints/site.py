@@ -142,8 +142,11 @@ class HeadEnd:
         self.users = UserStore(self.store, secret_box)
         self.store_runner = StoreRunner(reactor, self.store)
         # Pushes from the inventory's devices (the CLI starts the listener: push_options.py).
+        # The one EventStore: pushes, log reads and GetEndDeviceEvents share it; it writes the
+        # outbox rows for the DMS and for each event subscriber (engine/event_outbox.py).
+        self.events = EventStore(self.store, [name for name, _ in settings.event_subscribers])
         self.push_intake = PushIntake(
-            self.store_runner, EventStore(self.store),
+            self.store_runner, self.events,
             [d.address for d in devices.devices] if isinstance(devices, Inventory) else devices)
         # The one factory of HTTP sessions for outgoing calls (MDM callbacks, zeep publishers).
         self.callback_session = partial(callback_session, settings.callback_ca_bundle)
