@@ -74,6 +74,7 @@ from cimhes.drivers.concentrator import Gateway, GatewayError
 from cimhes.drivers.errors import (
     AssociationRefused,
     AuthenticationFailed,
+    CounterRejected,
     DeviceError,
     HeadEndExhausted,
     ProtocolError,
@@ -594,9 +595,10 @@ class ClientSession:
                 self.device_mrid, "authentication failed: the meter could not decipher the "
                 "request (exception-response deciphering-error); it holds other keys")
         if tag == EXCEPTION_RESPONSE and self._channel is not None and apdu[1:3] == b"\x01\x06":
-            return self._fail_request(
-                "the meter refused the head-end's invocation counter as already used "
-                "(exception-response invocation-counter-error)")
+            self._fail_request("")
+            return CounterRejected(
+                self.device_mrid, "the meter refused the head-end's invocation counter as "
+                "already used (exception-response invocation-counter-error)")
         if tag == CONFIRMED_SERVICE_ERROR or tag == EXCEPTION_RESPONSE:
             return self._fail_request(f"meter answered with {_apdu_name(tag)} {self._raw(apdu)}")
         if self._state is State.ASSOCIATING:

@@ -56,6 +56,13 @@ class ProtocolError(DeviceError):
     """The device sent something that is not a valid answer to what was asked."""
 
 
+class CounterRejected(ProtocolError):
+    """The meter refused the head-end's invocation counter as already used (exception-response
+    invocation-counter-error): the head-end's counter book is behind the meter's (a store
+    restored from a backup, another client with the same key). Resynchronised from the meter's
+    own counter (`cimhes.drivers.security.resynchronise`)."""
+
+
 class AnswerTooLarge(ProtocolError):
     """One answer grew past the configured cap on bytes or blocks (a meter streaming blocks
     forever, or a request asking far more than a meter should hold)."""

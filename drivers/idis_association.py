@@ -24,9 +24,14 @@ from cimhes.drivers.dlms_session import (
     DataAccessError,
     cosem_datetime,
 )
-from cimhes.drivers.errors import DeviceError, ProtocolError
+from cimhes.drivers.errors import CounterRejected, DeviceError, ProtocolError
 from cimhes.drivers.limits import ConnectionPacer, SessionLimits
-from cimhes.drivers.security import HeadEndSecurity, session_ended, session_security
+from cimhes.drivers.security import (
+    HeadEndSecurity,
+    resynchronise,
+    session_ended,
+    session_security,
+)
 from cimhes.drivers.transport import DlmsConnection, connect
 
 log = Logger()
@@ -106,30 +111,44 @@ async def in_association(reactor: Any, device: DeviceAddress, limits: SessionLim
                          security: HeadEndSecurity | None = None) -> T:
     """Connect, associate (HLS-GMAC when the device's security says so: `security` is the
     head-end's system title and counter book), run `work`, release politely, close: the one
-    way every operation on an IDIS meter talks to it."""
+    way every operation on an IDIS meter talks to it.
+
+    A meter that refuses the head-end's invocation counter as already used has a counter ahead
+    of the book: it is read as the public client and the book moved past it
+    (`resynchronise`); refused at the AARQ (nothing done yet), the association is tried once
+    more, refused later the error stands (the book is right for the next session)."""
     hls = await session_security(reactor, device, limits, pacer, security)
-    session = ClientSession(device.mrid, device.client_address, device.server_address,
-                            device.security, device.password, hls, gateway_of(device))
-    connection = await connect(reactor, device, session, limits, pacer)
-    failure = None
-    try:
-        if isinstance(await connection.request(session.associate(), "AARQ"),
-                      AuthenticationRequired):
-            await connection.request(session.authenticate(),
-                                     "reply_to_HLS_authentication (HLS-GMAC pass 3)")
-        result = await work(Conversation(connection, session))
+    resynchronised = False
+    while True:
+        session = ClientSession(device.mrid, device.client_address, device.server_address,
+                                device.security, device.password, hls, gateway_of(device))
+        connection = await connect(reactor, device, session, limits, pacer)
+        failure = None
+        associating = True
         try:
-            await connection.request(session.release(), "RLRQ")
+            if isinstance(await connection.request(session.associate(), "AARQ"),
+                          AuthenticationRequired):
+                await connection.request(session.authenticate(),
+                                         "reply_to_HLS_authentication (HLS-GMAC pass 3)")
+            associating = False
+            result = await work(Conversation(connection, session))
+            try:
+                await connection.request(session.release(), "RLRQ")
+            except DeviceError as error:
+                # Every answer is in; a meter that fumbles the release does not spoil them.
+                log.info("release of {mrid} failed: {failure}", mrid=device.mrid, failure=error)
+            return result
         except DeviceError as error:
-            # Every answer is in; a meter that fumbles the release does not spoil them.
-            log.info("release of {mrid} failed: {failure}", mrid=device.mrid, failure=error)
-        return result
-    except DeviceError as error:
-        failure = error
-        raise
-    finally:
-        connection.close()
-        await session_ended(device, session, hls, security, failure)
+            failure = error
+            if not isinstance(error, CounterRejected) or hls is None or resynchronised:
+                raise
+        finally:
+            connection.close()
+            await session_ended(device, session, hls, security, failure)
+        hls = await resynchronise(reactor, device, limits, pacer, security, failure)
+        resynchronised = True
+        if not associating:
+            raise failure
 
 
 def located(operation: Deferred, device: DeviceAddress) -> Deferred:

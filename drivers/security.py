@@ -9,7 +9,9 @@ counter seen from each meter, so a reply replayed from an earlier session is ref
 (`cimhes.drivers.errors.ReplayDetected`), and records security events.
 
 `cimhes.engine.security.StoredCounters` implements `CounterBook` on the store. A driver calls
-`session_security` before a session and `session_ended` after it.
+`session_security` before a session and `session_ended` after it; when the meter refuses the
+head-end's counter as already used (the book is behind the meter), `resynchronise` reads the
+meter's counter as the public client and moves the book past it.
 """
 
 from __future__ import annotations
@@ -24,7 +26,13 @@ from cimhes.drivers.address import DeviceAddress
 from cimhes.drivers.ciphering import HlsGmac, check_system_title
 from cimhes.drivers.concentrator import gateway_of
 from cimhes.drivers.dlms_session import ClientSession, DataAccessError
-from cimhes.drivers.errors import AuthenticationFailed, DeviceError, ProtocolError, ReplayDetected
+from cimhes.drivers.errors import (
+    AuthenticationFailed,
+    CounterRejected,
+    DeviceError,
+    ProtocolError,
+    ReplayDetected,
+)
 from cimhes.drivers.limits import ConnectionPacer, SessionLimits
 from cimhes.drivers.transport import connect
 
@@ -94,6 +102,28 @@ async def session_security(reactor: Any, device: DeviceAddress, limits: SessionL
         counter = await read_invocation_counter(reactor, device, limits, pacer)
         reservation = await security.counters.start(device.mrid, counter + 1,
                                                     COUNTERS_PER_SESSION)
+    return _hls_gmac(device, security, reservation)
+
+
+async def resynchronise(reactor: Any, device: DeviceAddress, limits: SessionLimits,
+                        pacer: ConnectionPacer | None, security: HeadEndSecurity,
+                        cause: CounterRejected) -> HlsGmac:
+    """After the meter refused the head-end's counter as already used: read the meter's own
+    counter as the public client, move the book past it, and give the settings of a session
+    that starts there (recorded as a "counter-resync" security event: a book behind its
+    meter means a store restored from a backup, or another client using the head-end's key)."""
+    counter = await read_invocation_counter(reactor, device, limits, pacer)
+    reservation = await security.counters.start(device.mrid, counter + 1, COUNTERS_PER_SESSION)
+    await security.counters.security_event(
+        device.mrid, "counter-resync", f"{cause.reason}; the meter's invocation counter is "
+        f"{counter}, the head-end continues from {reservation.first}")
+    log.warn("{mrid}: invocation counter resynchronised from the meter's ({counter})",
+             mrid=device.mrid, counter=counter)
+    return _hls_gmac(device, security, reservation)
+
+
+def _hls_gmac(device: DeviceAddress, security: HeadEndSecurity,
+              reservation: CounterReservation) -> HlsGmac:
     return HlsGmac(device.security_keys(), security.client_system_title,
                    bytes.fromhex(device.system_title), reservation.first, reservation.limit,
                    reservation.last_server_counter)

@@ -27,6 +27,7 @@ from cimhes.drivers.errors import (
     AssociationRefused,
     AuthenticationFailed,
     ConnectionFailed,
+    CounterRejected,
     DeviceError,
     HeadEndExhausted,
     HistoryShortfall,
@@ -53,6 +54,7 @@ DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCase] = {
     AssociationRefused: ErrorCode.DEVICE_REFUSED,
     AuthenticationFailed: ErrorCode.DEVICE_REFUSED,  # HLS-GMAC: keys or system titles differ
     ReplayDetected: ErrorCode.DEVICE_PROTOCOL_ERROR,  # refused, and recorded as security event
+    CounterRejected: ErrorCode.DEVICE_PROTOCOL_ERROR,  # still refused after one resync
     ProtocolError: ErrorCode.DEVICE_PROTOCOL_ERROR,
     UnsupportedReadingType: ErrorCode.UNSUPPORTED_READING_TYPE,
     ObjectUnavailable: ErrorCode.DATA_UNAVAILABLE,

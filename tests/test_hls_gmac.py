@@ -22,7 +22,7 @@ from cimhes.drivers.dlms_session import (
     Released,
     State,
 )
-from cimhes.drivers.errors import AuthenticationFailed, ReplayDetected
+from cimhes.drivers.errors import AuthenticationFailed, CounterRejected, ReplayDetected
 from cimhes.fixtures import meter_model
 from cimhes.fixtures.meter_cipher import MeterSecurity
 from cimhes.fixtures.meter_session import MeterSession, SecurityViolation
@@ -165,7 +165,10 @@ def test_the_meter_refuses_a_client_counter_it_has_already_accepted():
     Exchange(security, hls(first=1, limit=50)).associate()
     reused = Exchange(security, hls(first=1, limit=50))  # a head-end that forgot its counters
     event = reused.send(reused.client.associate())
-    assert isinstance(event, AuthenticationFailed)
+    # Not wrong keys: the ExceptionResponse invocation-counter-error, which the head-end
+    # answers by resynchronising (tests/test_security_sessions.py).
+    assert isinstance(event, CounterRejected) and "invocation-counter-error" in str(event)
+    assert reused.client.state is State.IDLE
     violation = reused.meter.next_event()
     assert isinstance(violation, SecurityViolation) and "not above" in violation.reason
 

@@ -123,6 +123,34 @@ def test_hls_meters_are_read_and_their_counters_kept_across_a_restart(tmp_path, 
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_book_behind_the_meter_is_resynchronised_from_its_counter_and_the_read_goes_on(
+        tmp_path, fleet):
+    device = _devices(fleet)[0]
+    meter = fleet.securities[FIRST_METER]
+    engine = Engine(tmp_path / "hes.sqlite")
+    engine.store.load_inventory([device])
+    # The book says counters from 100 are free (a store restored from an old backup), but the
+    # meter has accepted up to 7000 from this head-end's key since.
+    yield StoredCounters(engine.runner, engine.counters).start(device.mrid, 100, 1)
+    meter.last_client_counter = 7000
+    outcome = yield engine.read([device])
+    assert outcome.result is ReplyResult.OK, outcome.errors
+    assert outcome.meter_readings[0].readings[0].value == Decimal(
+        meter_model.register_raw(device.name, meter_model.IMPORT_TOTAL, NOW)) / 1000
+    # Refused once (invocation-counter-error), read as the public client, moved past 7000.
+    next_client, _ = engine.counters.counters(device.mrid)
+    assert 7001 < meter.last_client_counter < next_client == 7001 + COUNTERS_PER_SESSION
+    [event] = engine.counters.security_events(device.mrid)
+    assert event.kind == "counter-resync"
+    assert "invocation-counter-error" in event.detail and "7000" in event.detail
+    # The next read needs no resync.
+    outcome = yield engine.read([device])
+    assert outcome.result is ReplyResult.OK, outcome.errors
+    assert len(engine.counters.security_events(device.mrid)) == 1
+    engine.close()
+
+
+@pytest_twisted.inlineCallbacks
 def test_concurrent_reads_of_one_meter_never_share_a_counter(tmp_path, fleet):
     device = _devices(fleet)[0]
     engine = Engine(tmp_path / "hes.sqlite")
