@@ -46,6 +46,7 @@ from read_fleet import (  # noqa: E402  (the sibling benchmark's fleet and windo
 
 ISSUE_FAULTS = ["silent", "garbage", "drop-mid-block", "replay", "bad-tag", "refuse-association"]
 EXCHANGES = 17  # AARQ, clock, 4 x (value, scaler_unit), capture objects, buffer + 2 blocks, RLRQ
+# (a first read; with the configuration remembered, 12)
 
 
 def rss_kb() -> int:
@@ -153,10 +154,29 @@ def failures(outcome) -> str:
     return ", ".join(f"{code}: {count}" for code, count in sorted(codes.items())) or "none"
 
 
+# What a timeout (5.1) was waiting for, by the words of its reason.
+TIMEOUT_KINDS = (("session deadline", "session deadline passed"),
+                 ("no TCP connection", "connect timeout"),
+                 ("no answer to AARQ", "no answer to the AARQ"),
+                 ("no answer to", "no answer to a later request"))
+
+
+def timeouts(outcome) -> str:
+    kinds = collections.Counter()
+    for error in outcome.errors:
+        if str(getattr(error.code, "value", error.code)) != "5.1":
+            continue
+        kinds[next((kind for words, kind in TIMEOUT_KINDS if words in error.reason),
+                   "other")] += 1
+    return ", ".join(f"{kind}: {count}" for kind, count in kinds.most_common())
+
+
 def report(name, meters, outcome, probe, wall, cpu, fds_before, rss_before, fds_after):
     print(f"{name}: {meters} meters in {wall:.1f} s ({meters / wall:.0f} reads/s), "
           f"process CPU {cpu:.1f} s ({1000 * cpu / meters:.2f} ms/read); "
           f"{len(outcome.meter_readings)} read, errors by code: {failures(outcome)}")
+    if timeouts(outcome):
+        print(f"  timeouts by what they waited for: {timeouts(outcome)}")
     print(f"  {probe.summary()}")
     print(f"  RSS {rss_before // 1024} MB before, peak {probe.rss // 1024} MB "
           f"({(probe.rss - rss_before) / meters:.0f} kB per session); file descriptors "

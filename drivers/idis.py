@@ -37,6 +37,7 @@ from cimhes.drivers.idis_catalogue import (
     READING_TYPE_MAP,
     CosemSource,
     Derivation,
+    Period,
 )
 from cimhes.drivers.limits import ConnectionPacer, SessionLimits
 from cimhes.drivers.meter_configuration import CONFIGURATIONS, ConfigurationCache
@@ -300,9 +301,15 @@ def _meter_read_result(device: DeviceAddress, plan: _Plan, answers: _Answers) ->
             if source.is_interval:
                 values, expected = _interval_values(mrid, profile, source, rows, column,
                                                     answers)
-                blocks.append(IntervalBlock(reading_type, [
-                    IntervalReading(at, cim_value(raw, scaler, source.cim_multiplier))
-                    for at, raw in values]))
+                # cim_value inlined for the block's one exponent (192 values per full read).
+                exponent = scaler - source.cim_multiplier
+                if exponent <= 0:
+                    readings_of_block = [IntervalReading(at, Decimal(raw).scaleb(exponent))
+                                         for at, raw in values]
+                else:
+                    readings_of_block = [IntervalReading(at, Decimal(raw * 10 ** exponent))
+                                         for at, raw in values]
+                blocks.append(IntervalBlock(reading_type, readings_of_block))
             else:
                 values, expected = _billing_values(mrid, profile, rows, column, answers)
                 readings.extend(Reading(reading_type, cim_value(raw, scaler, source.cim_multiplier),
@@ -335,28 +342,52 @@ def _interval_values(mrid: str, profile: str, source: CosemSource, rows: list, c
     """(time, raw value) of each interval in the window, and the times the window spans."""
     start, end = answers.window
     period = PROFILE_PERIODS[profile]
-    expected = period.instants(start, min(end, answers.meter_time))
-    by_time = {at: _integer(mrid, profile, row[column]) for at, row in rows}
+    expected = _instants(period, start, min(end, answers.meter_time))
+    by_time = {}
+    for at, row in rows:
+        raw = row[column]
+        by_time[at] = raw if type(raw) is int else _integer(mrid, profile, raw)
+    times = list(by_time)
+    if any(a >= b for a, b in zip(times, times[1:])):  # meters send rows in time order
+        times.sort()
     values = []
-    for at in sorted(by_time):
+    if source.derivation is not Derivation.DELTA:
+        return [(at, by_time[at]) for at in times if start < at <= end], expected
+    step = _FIXED_STEPS.get(period)
+    for at in times:
         if not start < at <= end:
             continue
-        if source.derivation is Derivation.DELTA:
-            before = by_time.get(period.previous(at))
-            if before is None:
-                continue  # the interval's start was not captured: no delta, counted as missing
-            values.append((at, by_time[at] - before))
-        else:
-            values.append((at, by_time[at]))
+        before = by_time.get(at - step if step is not None else period.previous(at))
+        if before is None:
+            continue  # the interval's start was not captured: no delta, counted as missing
+        values.append((at, by_time[at] - before))
     return values, expected
+
+
+_FIXED_STEPS = {Period.QUARTER_HOUR: timedelta(minutes=15), Period.DAY: timedelta(days=1)}
+# Capture instants by (period, start, end): a fleet read over one window asks the same ones
+# for every meter. Bounded; a pure cache of `Period.instants`.
+_INSTANTS: dict[tuple, tuple[datetime, ...]] = {}
+_INSTANTS_KEPT = 1000
+
+
+def _instants(period: Period, start: datetime, end: datetime,
+              include_start: bool = False) -> tuple[datetime, ...]:
+    key = (period, start, end, include_start)
+    found = _INSTANTS.get(key)
+    if found is None:
+        if len(_INSTANTS) >= _INSTANTS_KEPT:
+            _INSTANTS.clear()
+        found = _INSTANTS[key] = tuple(period.instants(start, end, include_start))
+    return found
 
 
 def _billing_values(mrid: str, profile: str, rows: list, column: int,
                     answers: _Answers) -> tuple[list[tuple[datetime, int]], list[datetime]]:
     """The register's values captured at start <= time <= end, and the capture times spanned."""
     start, end = answers.window
-    expected = PROFILE_PERIODS[profile].instants(start, min(end, answers.meter_time),
-                                                 include_start=True)
+    expected = _instants(PROFILE_PERIODS[profile], start, min(end, answers.meter_time),
+                         include_start=True)
     values = [(at, _integer(mrid, profile, row[column])) for at, row in rows if start <= at <= end]
     return values, expected
 

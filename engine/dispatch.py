@@ -268,7 +268,10 @@ class Dispatcher:
     # -- claiming ----------------------------------------------------------------------------
 
     def _claim(self) -> None:
-        room = self.settings.prefetch - len(self._queue) - self._in_session
+        # At least enough to fill every session: a session bound above the prefetch would
+        # otherwise never be reached (bench/sessions.py, 5,000 sessions).
+        room = (max(self.settings.prefetch, self.bounds.max_sessions) - len(self._queue)
+                - self._in_session)
         if room <= 0:
             return
         if self._claiming:

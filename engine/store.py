@@ -492,6 +492,13 @@ class Store:
                                     str(reading.value), read_at_key, source))
                 for block in meter_reading.interval_blocks:
                     reading_type = block.reading_type
+                    if positional is not None:  # the bulk of the rows: no call per row
+                        get = millis.get
+                        rows.extend(
+                            (device_id, reading_type, get(interval.timestamp)
+                             or stamp(interval.timestamp), str(interval.value), read_at_key,
+                             source) for interval in block.readings)
+                        continue
                     for interval in block.readings:
                         rows.append(row(device_id, reading_type, stamp(interval.timestamp),
                                         str(interval.value), read_at_key, source))
