@@ -76,13 +76,16 @@ class Probe:
         # The garbage collector's pauses, by generation: a full collection over a large
         # request's results stops every thread, the reactor's too.
         self.gc_pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
-        self._gc_started = 0.0
+        self._gc_started = self._gc_started_cpu = 0.0
+        self.gc_cpu = 0.0  # CPU the collections took (their wall time includes waiting for a core)
 
     def _on_gc(self, phase, info):
         if phase == "start":
             self._gc_started = time.perf_counter()
+            self._gc_started_cpu = time.thread_time()
         else:
             self.gc_pauses[info["generation"]].append(time.perf_counter() - self._gc_started)
+            self.gc_cpu += time.thread_time() - self._gc_started_cpu
 
     def start(self):
         import gc
@@ -111,7 +114,8 @@ class Probe:
             for generation, times in self.gc_pauses.items() if times)
         return (f"reactor lag (10 ms probe, {len(late)} ticks): max {1000 * late[-1]:.0f} ms, "
                 f"p99 {1000 * p99:.1f} ms, median {1000 * late[len(late) // 2]:.1f} ms; "
-                f"collector pauses: {pauses or 'none'}")
+                f"collector pauses: {pauses or 'none'} (wall), {1000 * self.gc_cpu:.0f} ms CPU "
+                "in all")
 
 
 async def read_all(reactor, inventory, concurrency: int, limits, database: Path,
@@ -154,7 +158,7 @@ def failures(outcome) -> str:
     return ", ".join(f"{code}: {count}" for code, count in sorted(codes.items())) or "none"
 
 
-# What a timeout (5.1) was waiting for, by the words of its reason.
+# What a timeout was waiting for, by the words of its reason.
 TIMEOUT_KINDS = (("session deadline", "session deadline passed"),
                  ("no TCP connection", "connect timeout"),
                  ("no answer to AARQ", "no answer to the AARQ"),
@@ -164,10 +168,9 @@ TIMEOUT_KINDS = (("session deadline", "session deadline passed"),
 def timeouts(outcome) -> str:
     kinds = collections.Counter()
     for error in outcome.errors:
-        if str(getattr(error.code, "value", error.code)) != "5.1":
-            continue
-        kinds[next((kind for words, kind in TIMEOUT_KINDS if words in error.reason),
-                   "other")] += 1
+        kind = next((kind for words, kind in TIMEOUT_KINDS if words in error.reason), None)
+        if kind is not None:
+            kinds[kind] += 1
     return ", ".join(f"{kind}: {count}" for kind, count in kinds.most_common())
 
 
@@ -177,6 +180,11 @@ def report(name, meters, outcome, probe, wall, cpu, fds_before, rss_before, fds_
           f"{len(outcome.meter_readings)} read, errors by code: {failures(outcome)}")
     if timeouts(outcome):
         print(f"  timeouts by what they waited for: {timeouts(outcome)}")
+    reasons = collections.Counter(
+        (str(getattr(e.code, "value", e.code)), e.reason.split(": ", 1)[-1][:110])
+        for e in outcome.errors)
+    for (code, reason), count in reasons.most_common(4):
+        print(f"  {count} x {code}: ...{reason}")
     print(f"  {probe.summary()}")
     print(f"  RSS {rss_before // 1024} MB before, peak {probe.rss // 1024} MB "
           f"({(probe.rss - rss_before) / meters:.0f} kB per session); file descriptors "
