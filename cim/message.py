@@ -165,6 +165,11 @@ class ErrorCode:
                                             "(e.g. no EndDevice, UsagePoint or group named)")
     TIME_WINDOW_MISSING = ErrorCase("1.6", "time-window-missing",
                                     "an interval ReadingType was asked without a time window")
+    PAYLOAD_MISSING = ErrorCase("1.7", None, "a mandatory Payload element is missing "
+                                            "(e.g. no EndDeviceControls in a control request)")
+    CONTROL_PARAMETER_MISSING = ErrorCase("1.7", "control-parameter-missing",
+                                          "a control lacks a parameter its type needs (e.g. a "
+                                          "load limit without its threshold)")
     SCHEMA_INVALID = ErrorCase("1.8", None, "the message does not validate against the "
                                            "operation's schema")
     MALFORMED_MESSAGE = ErrorCase("1.8", "not-well-formed", "the message is not well-formed XML")
@@ -173,6 +178,9 @@ class ErrorCode:
     INVALID_PARAMETER = ErrorCase("1.8", "unusable-value",
                                   "a schema-valid value the head-end cannot use (a date-time, two "
                                   "time windows that disagree, an option value)")
+    UNKNOWN_CONTROL = ErrorCase("1.8", "unknown-control",
+                                "the EndDeviceControl mRID to cancel names no control this "
+                                "head-end scheduled")
     # -- 2: the request's objects
     INVALID_METER = ErrorCase("2.4", None, "the EndDevice is not known to this head-end")
     DEVICE_MISMATCH = ErrorCase("2.4", "mrid-names-mismatch",
@@ -197,6 +205,14 @@ class ErrorCode:
     HIGH_LOAD = ErrorCase("5.1", "head-end-exhausted", "the head-end's own session limit was reached")
     UNSUPPORTED_REQUEST = ErrorCase("5.2", "not-supported",
                                     "the request asks for something this head-end does not do")
+    UNKNOWN_CONTROL_TYPE = ErrorCase("5.2", "unknown-control-type",
+                                     "the EndDeviceControlType is not one this head-end executes; "
+                                     "nothing was attempted")
+    CONTROL_NOT_CANCELLED = ErrorCase("5.2", "control-already-started",
+                                      "the scheduled control had already started or finished on "
+                                      "this device, so it was not cancelled")
+    CONTROL_CANCELLED = ErrorCase("5.2", "control-cancelled",
+                                  "the scheduled control was cancelled before it ran on this device")
     INTERNAL_ERROR = ErrorCase("5.3", "internal", "the head-end failed; the request may be retried")
     DEVICE_TIMEOUT = ErrorCase("5.3", "device-timeout", "the device did not answer in time")
     DEVICE_UNREACHABLE = ErrorCase("5.3", "device-unreachable", "no connection to the device")
@@ -204,6 +220,9 @@ class ErrorCode:
                                "the device refused the association (e.g. wrong password)")
     DEVICE_PROTOCOL_ERROR = ErrorCase("5.3", "protocol-error",
                                       "the device answered with something the head-end cannot use")
+    CONTROL_REFUSED = ErrorCase("5.3", "control-refused",
+                                "the device refused the control (its action or set result), or "
+                                "the read-back does not show it done")
     DATA_UNAVAILABLE = ErrorCase("5.5", None, "the data asked for is not available "
                                              "(not in the store, and not read from the meter)")
     # -- 7: security

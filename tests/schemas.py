@@ -54,3 +54,23 @@ def assert_valid_everywhere(element) -> None:
     location = REFERENCE.joinpath(*GET_METER_READINGS_MESSAGE)
     if location.exists():
         _compiled(location).assertValid(element)
+
+
+# The EndDeviceControls oracles: the final 2011 message wrappers (connexo set) and the pristine
+# CIM15 EndDeviceControls profile (cim4 set, whose own wrappers are the 2017 draft's).
+END_DEVICE_CONTROLS_MESSAGE = ("connexo", "comu-outbound", "enddevicecontrols", "xsd",
+                               "EndDeviceControlsMessage.xsd")
+END_DEVICE_CONTROLS_PROFILE = ("cim4-61968-100", "xsd", "EndDeviceControls.xsd")
+
+
+def assert_controls_valid_everywhere(element) -> None:
+    """An EndDeviceControlsMessage element valid against our schema always, and against the
+    reference message schema and (for its Payload) the pristine profile where they exist."""
+    xsd.schema("EndDeviceControlsMessage.xsd").assertValid(element)
+    message = REFERENCE.joinpath(*END_DEVICE_CONTROLS_MESSAGE)
+    if message.exists():
+        _compiled(message).assertValid(element)
+    profile = REFERENCE.joinpath(*END_DEVICE_CONTROLS_PROFILE)
+    payload = element.find("{*}Payload/{http://iec.ch/TC57/2011/EndDeviceControls#}EndDeviceControls")
+    if profile.exists() and payload is not None:
+        _compiled(profile).assertValid(etree.ElementTree(payload))

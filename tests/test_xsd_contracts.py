@@ -31,7 +31,9 @@ def test_documents_are_the_contract_files():
                              "ReceiveMeterReadings.wsdl", "EndDeviceEvents.xsd",
                              "EndDeviceEventsMessage.xsd", "GetEndDeviceEvents.xsd",
                              "GetEndDeviceEventsMessage.xsd", "GetEndDeviceEvents.wsdl",
-                             "ReplyEndDeviceEvents.wsdl", "ReceiveEndDeviceEvents.wsdl"}
+                             "ReplyEndDeviceEvents.wsdl", "ReceiveEndDeviceEvents.wsdl",
+                             "EndDeviceControls.xsd", "EndDeviceControlsMessage.xsd",
+                             "ExecuteEndDeviceControls.wsdl", "ReplyEndDeviceControls.wsdl"}
 
 
 def _soap_actions(path) -> dict[str, str]:
@@ -220,6 +222,7 @@ def global_element_shapes(schema: xmlschema.XMLSchema, namespace: str) -> dict:
         ("GetMeterReadings.xsd", ("connexo-2014-metering-cim", "GetMeterReadings.xsd"), ["http://iec.ch/TC57/2011/GetMeterReadings#"]),
         ("MeterReadings.xsd", ("connexo-2014-metering-cim", "MeterReadings.xsd"), ["http://iec.ch/TC57/2011/MeterReadings#"]),
         ("GetMeterReadingsMessage.xsd", ("connexo-2014-metering-cim", "GetMeterReadingsMessage.xsd"), [WRAPPER]),
+        ("EndDeviceControls.xsd", ("cim4-61968-100", "xsd", "EndDeviceControls.xsd"), ["http://iec.ch/TC57/2011/EndDeviceControls#"]),
     ],
 )
 def test_our_schema_has_the_standard_structure(our_file, reference_parts, namespaces):

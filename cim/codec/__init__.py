@@ -6,7 +6,9 @@
   (Names, references) every profile uses;
 - :mod:`.meter_readings`: GetMeterReadings, MeterReadingsResponseMessage, MeterReadingsFaultMessage,
   CreatedMeterReadings;
-- :mod:`.end_device_events`: CreatedEndDeviceEvents and its response (no service uses it yet).
+- :mod:`.end_device_events`: CreatedEndDeviceEvents and its response (no service uses it yet);
+- :mod:`.end_device_controls`: the ExecuteEndDeviceControls requests (Create, Cancel, ...),
+  EndDeviceControlsResponseMessage and EndDeviceControlsFaultMessage.
 
 This package's face re-exports the names callers use, so ``from cimhes.cim.codec import parse_xml``
 keeps working whichever module a function lives in.
