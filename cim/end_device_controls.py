@@ -142,7 +142,7 @@ class ControlParameters:
     ``threshold_w``: priceSignal, the load limit in W (load-limit-set), the standard's one
     numeric "parameter for this end device control";
     ``duration_s``: primaryDeviceTiming/duration (minutes in the message), how long the load may
-    stay above the threshold before the limiter acts (load-limit-set);
+    stay above the threshold before the limiter acts (load-limit-set, required);
     ``calendar_name``: issuerTrackingID, the identifier of "the subject of the control action",
     here the TOU calendar (tou-activate).
     """

@@ -97,8 +97,9 @@ _TAKES: dict[ControlAction, frozenset[str]] = {
     ControlAction.CLOCK_SYNC: frozenset(),
     ControlAction.TOU_ACTIVATE: frozenset({"calendar_name"}),
 }
-_NEEDS: dict[ControlAction, frozenset[str]] = {ControlAction.LOAD_LIMIT_SET: frozenset({"threshold_w"}),
-                                               ControlAction.TOU_ACTIVATE: frozenset({"calendar_name"})}
+_NEEDS: dict[ControlAction, tuple[str, ...]] = {
+    ControlAction.LOAD_LIMIT_SET: ("threshold_w", "duration_s"),
+    ControlAction.TOU_ACTIVATE: ("calendar_name",)}
 # Where each parameter is in the message (for errors).
 _FIELD = {"threshold_w": "priceSignal", "duration_s": "primaryDeviceTiming/duration",
           "calendar_name": "issuerTrackingID"}
