@@ -196,13 +196,14 @@ class Doorkeeper:
                                    f"{role.value} ({role.meaning})"))
 
 
-RoleRule = Role | Callable[[etree._Element], Role]
+RoleRule = Role | Callable[[etree._Element], Role | tuple[Role, ...]]
 
 
 class SoapGuard:
     """The door check of one SOAP service: each operation (by its body element's local name)
-    needs a role, given as a Role or as a function of the request element (a control's role
-    depends on its type); an operation not in the table is refused to everybody."""
+    needs a role, given as a Role or as a function of the request element returning the role
+    or the roles (all needed: a control's roles depend on its types); an operation not in the
+    table is refused to everybody."""
 
     def __init__(self, doorkeeper: Doorkeeper, roles: dict[str, RoleRule],
                  fault: Callable[[Reply], etree._Element]):
@@ -229,9 +230,10 @@ class SoapGuard:
             if rule is None:
                 raise Refused(Error(ErrorCode.NOT_AUTHORIZED,
                                     reason=f"no role allows the operation {operation}"))
-            role = rule if isinstance(rule, Role) else rule(body)
-            self._doorkeeper.authorise(request, principal, role, action=operation,
-                                       correlation_id=correlation_id)
+            roles = rule if isinstance(rule, Role) else rule(body)
+            for role in (roles,) if isinstance(roles, Role) else roles:
+                self._doorkeeper.authorise(request, principal, role, action=operation,
+                                           correlation_id=correlation_id)
         except Refused as refused:
             raise CimFault("Client.Security", refused.error.reason,
                            self._fault(Reply(ReplyResult.FAILED, errors=(refused.error,))))

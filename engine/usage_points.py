@@ -64,3 +64,17 @@ def group_members(store: Store, keys: Sequence[str]) -> dict[str, list[str]]:
                 if key in keys:
                     found[key] = members
     return found
+
+
+def groups_of_devices(store: Store, mrids: Sequence[str]) -> dict[str, list[str]]:
+    """For each device asked by mRID, the names of the EndDeviceGroups it belongs to, sorted
+    (devices in no group are left out)."""
+    found: dict[str, list[str]] = {}
+    with store._session() as session:  # noqa: SLF001
+        for mrid, name in session.execute(
+                select(Device.mrid, DeviceGroup.name)
+                .join(DeviceGroupMember, DeviceGroupMember.device_id == Device.id)
+                .join(DeviceGroup, DeviceGroup.id == DeviceGroupMember.group_id)
+                .where(Device.mrid.in_(list(mrids))).order_by(Device.mrid, DeviceGroup.name)):
+            found.setdefault(mrid, []).append(name)
+    return found

@@ -69,6 +69,9 @@ class Role(str, enum.Enum):
                        "execute connect and disconnect controls (EndDeviceControls)")
     LOAD_LIMIT_OPERATOR = ("load-limit-operator",
                            "execute load-limit controls (set or clear a limiter threshold)")
+    CONFIGURATION_OPERATOR = ("configuration-operator",
+                              "execute clock synchronisation and TOU calendar activation "
+                              "controls (EndDeviceControls)")
     ADMINISTRATOR = ("administrator",
                      "administer users and their roles, read and export the audit trail")
 
