@@ -213,6 +213,9 @@ class ErrorCode:
                                       "this device, so it was not cancelled")
     CONTROL_CANCELLED = ErrorCase("5.2", "control-cancelled",
                                   "the scheduled control was cancelled before it ran on this device")
+    CONTROL_EXPIRED = ErrorCase("5.2", "control-expired",
+                                "the control could not start within the allowed delay after its "
+                                "time; nothing was sent to the device")
     INTERNAL_ERROR = ErrorCase("5.3", "internal", "the head-end failed; the request may be retried")
     DEVICE_TIMEOUT = ErrorCase("5.3", "device-timeout", "the device did not answer in time")
     DEVICE_UNREACHABLE = ErrorCase("5.3", "device-unreachable", "no connection to the device")

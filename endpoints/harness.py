@@ -1,7 +1,8 @@
 """`cimhes harness`: the integrators' test harness for IEC 61968-9 interfaces.
 
 ``cimhes harness --url BASE_URL`` runs a catalogue of scenarios against any head-end serving
-GetMeterReadings at ``BASE_URL/cim/GetMeterReadings`` (cimhes or another): every request it sends
+GetMeterReadings at ``BASE_URL/cim/GetMeterReadings`` and ExecuteEndDeviceControls at
+``BASE_URL/cim/ExecuteEndDeviceControls`` (cimhes or another): every request it sends
 and every reply it gets is validated against the project's XSDs (which follow 61968-9 ed.2 and
 61968-100), and each scenario checks what the standard says the reply must be. It prints one
 line per scenario while it runs, a summary, and writes JUnit XML (``--junit FILE``) for CI.
@@ -71,6 +72,8 @@ class Target:
     session: requests.Session
     meters: list[str] = field(default_factory=list)
     timeout: float = 60.0
+    # Meters the control scenario "control-switch" may really disconnect and reconnect.
+    control_meters: list[str] = field(default_factory=list)
 
     @property
     def service(self) -> str:
@@ -95,8 +98,11 @@ def _envelope(body: etree._Element, namespace: str = SOAP_ENV) -> bytes:
 
 
 def _post(target: Target, data: bytes, content_type="text/xml; charset=utf-8",
-          action: str = GET_ACTION) -> tuple[int, etree._Element]:
-    response = target.session.post(target.service, data=data, timeout=target.timeout, headers={
+          action: str = GET_ACTION, service: str | None = None) -> tuple[int, etree._Element]:
+    """POST ``data`` to ``service`` (default: the target's GetMeterReadings); (status, the
+    SOAP Body's element)."""
+    response = target.session.post(service or target.service, data=data,
+                                   timeout=target.timeout, headers={
         "Content-Type": content_type, "SOAPAction": f'"{action}"'})
     try:
         root = parse_xml(response.content)
@@ -112,8 +118,9 @@ def _post(target: Target, data: bytes, content_type="text/xml; charset=utf-8",
     return response.status_code, body[0]
 
 
-def _reply_of(element: etree._Element) -> tuple[str, list[tuple[str, str | None]]]:
-    reply = element.find(f"{{{WRAPPER}}}Reply")
+def _reply_of(element: etree._Element, wrapper: str = WRAPPER
+              ) -> tuple[str, list[tuple[str, str | None]]]:
+    reply = element.find(f"{{{wrapper}}}Reply")
     result = reply.findtext(f"{{{NS_MESSAGE}}}Result")
     errors = [(e.findtext(f"{{{NS_MESSAGE}}}code"), e.findtext(f"{{{NS_MESSAGE}}}ID"))
               for e in reply.findall(f"{{{NS_MESSAGE}}}Error")]
@@ -276,11 +283,13 @@ SCENARIOS: list[tuple[str, str, Callable[[Target], str]]] = [
 
 
 def _with_event_scenarios() -> None:
-    # GetEndDeviceEvents's scenarios live in their own module, which builds on this one's helpers.
+    # GetEndDeviceEvents's and ExecuteEndDeviceControls's scenarios live in their own modules
+    # (harness_events, harness_controls), which build on this one's helpers.
+    from cimhes.endpoints.harness_controls import CONTROL_SCENARIOS
     from cimhes.endpoints.harness_events import EVENT_SCENARIOS
 
     known = {name for name, _, _ in SCENARIOS}
-    SCENARIOS.extend(s for s in EVENT_SCENARIOS if s[0] not in known)
+    SCENARIOS.extend(s for s in [*EVENT_SCENARIOS, *CONTROL_SCENARIOS] if s[0] not in known)
 
 
 def run(target: Target, names: list[str] | None = None, out=sys.stdout) -> list[Outcome]:
@@ -377,6 +386,8 @@ def harness_main(argv: list[str]) -> int:
     parser.add_argument("--host", default="127.0.0.1", help="interface for --listen")
     parser.add_argument("--meter", action="append", default=[], metavar="MRID",
                         help="a meter the head-end knows (for the reading scenarios)")
+    parser.add_argument("--control-meter", action="append", default=[], metavar="MRID",
+                        help="a meter the control-switch scenario may disconnect and reconnect")
     parser.add_argument("--user", help="HTTP Basic user for the head-end")
     parser.add_argument("--password", help="HTTP Basic password (never printed)")
     _with_event_scenarios()
@@ -412,7 +423,8 @@ def harness_main(argv: list[str]) -> int:
                 return 1
         listen(args.listen, args.host)
         return 0
-    outcomes = run(Target(args.url.rstrip("/"), session, args.meter), args.scenario)
+    outcomes = run(Target(args.url.rstrip("/"), session, args.meter,
+                          control_meters=args.control_meter), args.scenario)
     if args.junit:
         with open(args.junit, "wb") as file:
             file.write(junit_xml(outcomes, "cimhes-harness"))

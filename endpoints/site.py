@@ -22,6 +22,7 @@ from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
 from cimhes.endpoints.auth import Doorkeeper, SoapGuard
 from cimhes.endpoints import end_device_events
 from cimhes.endpoints.cim_paths import CimFolder
+from cimhes.endpoints import end_device_controls as controls_door
 from cimhes.endpoints.http_door import DoorLimits, LimitedSite
 from cimhes.endpoints.meter_readings import (
     WSDL_FILE as GET_METER_READINGS_WSDL,
@@ -197,13 +198,19 @@ class HeadEnd:
         # GetEndDeviceEvents (endpoints/end_device_events.py) at /cim/GetEndDeviceEvents.
         self.end_device_events_door = end_device_events.mount(self, reactor, settings, cim,
                                                               security)
+        # ExecuteEndDeviceControls (endpoints/end_device_controls.py) at
+        # /cim/ExecuteEndDeviceControls: roles and rate limits at the door, the controls as the
+        # engine's durable jobs (self.controls), outcomes read back from the meters.
+        self.end_device_controls_door = controls_door.mount(self, reactor, settings, cim)
         self.amqp = None
         if settings.amqp_url:
             from cimhes.queue.service import AmqpService
             self.amqp = AmqpService(reactor, settings.amqp_url,
                                     {"MeterReadings": door.get_meter_readings,
                                      "EndDeviceEvents":
-                                         self.end_device_events_door.get_end_device_events},
+                                         self.end_device_events_door.get_end_device_events,
+                                     "EndDeviceControls":
+                                         self.end_device_controls_door.amqp_handler},
                                     store_runner=self.store_runner)
             reactor.callWhenRunning(self.amqp.start)
         cim.putChild(GET_METER_READINGS.encode(),
@@ -215,7 +222,8 @@ class HeadEnd:
                                   observer=self.operations.requests))
         # What the head-end serves, as the WSDLs: public, no credentials needed.
         cim.putChild(b"reading-types", ReadingTypesResource())
-        root = _Index([GET_METER_READINGS, end_device_events.WSDL_NAME])
+        root = _Index([GET_METER_READINGS, end_device_events.WSDL_NAME,
+                       controls_door.WSDL_NAME])
         root.putChild(b"cim", cim)
         root.putChild(b"", root)
         self.operations.mount(root, doorkeeper=self.doorkeeper, readings=self.readings,

@@ -65,9 +65,10 @@ def amqp_vhost():
 
 
 def ask(url: str, exchange: str, routing_key: str, body: bytes, *, correlation_id=None,
-        reply=True, timeout: float = 30.0):
+        reply=True, timeout: float = 30.0, user_id: str | None = None):
     """Publish ``body`` as an integrator would (blocking pika; run it in a thread) and return
-    (properties, body) of the answer on a private reply queue, or None when ``reply`` is False."""
+    (properties, body) of the answer on a private reply queue, or None when ``reply`` is False.
+    ``user_id``: the AMQP user_id property (RabbitMQ refuses one that is not the login's)."""
     import pika
 
     connection = pika.BlockingConnection(pika.URLParameters(url))
@@ -77,7 +78,7 @@ def ask(url: str, exchange: str, routing_key: str, body: bytes, *, correlation_i
         if reply:
             reply_to = channel.queue_declare("", exclusive=True).method.queue
         channel.basic_publish(exchange, routing_key, body, pika.BasicProperties(
-            reply_to=reply_to, correlation_id=correlation_id, delivery_mode=2))
+            reply_to=reply_to, correlation_id=correlation_id, delivery_mode=2, user_id=user_id))
         if not reply:
             return None
         for method, props, answer in channel.consume(reply_to, auto_ack=True,

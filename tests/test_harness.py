@@ -63,11 +63,13 @@ def _session():
 @pytest_twisted.inlineCallbacks
 def test_every_scenario_passes_against_cimhes(head_end, fleet, tmp_path):
     out = io.StringIO()
-    target = harness.Target(head_end.base_url, _session(), [fleet.inventory()["meters"][0]["mrid"]])
+    meter = fleet.inventory()["meters"][0]["mrid"]
+    target = harness.Target(head_end.base_url, _session(), [meter], control_meters=[meter])
     outcomes = yield deferToThread(harness.run, target, None, out)
     assert [(o.name, o.passed) for o in outcomes] == [(s[0], True) for s in harness.SCENARIOS], \
         out.getvalue()
     count = len(harness.SCENARIOS)
+    assert {"controls-wsdl", "control-switch"} <= {s[0] for s in harness.SCENARIOS}
     assert f"[1/{count}] wsdl" in out.getvalue() and f"{count} passed, 0 failed" in out.getvalue()
     suite = etree.fromstring(harness.junit_xml(outcomes, "cimhes-harness"))
     assert (suite.get("tests"), suite.get("failures")) == (str(count), "0")

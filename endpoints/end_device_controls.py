@@ -1,0 +1,634 @@
+"""The ExecuteEndDeviceControls door: CIM control requests in, EndDeviceControlsResponseMessage out.
+
+It translates and delegates: the codec decodes and validates, the engine's ControlService
+(`head_end.controls`, engine/controls.py) runs each device's control as a durable job and reads
+the result back from the meter, and this module turns the outcomes into the 61968-100 reply
+(Result OK / PARTIAL / FAILED, one Error per failed or refused device with the device's mRID as
+Error.ID). Before any device is touched the request passes, in order: the codec, the Header
+limits, the asynchronous-reply check, the Admission (3.1 / 3.2), the resolution of its devices
+and groups (2.4), and the rate limits (`head_end.control_gate`, engine/rate_limits.py: 3.2 per
+refused device, audited). Who may ask is decided at the door before this: `roles_for`.
+
+The same methods answer the AMQP request queue (`amqp_handler`), where the broker-verified AMQP
+user must be a cimhes user holding the control's role.
+"""
+from __future__ import annotations
+
+import logging
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+
+from lxml import etree
+from spyne import AnyXml, ServiceBase, rpc
+from twisted.internet import reactor as default_reactor
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.internet.task import deferLater
+from twisted.python.failure import Failure
+
+from cimhes.cim.codec import CodecError
+from cimhes.cim.codec import end_device_controls as codec
+from cimhes.cim.end_device_controls import (
+    ControlAction,
+    EndDeviceControl,
+    EndDeviceControlsResponse,
+    UnknownControlType,
+    action_for,
+)
+from cimhes.cim.header_limits import check_header
+from cimhes.cim.message import (
+    Error,
+    ErrorCode,
+    ErrorLevel,
+    IdKind,
+    ObjectId,
+    Reply,
+    ReplyResult,
+    reply_header,
+)
+from cimhes.cim.meter_readings import DeviceRef
+from cimhes.drivers.controls import ControlCommand, ControlKind, ControlStatus
+from cimhes.drivers.errors import (
+    ControlCancelled,
+    ControlExpired,
+    ControlNotConfirmed,
+    UnknownDevice,
+)
+from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender, async_refusal
+from cimhes.endpoints.meter_readings import caller_of
+from cimhes.endpoints.auth import SoapGuard
+from cimhes.endpoints.soap_resource import CimFault, SoapResource, soap_application
+from cimhes.engine import request_log
+from cimhes.engine.admission import Admission, Refused
+from cimhes.engine.reading import DEVICE_ERROR_CODES, ReadOutcome
+from cimhes.engine.store import StoreRunner
+from cimhes.engine.usage_points import group_members, groups_of_devices
+from cimhes.engine.users import Role
+
+WSDL_NAME = "ExecuteEndDeviceControls"
+WSDL_FILE = "ExecuteEndDeviceControls.wsdl"
+REPLY_WSDL = "ReplyEndDeviceControls.wsdl"
+REPLY_OPERATION = "ReplyEndDeviceControls"
+SOURCE = "cimhes"
+
+log = logging.getLogger(__name__)
+
+# The role each action needs (engine/users.py Role; README "Users, roles and audit").
+ROLE_OF: dict[ControlAction, Role] = {
+    ControlAction.CONNECT: Role.SWITCH_OPERATOR,
+    ControlAction.DISCONNECT: Role.SWITCH_OPERATOR,
+    ControlAction.ARM: Role.SWITCH_OPERATOR,
+    ControlAction.LOAD_LIMIT_SET: Role.LOAD_LIMIT_OPERATOR,
+    ControlAction.LOAD_LIMIT_CLEAR: Role.LOAD_LIMIT_OPERATOR,
+    ControlAction.CLOCK_SYNC: Role.CONFIGURATION_OPERATOR,
+    ControlAction.TOU_ACTIVATE: Role.CONFIGURATION_OPERATOR,
+}
+# The name an action's rate limits use (engine/rate_limits.py ControlLimit.control): the action's
+# own, except that setting and clearing a load limit share the limits of "load-limit".
+RATE_LIMIT_NAME: dict[ControlAction, str] = {
+    action: ("load-limit" if action in (ControlAction.LOAD_LIMIT_SET,
+                                        ControlAction.LOAD_LIMIT_CLEAR) else action.value)
+    for action in ControlAction
+}
+
+
+def roles_for(body: etree._Element) -> tuple[Role, ...]:
+    """The roles a control request needs (the door's role rule, read before the request is
+    validated): one per action its EndDeviceControlTypes name. A type the table does not know
+    needs none here; the codec refuses it (5.2) without touching a device."""
+    roles: list[Role] = []
+    for node in body.iterfind(f".//{{{codec.NS_END_DEVICE_CONTROLS}}}EndDeviceControlType"):
+        try:
+            role = ROLE_OF[action_for(node.get("ref") or "")]
+        except UnknownControlType:
+            continue
+        if role not in roles:
+            roles.append(role)
+    return tuple(roles)
+
+
+@dataclass(frozen=True)
+class ControlRequestLimits:
+    """Bounds on EndDeviceControls requests (README, "Limits"). ``sync_time_limit``: seconds a
+    synchronous answer may take; past it the reply is FAILED 4.1 while the controls go on (their
+    outcomes are in the audit trail). How many devices one request may name and how many one
+    caller may have pending are the Admission's (3.1, 3.2); rate limits the ControlGate's."""
+
+    sync_time_limit: float = 120.0
+    # Seconds between looks at the store while an asynchronous request waits for its
+    # scheduled controls to run (the outcome is posted once all have).
+    poll_interval: float = 5.0
+
+
+@dataclass
+class _Outcome:
+    """What carrying out a request came to: the Errors, the controls made, the counts."""
+
+    errors: list[Error]
+    made: list[EndDeviceControl]
+    done: int = 0       # devices whose control was carried out (or scheduled, or cancelled)
+    failed: int = 0     # devices named whose control was not
+    # (batch id, due time) of each control left to run at its time
+    scheduled: list = field(default_factory=list)
+
+    @property
+    def result(self) -> ReplyResult:
+        if self.failed == 0 and (self.done or not self.errors):
+            return ReplyResult.OK
+        return ReplyResult.PARTIAL if self.done else ReplyResult.FAILED
+
+
+class EndDeviceControlsDoor:
+    """Answers Create / Cancel EndDeviceControls (and Change, Close, Delete: not supported)."""
+
+    def __init__(self, controls, gate, readings, store: StoreRunner, *, users=None,
+                 audit=None, now: Callable[[], datetime] | None = None, reactor=None,
+                 limits: ControlRequestLimits | None = None, admission: Admission | None = None,
+                 replies: ReplySender | None = None,
+                 reply_addresses: ReplyAddressPolicy | None = None):
+        """``controls``: engine/controls.py ControlService; ``gate``: the ControlGate;
+        ``readings``: the MeterReadingService whose `resolve` finds devices the one way the
+        engine does; ``users``/``audit``: who the AMQP door's callers are, and its audit."""
+        self._controls = controls
+        self._gate = gate
+        self._readings = readings
+        self._store = store
+        self._users = users
+        self._audit = audit
+        self._now = now or (lambda: datetime.now(timezone.utc))
+        self._reactor = reactor or default_reactor
+        self._limits = limits or ControlRequestLimits()
+        self._admission = admission or Admission()
+        self._replies = replies
+        self._reply_addresses = reply_addresses or ReplyAddressPolicy()
+
+    # ------------------------------------------------------------------------- the operations
+
+    def create(self, element, caller: str | None = None, user: str | None = None):
+        """CreateEndDeviceControls. ``caller`` counts against the Admission (`caller_of`),
+        ``user`` is who the rate limits and the audit name (the authenticated user)."""
+        return self._answer(element, caller, user, codec.CREATE)
+
+    def cancel(self, element, caller: str | None = None, user: str | None = None):
+        """CancelEndDeviceControls: the still-waiting devices of each named scheduled control."""
+        return self._answer(element, caller, user, codec.CANCEL)
+
+    def not_supported(self, element, caller: str | None = None, user: str | None = None):
+        """Change / Close / DeleteEndDeviceControls: FAILED 5.2, nothing done."""
+        return self._answer(element, caller, user, None)
+
+    # -------------------------------------------------------------------------------- common
+
+    def _decoded(self, element, expected):
+        try:
+            operation, request = codec.decode_request(element)
+            check_header(request.header)
+        except CodecError as exc:
+            raise CimFault("Client", exc.reason,
+                           codec.encode_fault(Reply(ReplyResult.FAILED, errors=(exc.to_error(),))))
+        if expected is not None and operation is not expected:
+            error = Error(ErrorCode.SCHEMA_INVALID, reason=f"the operation {expected.name} takes "
+                          f"a {expected.name} element, not {operation.name}")
+            raise CimFault("Client", error.reason,
+                           codec.encode_fault(Reply(ReplyResult.FAILED, errors=(error,))))
+        return operation, request
+
+    @inlineCallbacks
+    def _answer(self, element, caller, user, expected):
+        received_at = self._now()
+        operation, request = self._decoded(element, expected)
+        header = request.header
+        who = user or caller or header.user_id or "anonymous"
+        devices_asked = sum(len(c.end_devices) + len(c.end_device_groups)
+                            for c in request.controls)
+        logged = yield self._store.call(
+            request_log.arrived, self._store.store, message_id=header.message_id,
+            correlation_id=header.correlation_id, noun=codec.NOUN, verb=header.verb.value,
+            source=header.source, received_at=received_at, devices_asked=devices_asked)
+        if expected is None:
+            outcome = _Outcome(errors=[Error(
+                ErrorCode.UNSUPPORTED_REQUEST, reason=f"{operation.name} is not carried out by "
+                "this head-end: it creates controls (CreateEndDeviceControls) and cancels "
+                "scheduled ones (CancelEndDeviceControls)")], made=[])
+            return (yield self._finish(request, logged, outcome, devices_asked))
+        refusal = async_refusal(header, self._replies, self._reply_addresses)
+        admitted = None
+        if refusal is None:
+            try:
+                admitted = self._admission.admit(caller or who,
+                                                 0 if header.async_reply else devices_asked)
+            except Refused as refused:
+                refusal = refused.error
+        if refusal is not None:
+            return (yield self._finish(request, logged, _Outcome(errors=[refusal], made=[]),
+                                       devices_asked))
+        if operation is codec.CANCEL:
+            work = self._cancel(request, who)
+        elif header.async_reply:
+            # What is scheduled is stored before the acknowledgment, which names it (so it
+            # can be cancelled before it runs); the rest runs after.
+            try:
+                outcome, pending = yield self._admit_and_schedule(request, who)
+            except BaseException:
+                admitted.release()
+                raise
+            self._then_reply(self._execute_then_wait(request, who, pending, outcome), request,
+                             logged, admitted, devices_asked).addErrback(
+                lambda f: log.error("asynchronous control request failed: %s", f.getTraceback()))
+            return codec.encode_response(self._response(request, Reply(
+                ReplyResult.OK, errors=(_ACK,) + tuple(
+                    e for e in outcome.errors if e.code == ErrorCode.ACKNOWLEDGED),
+                ids=_ids(outcome)), outcome.made))
+        else:
+            work = self._carry_out(request, who)
+        if header.async_reply:
+            self._then_reply(work, request, logged, admitted, devices_asked).addErrback(
+                lambda f: log.error("asynchronous control request failed: %s", f.getTraceback()))
+            return codec.encode_response(self._response(request, Reply(ReplyResult.OK,
+                                                                       errors=(_ACK,)), ()))
+        outcome = yield self._within_limit(work, admitted)
+        if outcome is None:
+            outcome = _Outcome(errors=[Error(
+                ErrorCode.TIMED_OUT, reason=f"no answer within the synchronous time limit of "
+                f"{self._limits.sync_time_limit:g} s; the controls are still being carried out "
+                "and each device's outcome is recorded in the audit trail")], made=[],
+                failed=devices_asked)
+        return (yield self._finish(request, logged, outcome, devices_asked))
+
+    def _within_limit(self, work: Deferred, admitted) -> Deferred:
+        """Deferred[_Outcome | None]: the outcome, or None once the sync time limit passes (the
+        work goes on)."""
+        answer = Deferred()
+
+        def done(result):
+            admitted.release()
+            if not answer.called:
+                timer.cancel()
+                answer.errback(result) if isinstance(result, Failure) else answer.callback(result)
+            elif isinstance(result, Failure):
+                log.error("a control answered late failed: %s", result.getTraceback())
+
+        timer = self._reactor.callLater(self._limits.sync_time_limit,
+                                        lambda: answer.called or answer.callback(None))
+        work.addBoth(done)
+        return answer
+
+    @inlineCallbacks
+    def _execute_then_wait(self, request, who, pending, outcome: _Outcome):
+        yield self._execute(request, who, pending, outcome)
+        yield self._scheduled_outcomes(outcome)
+        return outcome
+
+    @inlineCallbacks
+    def _then_reply(self, work: Deferred, request, logged, admitted, devices_asked):
+        """The asynchronous half: once ``work`` has its outcome, post it to the ReplyAddress."""
+        try:
+            outcome = yield work
+        finally:
+            admitted.release()
+        element = yield self._finish(request, logged, outcome, devices_asked)
+        header = request.header
+        yield self._replies.send(header.reply_address, element,
+                                 header.correlation_id or header.message_id)
+
+    @inlineCallbacks
+    def _finish(self, request, logged, outcome: _Outcome, devices_asked):
+        reply = Reply(outcome.result, errors=tuple(outcome.errors), ids=_ids(outcome))
+        yield self._store.call(request_log.answered, self._store.store, logged,
+                               replied_at=self._now(), result=reply.result.value,
+                               devices_asked=devices_asked, devices_failed=outcome.failed)
+        return codec.encode_response(self._response(request, reply, outcome.made))
+
+    def _response(self, request, reply: Reply, made) -> EndDeviceControlsResponse:
+        header = replace(reply_header(request.header, self._now(), source=SOURCE),
+                         message_id=str(uuid.uuid4()))
+        return EndDeviceControlsResponse(header=header, reply=reply, controls=tuple(made))
+
+    # ------------------------------------------------------------------------------- create
+
+    @inlineCallbacks
+    def _devices(self, control: EndDeviceControl, outcome: _Outcome):
+        """(mRIDs in asked order, each once; mRID -> the group it counts against)."""
+        found = ReadOutcome()
+        resolved = yield self._readings.resolve(list(control.end_devices), found)
+        outcome.errors.extend(found.errors)
+        outcome.failed += found.devices_failed
+        order: dict[str, str | None] = {}
+        for device in resolved:
+            if device is not None:
+                order.setdefault(device.mrid, None)
+        if control.end_device_groups:
+            keys = [g.mrid or g.names[0].name for g in control.end_device_groups]
+            members = yield self._store.call(group_members, self._store.store, keys)
+            for ref, key in zip(control.end_device_groups, keys):
+                if key not in members:
+                    outcome.errors.append(Error(
+                        ErrorCode.UNKNOWN_GROUP, reason=f"EndDeviceGroup {key} is not known",
+                        id=key, id_kind=IdKind.UUID if ref.mrid else IdKind.NAME,
+                        object_type="EndDeviceGroup"))
+                    outcome.failed += 1
+                    continue
+                for mrid in members[key]:
+                    if order.get(mrid) is None:
+                        order[mrid] = key
+        alone = [m for m, group in order.items() if group is None]
+        if alone:
+            groups = yield self._store.call(groups_of_devices, self._store.store, alone)
+            for mrid in alone:
+                order[mrid] = (groups.get(mrid) or [None])[0]
+        return order
+
+    @inlineCallbacks
+    def _carry_out(self, request, who: str):
+        """Sync: every control carried out now or scheduled; the outcome."""
+        outcome, pending = yield self._admit_and_schedule(request, who)
+        yield self._execute(request, who, pending, outcome)
+        return outcome
+
+    @inlineCallbacks
+    def _admit_and_schedule(self, request, who: str):
+        """(outcome so far, [(control, admitted mRIDs, command)] to execute now): each
+        control's devices resolved and rate-limited, the ones due later scheduled (fast: the
+        jobs are stored), refusals as Errors."""
+        outcome = _Outcome(errors=[], made=[])
+        header = request.header
+        correlation_id = header.correlation_id or header.message_id
+        pending = []
+        for control in request.controls:
+            groups = yield self._devices(control, outcome)
+            if not groups:
+                continue
+            admitted, refused = self._gate.admit(
+                RATE_LIMIT_NAME[control.action], who, list(groups.items()), source=header.source,
+                correlation_id=correlation_id)
+            outcome.errors.extend(refused)
+            outcome.failed += len(refused)
+            if not admitted:
+                continue
+            command, at = self._command(control)
+            if at is None:
+                pending.append((control, admitted, command))
+                continue
+            try:
+                batch_id = yield self._controls.schedule(
+                    admitted, command, user=who, correlation_id=correlation_id, at=at)
+            except ValueError as exc:  # a parameter the driver's check refuses
+                self._unusable(control, admitted, exc, outcome)
+                continue
+            outcome.done += len(admitted)
+            outcome.scheduled.append((batch_id, at))
+            outcome.errors.append(Error(
+                ErrorCode.ACKNOWLEDGED, level=ErrorLevel.INFORM,
+                reason=f"{control.action.value} of {len(admitted)} device(s) scheduled for "
+                       f"{at.isoformat()} as EndDeviceControl {batch_id}; "
+                       "CancelEndDeviceControls naming that mRID cancels it",
+                id=batch_id, id_kind=IdKind.TRANSACTION, object_type="EndDeviceControl"))
+            outcome.made.append(replace(control, mrid=batch_id, end_devices=tuple(
+                DeviceRef(mrid=m) for m in admitted), end_device_groups=()))
+        return outcome, pending
+
+    @inlineCallbacks
+    def _execute(self, request, who: str, pending, outcome: _Outcome):
+        """Carry out the controls due now, one after the other (in the order asked)."""
+        header = request.header
+        correlation_id = header.correlation_id or header.message_id
+        for control, admitted, command in pending:
+            try:
+                batch = yield self._controls.execute(admitted, command, user=who,
+                                                     correlation_id=correlation_id)
+            except ValueError as exc:
+                self._unusable(control, admitted, exc, outcome)
+                continue
+            for result in batch.outcomes:
+                self._count(result, outcome)
+            outcome.made.append(replace(control, mrid=batch.batch_id, end_devices=tuple(
+                DeviceRef(mrid=m) for m in admitted), end_device_groups=()))
+
+    @staticmethod
+    def _unusable(control, admitted, exc: ValueError, outcome: _Outcome) -> None:
+        outcome.failed += len(admitted)
+        outcome.errors.append(Error(ErrorCode.INVALID_PARAMETER, reason=str(exc)[:500],
+                                    id=control.control_type, object_type="EndDeviceControlType"))
+
+    @inlineCallbacks
+    def _scheduled_outcomes(self, outcome: _Outcome):
+        """Wait for the scheduled controls of ``outcome`` to run (or be cancelled, or expire),
+        polling the store every `ControlRequestLimits.poll_interval`; then their devices'
+        outcomes replace the "scheduled" acknowledgments."""
+        scheduled = {batch_id for batch_id, _at in outcome.scheduled}
+        outcome.errors = [e for e in outcome.errors
+                          if not (e.code == ErrorCode.ACKNOWLEDGED and e.id in scheduled)]
+        for batch_id, _at in outcome.scheduled:
+            while True:
+                results = yield self._controls.batch(batch_id)
+                if all(result is not None for _mrid, result in results):
+                    break
+                yield deferLater(self._reactor, self._limits.poll_interval, lambda: None)
+            outcome.done -= len(results)
+            for _mrid, result in results:
+                self._count(result, outcome)
+        outcome.scheduled = []
+
+    def _command(self, control: EndDeviceControl) -> tuple[ControlCommand, datetime | None]:
+        """The driver's command for ``control`` and when to run it (None: now)."""
+        parameters = control.parameters
+        start = parameters.start
+        at = start if start is not None and start > self._now() else None
+        values: dict = {}
+        if control.action is ControlAction.LOAD_LIMIT_SET:
+            values["threshold_w"] = parameters.threshold_w
+            if parameters.duration_s is not None:
+                values["duration_s"] = parameters.duration_s
+        elif control.action is ControlAction.TOU_ACTIVATE:
+            # Written now; the meter activates the calendar itself at the given time (without
+            # one, at once).
+            values = {"calendar_name": parameters.calendar_name}
+            if start is not None:
+                values["activate_at"] = start
+            at = None
+        return ControlCommand(ControlKind(control.action.value), values), at
+
+    @staticmethod
+    def _count(result, outcome: _Outcome) -> None:
+        """One device's outcome, counted and, unless done, an Error. (The engine audits each
+        outcome through the ControlGate as it finishes.)"""
+        if result.status is ControlStatus.DONE:
+            outcome.done += 1
+        else:
+            outcome.failed += 1
+            outcome.errors.append(device_error(result))
+
+    # ------------------------------------------------------------------------------- cancel
+
+    @inlineCallbacks
+    def _cancel(self, request, who: str):
+        outcome = _Outcome(errors=[], made=[])
+        for control in request.controls:
+            try:
+                before = yield self._controls.batch(control.mrid)
+                cancelled = yield self._controls.cancel(control.mrid, user=who)
+            except KeyError:
+                outcome.failed += 1
+                outcome.errors.append(Error(
+                    ErrorCode.UNKNOWN_CONTROL, reason=f"EndDeviceControl {control.mrid} is not "
+                    "a control this head-end scheduled", id=control.mrid,
+                    id_kind=IdKind.TRANSACTION, object_type="EndDeviceControl"))
+                continue
+            done = set(cancelled)
+            outcome.done += len(cancelled)
+            for mrid, _result in before:
+                if mrid not in done:
+                    outcome.failed += 1
+                    outcome.errors.append(Error(
+                        ErrorCode.CONTROL_NOT_CANCELLED, reason=f"the control of EndDevice "
+                        f"{mrid} in EndDeviceControl {control.mrid} had already started or "
+                        "finished", id=mrid, id_kind=IdKind.UUID, object_type="EndDevice"))
+            outcome.made.append(replace(control, end_devices=tuple(
+                DeviceRef(mrid=m) for m in cancelled)))
+        return outcome
+
+    # ---------------------------------------------------------------------------------- AMQP
+
+    @inlineCallbacks
+    def amqp_handler(self, element, caller: str | None = None):
+        """The handler of the EndDeviceControls request queue (queue/requests.py): the same
+        operations, by request element. ``caller`` is the consumer's ``amqp user <user_id>``:
+        the user id RabbitMQ verified against the publisher's login; it must be a cimhes user,
+        not disabled, holding every role the request's controls need (else 7.1 / 7.2)."""
+        try:
+            operation = codec.operation_of(element)
+        except CodecError as exc:
+            raise CimFault("Client", exc.reason,
+                           codec.encode_fault(Reply(ReplyResult.FAILED, errors=(exc.to_error(),))))
+        name = caller[len(AMQP_CALLER):] if caller and caller.startswith(AMQP_CALLER) else None
+        yield self._authorise_amqp(name, element, operation)
+        method = {codec.CREATE: self.create, codec.CANCEL: self.cancel}.get(
+            operation, self.not_supported)
+        return (yield method(element, caller, name))
+
+    @inlineCallbacks
+    def _authorise_amqp(self, name: str | None, element, operation) -> None:
+        found = None
+        if name and self._users is not None:
+            found = yield self._store.call(self._users.credentials, name)
+        refusal = None
+        if found is None or found.disabled:
+            refusal = Error(ErrorCode.NOT_AUTHENTICATED, reason="an AMQP control request needs "
+                            "the AMQP user_id property naming an enabled cimhes user")
+        else:
+            missing = [r for r in roles_for(element) if r not in found.roles]
+            if missing:
+                refusal = Error(ErrorCode.NOT_AUTHORIZED, reason=f"user {name} may not "
+                                f"{operation.name}: it needs the role "
+                                + ", ".join(f"{r.value} ({r.meaning})" for r in missing))
+        if refusal is None:
+            return
+        if self._audit is not None:
+            self._audit.record(operation.name, "refused", actor=name, source="amqp",
+                               correlation_id=_correlation(element), detail=refusal.reason[:1000])
+        raise CimFault("Client.Security", refusal.reason,
+                       codec.encode_fault(Reply(ReplyResult.FAILED, errors=(refusal,))))
+
+
+_ACK = Error(ErrorCode.ACKNOWLEDGED, level=ErrorLevel.INFORM,
+             reason="request accepted; the outcome will be sent to the ReplyAddress with this "
+                    "CorrelationID")
+
+
+def _ids(outcome: _Outcome) -> tuple[ObjectId, ...]:
+    """Reply.ID: the mRID of each control made (the batch id later requests name it by)."""
+    return tuple(ObjectId(c.mrid, kind=IdKind.TRANSACTION, object_type="EndDeviceControl")
+                 for c in outcome.made if c.mrid)
+
+
+# How queue/requests.py names an AMQP caller: by the user_id property RabbitMQ verified.
+AMQP_CALLER = "amqp user "
+
+
+def _correlation(element) -> str | None:
+    header = element.find("{*}Header")
+    value = None if header is None else (header.findtext("{*}CorrelationID")
+                                          or header.findtext("{*}MessageID"))
+    return value.strip()[:128] if value else None
+
+
+# The Reply.Error code of each way a control can fail that is the controls' own; the others are
+# the device failures every request shares (engine/reading.py DEVICE_ERROR_CODES).
+CONTROL_ERROR_CODES = {
+    UnknownDevice: ErrorCode.INVALID_METER,
+    ControlNotConfirmed: ErrorCode.CONTROL_REFUSED,
+    ControlCancelled: ErrorCode.CONTROL_CANCELLED,
+    ControlExpired: ErrorCode.CONTROL_EXPIRED,
+}
+
+
+def device_error(result) -> Error:
+    """The Reply.Error for one device whose control was not done (ID: the device's mRID)."""
+    if result.status is ControlStatus.REFUSED:
+        code = ErrorCode.CONTROL_REFUSED
+    else:
+        kind = type(result.error)
+        code = CONTROL_ERROR_CODES.get(kind) or DEVICE_ERROR_CODES.get(
+            kind, ErrorCode.DEVICE_PROTOCOL_ERROR)
+    return Error(code, reason=result.reason or f"{result.kind.value} of EndDevice "
+                 f"{result.device_mrid}: {result.status.value}", id=result.device_mrid,
+                 id_kind=IdKind.UUID, object_type="EndDevice")
+
+
+def end_device_controls_application(door: EndDeviceControlsDoor):
+    """The spyne application for the ExecuteEndDeviceControls WSDL, bound to one door."""
+
+    def user_of(ctx) -> str | None:
+        return getattr(getattr(ctx, "udc", None), "name", None)
+
+    class ExecuteEndDeviceControlsService(ServiceBase):
+        @rpc(AnyXml, _body_style="bare", _in_message_name="CreateEndDeviceControls",
+             _returns=AnyXml, _operation_name="CreateEndDeviceControls")
+        def CreateEndDeviceControls(ctx, element):
+            return door.create(element, caller_of(ctx), user_of(ctx))
+
+        @rpc(AnyXml, _body_style="bare", _in_message_name="CancelEndDeviceControls",
+             _returns=AnyXml, _operation_name="CancelEndDeviceControls")
+        def CancelEndDeviceControls(ctx, element):
+            return door.cancel(element, caller_of(ctx), user_of(ctx))
+
+        @rpc(AnyXml, _body_style="bare", _in_message_name="ChangeEndDeviceControls",
+             _returns=AnyXml, _operation_name="ChangeEndDeviceControls")
+        def ChangeEndDeviceControls(ctx, element):
+            return door.not_supported(element, caller_of(ctx), user_of(ctx))
+
+        @rpc(AnyXml, _body_style="bare", _in_message_name="CloseEndDeviceControls",
+             _returns=AnyXml, _operation_name="CloseEndDeviceControls")
+        def CloseEndDeviceControls(ctx, element):
+            return door.not_supported(element, caller_of(ctx), user_of(ctx))
+
+        @rpc(AnyXml, _body_style="bare", _in_message_name="DeleteEndDeviceControls",
+             _returns=AnyXml, _operation_name="DeleteEndDeviceControls")
+        def DeleteEndDeviceControls(ctx, element):
+            return door.not_supported(element, caller_of(ctx), user_of(ctx))
+
+    return soap_application(ExecuteEndDeviceControlsService,
+                            tns=codec.NS_END_DEVICE_CONTROLS_MESSAGE, name=WSDL_NAME)
+
+
+# The operations and the roles each needs, for the SOAP door's guard (endpoints/auth.py).
+OPERATION_ROLES = {op.name: roles_for for op in codec.OPERATIONS}
+
+
+def mount(head_end, reactor, settings, cim) -> EndDeviceControlsDoor:
+    """Build the door on ``head_end``'s engine (its ControlService, ControlGate, readings,
+    users, admission) and serve it at ``cim``/ExecuteEndDeviceControls; returns the door (its
+    `amqp_handler` serves the EndDeviceControls request queue)."""
+    door = EndDeviceControlsDoor(
+        head_end.controls, head_end.control_gate, head_end.readings, head_end.store_runner,
+        users=head_end.users, audit=head_end.audit, reactor=reactor,
+        admission=head_end.admission,
+        replies=ReplySender(reactor, head_end.callback_session, wsdl_file=REPLY_WSDL,
+                            operation=REPLY_OPERATION),
+        reply_addresses=ReplyAddressPolicy(settings.reply_addresses))
+    cim.putChild(WSDL_NAME.encode(), SoapResource(
+        end_device_controls_application(door), WSDL_FILE,
+        SoapGuard(head_end.doorkeeper, OPERATION_ROLES, codec.encode_fault),
+        public_base_url=settings.public_base_url, observer=head_end.operations.requests))
+    return door
