@@ -61,6 +61,7 @@ from cimhes.endpoints.auth import SoapGuard
 from cimhes.endpoints.soap_resource import CimFault, SoapResource, soap_application
 from cimhes.engine import request_log
 from cimhes.engine.admission import Admission, Refused
+from cimhes.engine.control_batches import kinds_of_batch
 from cimhes.engine.reading import DEVICE_ERROR_CODES, ReadOutcome
 from cimhes.engine.store import StoreRunner
 from cimhes.engine.usage_points import group_members, groups_of_devices
@@ -465,6 +466,16 @@ class EndDeviceControlsDoor:
     def _cancel(self, request, who: str):
         outcome = _Outcome(errors=[], made=[])
         for control in request.controls:
+            kinds = yield self._store.call(kinds_of_batch, self._store.store, control.mrid)
+            if kinds is not None and kinds != {control.action.value}:
+                # The role was checked for the type the request names: it must be the batch's.
+                outcome.failed += 1
+                outcome.errors.append(Error(
+                    ErrorCode.INVALID_PARAMETER, reason=f"EndDeviceControl {control.mrid} is "
+                    f"a {', '.join(sorted(kinds))} control, not {control.action.value} "
+                    f"({control.control_type}); name its own EndDeviceControlType",
+                    id=control.mrid, id_kind=IdKind.TRANSACTION, object_type="EndDeviceControl"))
+                continue
             try:
                 before = yield self._controls.batch(control.mrid)
                 cancelled = yield self._controls.cancel(control.mrid, user=who)

@@ -235,6 +235,12 @@ async def test_the_reference_wsdls_client_calls_every_operation(head_end):
     (ack,) = reply.Reply.Error
     (made,) = reply.Payload.EndDeviceControls.EndDeviceControl
     assert (ack.code, ack.level, ack.ID._value_1) == ("0.3", "INFORM", made.mRID)
+    # A cancel is authorised by the type it names, which must be the control's own.
+    reply = await deferToThread(service.CancelEndDeviceControls, Header=_header("cancel"),
+                                Payload={"EndDeviceControls": {"EndDeviceControl": [{
+                                    "mRID": made.mRID,
+                                    "EndDeviceControlType": {"ref": "3.15.0.55"}}]}})
+    assert _errors(reply) == [("1.8", "unusable-value", made.mRID)]
     reply = await deferToThread(service.CancelEndDeviceControls, Header=_header("cancel"),
                                 Payload={"EndDeviceControls": {"EndDeviceControl": [{
                                     "mRID": made.mRID,
