@@ -66,7 +66,7 @@ class MdmReceiver:
             header=Header(verb=Verb.REPLY, noun="EndDeviceControls"), reply=Reply(ReplyResult.OK)))
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def mdm():
     receiver = MdmReceiver()
 
@@ -88,21 +88,12 @@ def mdm():
     pytest_twisted.blockon(port.stopListening())
 
 
-@pytest.fixture
-def fleet():
-    running = start_fleet(reactor, 3, clock=now, base_index=FIRST_METER, port=0)
-    yield running
-    pytest_twisted.blockon(running.stop_all())
-
-
-@pytest.fixture
-def head_end(tmp_path, fleet, mdm):
+def _head_end(directory, fleet, mdm, control_limits):
     meters = fleet.inventory()["meters"]
     head_end = HeadEnd(reactor, HeadEndSettings(
-        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}", device_timeout=5.0,
-        secret_key_file=str(tmp_path / "secret.key"), reply_addresses=(f"{mdm.base}/mdm/",),
-        control_limits=(ControlLimit("disconnect", "user", 3, 60.0),
-                        ControlLimit("disconnect", "group", 100, 60.0))),
+        database_url=f"sqlite:///{directory / 'cimhes.sqlite'}", device_timeout=5.0,
+        secret_key_file=str(directory / "secret.key"), reply_addresses=(f"{mdm.base}/mdm/",),
+        control_limits=control_limits),
         [DeviceAddress.from_inventory(m) for m in meters],
         {"groups": [{"name": "feeder-7", "members": [m["mrid"] for m in meters]}]})
     add_test_user(head_end)
@@ -111,10 +102,37 @@ def head_end(tmp_path, fleet, mdm):
     port = reactor.listenTCP(0, head_end.site, interface="127.0.0.1")
     head_end.base_url = f"http://127.0.0.1:{port.getHost().port}"
     head_end.meters = meters
-    yield head_end
-    pytest_twisted.blockon(port.stopListening())
+    head_end.port = port
+    return head_end
+
+
+def _close(head_end, fleet):
+    pytest_twisted.blockon(head_end.port.stopListening())
     head_end.store_runner.stop()
     head_end.store.close()
+    pytest_twisted.blockon(fleet.stop_all())
+
+
+@pytest.fixture(scope="module")
+def head_end(tmp_path_factory, mdm):
+    """One head-end and fleet for the module's tests; each test switches meters of its own
+    (by index) so none sees another's."""
+    fleet = start_fleet(reactor, 9, clock=now, base_index=FIRST_METER, port=0)
+    head_end = _head_end(tmp_path_factory.mktemp("controls"), fleet, mdm,
+                         (ControlLimit("disconnect", "user", 1000, 60.0),))
+    yield head_end
+    _close(head_end, fleet)
+
+
+@pytest.fixture
+def limited(tmp_path, mdm):
+    """A head-end of its own whose rate limit allows 3 disconnects a minute per user."""
+    fleet = start_fleet(reactor, 3, clock=now, base_index=FIRST_METER + 20, port=0)
+    head_end = _head_end(tmp_path, fleet, mdm,
+                         (ControlLimit("disconnect", "user", 3, 60.0),
+                          ControlLimit("disconnect", "group", 100, 60.0)))
+    yield head_end
+    _close(head_end, fleet)
 
 
 def _served_client(base_url, history=None, **credentials):
@@ -181,31 +199,31 @@ async def test_a_disconnect_opens_the_relay_and_a_connect_closes_it(head_end):
     assert reply.Reply.Result == "OK", reply.Reply
     assert await _output_state(_device(head_end)) is True
     audit = await deferToThread(head_end.users.audit_entries)
-    assert [(a.action, a.outcome, a.subject) for a in audit if a.action.startswith("control.")] \
-        == [("control.disconnect", "success", meter), ("control.connect", "success", meter)]
+    assert [(a.action, a.outcome, a.subject) for a in audit
+            if a.action.startswith("control.") and a.subject == meter] == [("control.disconnect", "success", meter), ("control.connect", "success", meter)]
 
 
 @pytest_twisted.ensureDeferred
 async def test_many_devices_get_one_outcome_each_unknown_ones_2_4(head_end):
     history = HistoryPlugin()
     client = await deferToThread(_served_client, head_end.base_url, history)
-    meters = [m["mrid"] for m in head_end.meters[:2]]
+    meters = [m["mrid"] for m in head_end.meters[1:3]]
     reply = await deferToThread(
         client.service.CreateEndDeviceControls, Header=_header(),
         Payload={"EndDeviceControls": _control(DISCONNECT, [*meters, "no-such-meter"])})
     _last_body(history)
     assert reply.Reply.Result == "PARTIAL"
     assert _errors(reply) == [("2.4", None, "no-such-meter")]
-    for k in (0, 1):
+    for k in (1, 2):
         assert await _output_state(_device(head_end, k)) is False
-    assert await _output_state(_device(head_end, 2)) is True
+    assert await _output_state(_device(head_end, 8)) is True
 
 
 @pytest_twisted.ensureDeferred
 async def test_load_limit_clock_and_tou_are_carried_out_and_read_back(head_end):
     history = HistoryPlugin()
     client = await deferToThread(_served_client, head_end.base_url, history)
-    meter = head_end.meters[1]["mrid"]
+    meter = head_end.meters[3]["mrid"]
     at = (now() + timedelta(days=2)).replace(microsecond=0)
     for code, fields in (
             ("3.15.0.54", {"priceSignal": 5000, "primaryDeviceTiming": {"duration": 1.5}}),
@@ -225,7 +243,7 @@ async def test_load_limit_clock_and_tou_are_carried_out_and_read_back(head_end):
 async def test_the_reference_wsdls_client_calls_every_operation(head_end):
     history = HistoryPlugin()
     service = await deferToThread(_reference_client, head_end.base_url, history)
-    meter = head_end.meters[2]["mrid"]
+    meter = head_end.meters[4]["mrid"]
     later = (now() + timedelta(hours=1)).replace(microsecond=0)
     reply = await deferToThread(service.CreateEndDeviceControls, Header=_header(), Payload={
         "EndDeviceControls": _control(DISCONNECT, [meter], primaryDeviceTiming={
@@ -265,13 +283,13 @@ async def test_the_reference_wsdls_client_calls_every_operation(head_end):
         _last_body(history)
         assert (operation, reply.Reply.Result, [e.code for e in reply.Reply.Error]) == (
             operation, "FAILED", ["5.2"])
-    assert await _output_state(_device(head_end, 2)) is True
+    assert await _output_state(_device(head_end, 4)) is True
 
 
 @pytest_twisted.ensureDeferred
 async def test_an_asynchronous_disconnect_reports_to_the_reply_address(head_end, mdm):
     client = await deferToThread(_served_client, head_end.base_url)
-    meter = head_end.meters[0]["mrid"]
+    meter = head_end.meters[5]["mrid"]
     ack = await deferToThread(client.service.CreateEndDeviceControls, Header=_header(
         AsyncReplyFlag=True, ReplyAddress=f"{mdm.base}/mdm/ReplyEndDeviceControls",
         CorrelationID="corr-77"), Payload={"EndDeviceControls": _control(DISCONNECT, [meter])})
@@ -282,14 +300,14 @@ async def test_an_asynchronous_disconnect_reports_to_the_reply_address(head_end,
     assert outcome.header.correlation_id == "corr-77"
     assert outcome.reply.result is ReplyResult.OK, outcome.reply
     assert [d.mrid for d in outcome.controls[0].end_devices] == [meter]
-    assert await _output_state(_device(head_end)) is False
+    assert await _output_state(_device(head_end, 5)) is False
 
 
 @pytest_twisted.ensureDeferred
-async def test_a_disconnect_beyond_the_rate_limit_is_refused_3_2_and_audited(head_end):
+async def test_a_disconnect_beyond_the_rate_limit_is_refused_3_2_and_audited(limited):
     history = HistoryPlugin()
-    client = await deferToThread(_served_client, head_end.base_url, history)
-    meters = [m["mrid"] for m in head_end.meters]
+    client = await deferToThread(_served_client, limited.base_url, history)
+    meters = [m["mrid"] for m in limited.meters]
     # The limit: 3 disconnects a minute per user. Two now, then two more: one passes, one not.
     reply = await deferToThread(client.service.CreateEndDeviceControls, Header=_header(),
                                 Payload={"EndDeviceControls": _control(DISCONNECT, meters[:2])})
@@ -299,8 +317,8 @@ async def test_a_disconnect_beyond_the_rate_limit_is_refused_3_2_and_audited(hea
     _last_body(history)
     assert reply.Reply.Result == "PARTIAL"
     assert _errors(reply) == [("3.2", "control-rate-limited", meters[2])]
-    assert await _output_state(_device(head_end, 2)) is True
-    audit = await deferToThread(head_end.users.audit_entries)
+    assert await _output_state(_device(limited, 2)) is True
+    audit = await deferToThread(limited.users.audit_entries)
     refused = [a for a in audit if a.outcome == "refused" and a.action == "control.disconnect"]
     assert [(a.actor, a.subject) for a in refused] == [("mdm-test", meters[2])]
     assert "rate limit" in refused[0].detail
@@ -308,7 +326,7 @@ async def test_a_disconnect_beyond_the_rate_limit_is_refused_3_2_and_audited(hea
 
 @pytest_twisted.ensureDeferred
 async def test_a_user_without_the_role_is_refused_7_2_and_audited(head_end):
-    meter = head_end.meters[0]["mrid"]
+    meter = head_end.meters[6]["mrid"]
     for name, password, code in (("reader", "reader-password", DISCONNECT),
                                  ("switcher", "switcher-password", "3.15.0.55")):
         history = HistoryPlugin()
@@ -322,9 +340,10 @@ async def test_a_user_without_the_role_is_refused_7_2_and_audited(head_end):
         assert_controls_valid_everywhere(fault_message)
         reply = codec.decode_fault(fault_message)
         assert [e.code for e in reply.errors] == ["7.2"]
-    assert await _output_state(_device(head_end)) is True
+    assert await _output_state(_device(head_end, 6)) is True
     audit = await deferToThread(head_end.users.audit_entries)
-    assert [(a.actor, a.outcome) for a in audit if a.action == "CreateEndDeviceControls"] == [
+    assert [(a.actor, a.outcome) for a in audit if a.action == "CreateEndDeviceControls"
+                                 and a.actor in ("reader", "switcher")] == [
         ("reader", "refused"), ("switcher", "refused")]
 
 
@@ -335,7 +354,7 @@ async def test_an_unknown_control_type_is_refused_with_the_type_as_its_object(he
     with pytest.raises(zeep.exceptions.Fault) as caught:
         await deferToThread(client.service.CreateEndDeviceControls, Header=_header(),
                             Payload={"EndDeviceControls": _control(
-                                "3.31.0.99", [head_end.meters[0]["mrid"]])})
+                                "3.31.0.99", [head_end.meters[6]["mrid"]])})
     (fault_message,) = caught.value.detail
     assert_controls_valid_everywhere(fault_message)
     (error,) = codec.decode_fault(fault_message).errors
@@ -347,13 +366,13 @@ async def test_an_unknown_control_type_is_refused_with_the_type_as_its_object(he
 @pytest_twisted.ensureDeferred
 async def test_a_scheduled_disconnect_runs_at_its_time(head_end):
     client = await deferToThread(_served_client, head_end.base_url)
-    meter = head_end.meters[1]["mrid"]
+    meter = head_end.meters[7]["mrid"]
     soon = now() + timedelta(seconds=2)
     reply = await deferToThread(client.service.CreateEndDeviceControls, Header=_header(), Payload={
         "EndDeviceControls": _control(DISCONNECT, [meter], primaryDeviceTiming={
             "interval": {"start": soon}})})
     assert [e.code for e in reply.Reply.Error] == ["0.3"]
-    assert await _output_state(_device(head_end, 1)) is True  # not yet
+    assert await _output_state(_device(head_end, 7)) is True  # not yet
     (made,) = reply.Payload.EndDeviceControls.EndDeviceControl
     for _ in range(40):
         results = await head_end.controls.batch(made.mRID)
@@ -361,7 +380,7 @@ async def test_a_scheduled_disconnect_runs_at_its_time(head_end):
             break
         await deferLater(reactor, 0.5, lambda: None)
     assert [(m, o.status.value) for m, o in results] == [(meter, "done")]
-    assert await _output_state(_device(head_end, 1)) is False
+    assert await _output_state(_device(head_end, 7)) is False
 
 
 def test_every_control_action_has_a_role_and_a_mixed_request_needs_each():
