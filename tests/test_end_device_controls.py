@@ -239,11 +239,17 @@ async def test_load_limit_clock_and_tou_are_carried_out_and_read_back(head_end):
         assert (code, reply.Reply.Result, _errors(reply)) == (code, "OK", []), reply.Reply
 
 
+def _served_service(base_url, history):
+    return _served_client(base_url, history).service
+
+
+@pytest.mark.parametrize("make_service, k", [(_reference_client, 4), (_served_service, 8)],
+                         ids=["reference-wsdl", "served-wsdl"])
 @pytest_twisted.ensureDeferred
-async def test_the_reference_wsdls_client_calls_every_operation(head_end):
+async def test_a_client_of_either_wsdl_calls_every_operation(head_end, make_service, k):
     history = HistoryPlugin()
-    service = await deferToThread(_reference_client, head_end.base_url, history)
-    meter = head_end.meters[4]["mrid"]
+    service = await deferToThread(make_service, head_end.base_url, history)
+    meter = head_end.meters[k]["mrid"]
     later = (now() + timedelta(hours=1)).replace(microsecond=0)
     reply = await deferToThread(service.CreateEndDeviceControls, Header=_header(), Payload={
         "EndDeviceControls": _control(DISCONNECT, [meter], primaryDeviceTiming={
@@ -283,7 +289,7 @@ async def test_the_reference_wsdls_client_calls_every_operation(head_end):
         _last_body(history)
         assert (operation, reply.Reply.Result, [e.code for e in reply.Reply.Error]) == (
             operation, "FAILED", ["5.2"])
-    assert await _output_state(_device(head_end, 4)) is True
+    assert await _output_state(_device(head_end, k)) is True
 
 
 @pytest_twisted.ensureDeferred
