@@ -267,6 +267,8 @@ async def _tou(conversation: Conversation, parameters, now: Now, resumed: bool):
     obj = CALENDAR
     name = parameters["calendar_name"]
     activate_at = parameters.get("activate_at")
+    if activate_at is not None:  # a COSEM date-time holds hundredths
+        activate_at = activate_at.replace(microsecond=activate_at.microsecond // 10_000 * 10_000)
     wanted_time = _iso(activate_at) if activate_at is not None else None
     try:
         if resumed:
