@@ -114,7 +114,10 @@ async def test_control_mode_0_refuses_remote_disconnection(fleet):
 
 @pytest.mark.parametrize("kind, parameters", [
     (ControlKind.DISCONNECT, {}),
+    (ControlKind.CONNECT, {}),
+    (ControlKind.ARM, {}),
     (ControlKind.LOAD_LIMIT_SET, {"threshold_w": 5000, "duration_s": 30}),
+    (ControlKind.LOAD_LIMIT_CLEAR, {}),
     (ControlKind.CLOCK_SYNC, {}),
     (ControlKind.TOU_ACTIVATE, {"calendar_name": "T2", "activate_at": "2030-01-01T00:00:00+00:00"}),
 ])

@@ -234,3 +234,27 @@ async def test_bad_parameters_are_refused_before_anything_is_stored(fleet, store
         assert await store[1].call(dispatcher.jobs.requests) == []
     finally:
         dispatcher.stop()
+
+
+@pytest_twisted.ensureDeferred
+async def test_the_head_end_builds_the_service_and_audits_each_outcome(fleet, tmp_path):
+    from cimhes.endpoints.site import HeadEnd, HeadEndSettings
+
+    head_end = HeadEnd(reactor, HeadEndSettings(
+        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}",
+        secret_key_file=str(tmp_path / "secret.key"), engine=SETTINGS),
+        [DeviceAddress.from_inventory(m) for m in fleet.inventory()["meters"]])
+    try:
+        fleet.state(FIRST + 2).disconnector.control_mode = 0  # refuses
+        batch = await head_end.controls.execute([mrid(FIRST), mrid(FIRST + 2)], DISCONNECT,
+                                                user="op", correlation_id="c-7")
+        assert [o.status for o in batch.outcomes] == [ControlStatus.DONE, ControlStatus.REFUSED]
+        await head_end.store_runner.call(lambda: None)
+        trail = [(e.actor, e.action, e.outcome, e.subject, e.correlation_id)
+                 for e in head_end.users.audit_entries() if e.action.startswith("control.")]
+        assert sorted(trail) == [("op", "control.disconnect", "failure", mrid(FIRST + 2), "c-7"),
+                                 ("op", "control.disconnect", "success", mrid(FIRST), "c-7")]
+    finally:
+        head_end.dispatcher.stop()
+        head_end.store_runner.stop()
+        head_end.store.close()
