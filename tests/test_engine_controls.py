@@ -258,3 +258,37 @@ async def test_the_head_end_builds_the_service_and_audits_each_outcome(fleet, tm
         head_end.dispatcher.stop()
         head_end.store_runner.stop()
         head_end.store.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_controls_reach_meters_behind_a_concentrator(tmp_path):
+    from cimhes.drivers.security import HeadEndSecurity
+    from cimhes.engine.inventory import Inventory
+    from cimhes.engine.security import CounterStore, StoredCounters
+    from cimhes.fixtures.concentrator import start_concentrators
+
+    behind = FIRST + 100  # identities only: meters behind a concentrator listen nowhere
+    concentrators = start_concentrators(reactor, 1, 2, first_meter=behind,
+                                        hosts=["127.0.20.200"], port=0, latency=0.01,
+                                        security="mixed", clock=now)
+    store = Store(f"sqlite:///{tmp_path / 'concentrator.sqlite'}")
+    runner = StoreRunner(reactor, store)
+    try:
+        store.load_inventory(Inventory.from_json(concentrators.inventory()))
+        dispatcher = Dispatcher(reactor, runner, SETTINGS, session_limits=SessionLimits.of(5.0),
+                                connections_per_second=0,
+                                security=HeadEndSecurity(b"CIMHES01", StoredCounters(
+                                    runner, CounterStore(store))))
+        service = ControlService(reactor, runner, dispatcher)
+        dispatcher.start()
+        batch = await service.execute([mrid(behind), mrid(behind + 1)], DISCONNECT, user="op",
+                                      correlation_id=None)
+        assert [o.status for o in batch.outcomes] == [ControlStatus.DONE] * 2, batch
+        for k in (behind, behind + 1):
+            state = concentrators[0].meter(k).state
+            assert [c for _, c in state.recorded[meter_model.DISCONNECTOR_LOG]] == [62]
+        dispatcher.stop()
+    finally:
+        await concentrators.stop_all()
+        runner.stop()
+        store.close()
