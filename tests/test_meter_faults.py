@@ -59,7 +59,7 @@ CIPHERED = {"bad-auth-tag"}
 
 
 # Faults of controls only (reads are served as by a good meter): tests/test_controls_driver.py.
-CONTROL_FAULTS = {"refuse-controls"}
+CONTROL_FAULTS = {"refuse-controls", "lose-control-answers"}
 
 
 def test_every_fault_kind_has_a_test():
