@@ -9,7 +9,7 @@ already within tolerance and sends nothing (the meter's log keeps one clock adju
 """
 from __future__ import annotations
 
-import select
+import select as io_select
 import signal
 import subprocess
 import sys
@@ -79,7 +79,7 @@ async def test_a_control_killed_on_its_way_is_not_sent_again_by_the_next_process
                              stderr=subprocess.PIPE, text=True)
     runner = None
     try:
-        printed, _, _ = select.select([child.stdout], [], [], 60)
+        printed, _, _ = io_select.select([child.stdout], [], [], 60)
         assert printed, "the child engine printed no batch id within 60 s"
         batch_id = child.stdout.readline().strip()
         assert batch_id.startswith("control:"), batch_id
