@@ -44,10 +44,12 @@ from cimhes.endpoints.session_options import add_session_options, ensure_descrip
 
 DEMO_USER = "demo"
 from cimhes.endpoints.db import add_db_commands, run_db_command
+from cimhes.endpoints import config
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="cimhes", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"cimhes {_version()}")
     commands = parser.add_subparsers(dest="command", required=True)
 
     demo = commands.add_parser(
@@ -94,6 +96,14 @@ def main(argv: list[str] | None = None) -> int:
     add_admin_commands(commands, "var/cimhes.sqlite")
     add_db_commands(commands)
     add_engine_commands(commands, "var/cimhes.sqlite")
+    configured = {name: commands.choices[name] for name in config.COMMANDS}
+    for command in configured.values():
+        config.add_config_options(command)
+    shown = commands.add_parser(
+        "config", help="the configuration file: `config show [serve|demo|collect [FLAGS]]`")
+    shown.add_argument("action", choices=["show"])
+    shown.add_argument("flags", nargs=argparse.REMAINDER,
+                       help="a command and its flags (--config FILE among them)")
 
     commands.add_parser("simulate", help="a fleet of simulated IDIS meters (see simulate -h)",
                         add_help=False)
@@ -107,8 +117,16 @@ def main(argv: list[str] | None = None) -> int:
     if argv[:1] == ["simulate"]:
         from cimhes.fixtures.fleet import simulate_main
         return simulate_main(argv[1:])
-    args = parser.parse_args(argv)
-    start_logging(logging.INFO)
+    try:
+        if argv[:2] == ["config", "show"]:
+            print(config.show(configured, argv[2:]))
+            return 0
+        args = config.parse(parser, configured, argv)
+    except config.ConfigError as exc:
+        print(f"cimhes: error: {exc}", file=sys.stderr)
+        return 2
+    start_logging(getattr(args, "log_level", "info"),
+                  json_lines=getattr(args, "log_format", "text") == "json")
     # Alembic narrates its set-up at INFO; cimhes.engine.schema logs what an upgrade applied.
     logging.getLogger("alembic").setLevel(logging.WARNING)
     # Imported here: `simulate` needs no database, and starts faster without one.
@@ -132,6 +150,15 @@ def main(argv: list[str] | None = None) -> int:
         # A locked or unreachable database: one line, never the SQL and its parameters.
         print(f"cimhes {args.command}: error: {redaction.summary(exc)}", file=sys.stderr)
         return 2
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cimhes")
+    except PackageNotFoundError:  # run from a tree that was never installed
+        return "unknown"
 
 
 def _database_url(value: str) -> str:

@@ -2,7 +2,7 @@
 verb, Reply.Result (FAULT for a SOAP Fault), HTTP status, duration, CorrelationID, peer.
 
 Called by `SoapResource` as its observer; the fields go into the log record's ``extra`` so the
-JSON log format (endpoints/logs.py) writes each as its own key.
+JSON log format (endpoints/process_log.py) writes each as its own key.
 """
 from __future__ import annotations
 

@@ -17,6 +17,7 @@ Either way it is acknowledged and the queue moves on; the consumer keeps consumi
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 from collections.abc import Callable, Mapping
 from datetime import datetime, timezone
@@ -32,6 +33,8 @@ from cimhes.cim.message import Error, ErrorCode, Header, Reply, ReplyResult, Ver
 from cimhes.queue.topology import REASON_HEADER, REQUESTS_DEAD, declare_requests
 
 log = logging.getLogger("cimhes.queue.requests")
+# One line per request, as the SOAP door's (endpoints/request_log.py), under the same name.
+request_log = logging.getLogger("cimhes.requests")
 
 DEFAULT_PREFETCH = 20  # requests in work at once per consumer channel (README, "Limits")
 SOURCE = "cimhes"
@@ -59,6 +62,22 @@ def _reply_of_fault(fault) -> Reply | None:
     detail = getattr(fault, "detail", None)
     node = None if detail is None else detail.find("{*}Reply")
     return None if node is None else decode_reply(node)
+
+
+def _log_request(props, root, noun, correlation_id, answer, error, started) -> None:
+    if error is not None:
+        result = "FAILED" if props.reply_to else "DEAD-LETTERED"
+    else:
+        found = answer.findtext("{*}Reply/{*}Result") if answer is not None else None
+        result = (found or "?").strip()
+    seconds = time.monotonic() - started
+    verb = (_header_text(root, "Verb") or "")[:16] or None
+    fields = {"user": props.user_id or None, "transport": "amqp", "noun": noun[:64] or None,
+              "verb": verb, "result": result, "duration_ms": round(seconds * 1000, 1),
+              "correlation_id": (correlation_id or "")[:128] or None,
+              "error_code": str(error.code) if error is not None else None}
+    request_log.info("amqp request %s %s %s -> %s in %.1f ms", fields["user"] or "-",
+                     verb or "-", fields["noun"] or "-", result, seconds * 1000, extra=fields)
 
 
 class RequestConsumer:
@@ -97,6 +116,7 @@ class RequestConsumer:
     @inlineCallbacks
     def _handle(self, message):
         channel, method, props = message.channel, message.method, message.properties
+        started = time.monotonic()
         root = None
         error: Error | None = None
         answer = None
@@ -146,6 +166,7 @@ class RequestConsumer:
             self.counts["dead-lettered"] += 1
             log.warning("AMQP request dead-lettered: %s", reason)
         channel.basic_ack(method.delivery_tag)
+        _log_request(props, root, noun, correlation_id, answer, error, started)
 
     def _reply(self, channel, props, correlation_id, element):
         if not props.reply_to:
