@@ -40,6 +40,7 @@ from cimhes.endpoints.amqp_options import add_amqp_options, amqp_settings
 from cimhes.endpoints.facade_options import add_facade_options, facade_settings
 from cimhes.endpoints.limit_options import add_limit_options, limit_settings
 from cimhes.endpoints.push_options import DEMO_PUSH_PORT, add_push_options, listen_for_pushes
+from cimhes.endpoints.reply_options import add_reply_options, reply_settings
 from cimhes.endpoints.session_options import add_session_options, ensure_descriptors, session_settings
 
 DEMO_USER = "demo"
@@ -70,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     add_session_options(demo)
     add_engine_options(demo)
     add_limit_options(demo)
+    add_reply_options(demo)
     _tls_arguments(demo)
     add_facade_options(demo)
     add_amqp_options(demo)
@@ -88,6 +90,7 @@ def main(argv: list[str] | None = None) -> int:
     add_session_options(serve)
     add_engine_options(serve)
     add_limit_options(serve)
+    add_reply_options(serve)
     _tls_arguments(serve)
     add_facade_options(serve)
     add_amqp_options(serve)
@@ -236,7 +239,8 @@ def _settings(args):
                            engine=engine_settings(args),
                            schedules_file=getattr(args, "schedules", None),
                            **session_settings(args), **facade_settings(args),
-                           **limit_settings(args), **amqp_settings(args))
+                           **limit_settings(args), **amqp_settings(args),
+                           **reply_settings(args))
 
 
 def _read_inventory(path: Path):

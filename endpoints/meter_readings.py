@@ -41,6 +41,7 @@ from cimhes.engine.admission import Admission, Refused
 from cimhes.engine.reading import ReadOutcome
 from cimhes.engine.reading_sources import ReadingRequestService
 from cimhes.engine import request_log
+from cimhes.engine.garbage_collection import release_memory_soon
 from cimhes.engine.store import StoreRunner
 
 WSDL_NAME = "GetMeterReadings"
@@ -76,6 +77,10 @@ class ReadingRequestLimits:
     # Values (register readings + interval readings) in one reply message; a larger outcome is
     # split into several messages (Header.Property MessageIndex/MessageCount, Error 0.1).
     max_values_per_message: int = 50_000
+    # A request for more meters than this leaves its values in the store and each reply part
+    # is built from there, one at a time (engine/reading_sources.py, StoredAnswer), so its
+    # memory is one part's, not all its values.
+    stream_above_meters: int = 50
 
 
 class GetMeterReadingsDoor:
@@ -120,7 +125,7 @@ class GetMeterReadingsDoor:
 
         timer = self._reactor.callLater(self._limits.sync_time_limit,
                                         lambda: answer.called or answer.callback(None))
-        self._readings.read(request).addBoth(done)
+        self._readings.read(request, self._limits.stream_above_meters).addBoth(done)
         return answer
 
     @inlineCallbacks
@@ -181,7 +186,13 @@ class GetMeterReadingsDoor:
                 ReplyResult.FAILED, errors=(Error(
                     code=ErrorCode.INVALID_PARAMETER, reason=f"Request.Option Page is "
                     f"{request.page}, but the reply has {len(parts)} part(s)"),)), ())))
-        return (yield encode_off_the_reactor(parts[request.page - 1]))
+        large = outcome.in_store is not None
+        try:
+            part = yield self._filled(outcome, parts[request.page - 1])
+            return (yield encode_off_the_reactor(part))
+        finally:
+            if large:  # once the part is written, give what it took back to the system
+                release_memory_soon(self._reactor)
 
     def _response(self, request, reply: Reply, meter_readings, properties=()) -> MeterReadingsResponse:
         header = replace(reply_header(request.header, self._now(), source=SOURCE),
@@ -193,8 +204,14 @@ class GetMeterReadingsDoor:
         each part says which it is (Header.Property MessageIndex, MessageCount), each but the
         last carries Error 0.1 (more to follow) naming the way to the next, every part the
         outcome's Result and Errors."""
-        chunks = split_into_messages(outcome.meter_readings, self._limits.max_values_per_message)
-        if len(chunks) == 1:
+        if outcome.in_store is not None:
+            # Placeholders: the slices of each part; `_filled` reads their values when the
+            # part is sent.
+            chunks = outcome.in_store.plan(self._limits.max_values_per_message)
+        else:
+            chunks = split_into_messages(outcome.meter_readings,
+                                         self._limits.max_values_per_message)
+        if len(chunks) == 1 and outcome.in_store is None:
             return [self._response(request, Reply(outcome.result, errors=tuple(outcome.errors)),
                                    outcome.meter_readings)]
         parts = []
@@ -212,6 +229,16 @@ class GetMeterReadingsDoor:
                 ((MESSAGE_INDEX_PROPERTY, str(index)), (MESSAGE_COUNT_PROPERTY, str(len(chunks))))))
         return parts
 
+    @inlineCallbacks
+    def _filled(self, outcome, part: MeterReadingsResponse):
+        """The part with its MeterReadings: as planned, or read from the store for an answer
+        left there (only this part's values are in memory)."""
+        if outcome.in_store is None:
+            return part
+        meter_readings = yield self._store.call_bulk(outcome.in_store.part, self._store.store,
+                                                     part.meter_readings)
+        return replace(part, meter_readings=tuple(meter_readings))
+
     def _record(self, logged: int, outcome):
         return self._store.call(request_log.answered, self._store.store, logged,
                                 replied_at=self._now(), result=outcome.result.value,
@@ -222,15 +249,18 @@ class GetMeterReadingsDoor:
     def _read_then_reply(self, request, logged, admitted):
         """The asynchronous half: read, then post the outcome to the ReplyAddress."""
         try:
-            outcome = yield self._readings.read(request)
+            outcome = yield self._readings.read(request, self._limits.stream_above_meters)
         finally:
             admitted.release()
         header = request.header
         for part in self._parts(request, outcome):  # one callback per part, in order
-            element = yield encode_off_the_reactor(part)
+            element = yield encode_off_the_reactor((yield self._filled(outcome, part)))
             yield self._replies.send(header.reply_address, element,
                                      header.correlation_id or header.message_id)
+            del element
         yield self._record(logged, outcome)
+        if outcome.in_store is not None:
+            release_memory_soon(self._reactor)
 
 
 def get_meter_readings_application(door: GetMeterReadingsDoor):

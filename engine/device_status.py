@@ -212,7 +212,7 @@ class DeviceOutcomeRecorder:
         self._writing = bool(batch)
         if not batch:
             return
-        written = self._runner.call(self._statuses.record, batch)
+        written = self._runner.call_bulk(self._statuses.record, batch)
         written.addErrback(lambda f: log.error("storing device status failed: %s",
                                                redaction.log_line(f)))
         written.addBoth(lambda _: self._write_queued())

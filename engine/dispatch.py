@@ -57,6 +57,9 @@ from cimhes.engine.store import ReadingWriter, StoreRunner
 
 log = logging.getLogger(__name__)
 
+URGENT_CLAIM = 50  # a new request of at most this many jobs is claimed at once (`wake`)
+SETTLE_BATCH = 200  # job outcomes written per store transaction
+
 # AARE result 1: rejected-permanent (a wrong password stays wrong): not worth a retry.
 _REJECTED_PERMANENT = 1
 
@@ -258,10 +261,23 @@ class Dispatcher:
     def security(self) -> HeadEndSecurity | None:
         return self._security
 
-    def wake(self) -> None:
-        """New or due jobs may be in the store: claim and dispatch what the limits allow."""
+    def wake(self, job_ids=None) -> None:
+        """New or due jobs may be in the store: claim and dispatch what the limits allow.
+        `job_ids` of a small new request (at most URGENT_CLAIM) are claimed at once, even
+        when the prefetched queue is full of a large request's jobs, so they wait in the
+        FairQueue for their turn rather than for room in it."""
         if self._stopped:
             return
+        if job_ids is not None and 0 < len(job_ids) <= URGENT_CLAIM:
+            claimed = self._runner.call(self.jobs.claim, self.engine_id, len(job_ids),
+                                        self._now(), only=list(job_ids))
+
+            def got(result):
+                for job in result[0]:
+                    self._queue.push(job)
+                self._dispatch()
+            claimed.addCallback(got).addErrback(
+                lambda f: log.error("claiming jobs failed: %s", redaction.log_line(f)))
         self._dispatch()
         self._claim()
 
@@ -358,7 +374,7 @@ class Dispatcher:
             if isinstance(result, Failure):
                 self._failed(batch, result.value)
                 return None
-            stored = self._writer.save(result.meter_reading)
+            stored = self._writer.save(result.meter_reading, batch[0].request_key)
             stored.addBoth(lambda saved: self._read(batch, result, saved))
             return None
         reading.addBoth(ended)
@@ -411,11 +427,25 @@ class Dispatcher:
             self._settle_next()
 
     def _settle_next(self) -> None:
-        batch, self._settling = self._settling, []
+        # At most SETTLE_BATCH jobs a transaction, taken round-robin between requests: a small
+        # request's job is in the next batch, not behind a large one's backlog.
+        by_request: dict[str, deque] = {}
+        for item in self._settling:
+            by_request.setdefault(item[0].request_key, deque()).append(item)
+        batch = []
+        while by_request and len(batch) < SETTLE_BATCH:
+            for key in list(by_request):
+                batch.append(by_request[key].popleft())
+                if not by_request[key]:
+                    del by_request[key]
+                if len(batch) >= SETTLE_BATCH:
+                    break
+        taken = {id(item) for item in batch}
+        self._settling = [item for item in self._settling if id(item) not in taken]
         self._settle_running = bool(batch)
         if not batch:
             return
-        settled = self._runner.call(self._decide_and_settle, batch, self._now())
+        settled = self._runner.call_bulk(self._decide_and_settle, batch, self._now())
 
         def apply(result):
             if isinstance(result, Failure):

@@ -12,7 +12,7 @@ from __future__ import annotations
 import logging
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timezone
 
 from twisted.internet.defer import gatherResults, inlineCallbacks
@@ -47,6 +47,8 @@ from cimhes.engine.store import StoreRunner
 
 log = logging.getLogger(__name__)
 
+BULK_JOBS = 50  # jobs of one request above which their creation is bulk work for the store
+
 # The CIM Reply.Error code for each kind of device failure (codes: cimhes.cim.message.ErrorCode).
 DEVICE_ERROR_CODES: dict[type[DeviceError], ErrorCase] = {
     Timeout: ErrorCode.DEVICE_TIMEOUT,
@@ -76,12 +78,17 @@ class ReadOutcome:
     errors: list[Error] = field(default_factory=list)
     devices_asked: int = 0
     devices_failed: int = 0
+    # The mRIDs that gave values (also when their values were handed on, not kept here).
+    answered: list[str] = field(default_factory=list)
+    # A large request's values are left in the store and the reply is built from it part by
+    # part (engine/reading_sources.py, StoredAnswer); then `meter_readings` is empty.
+    in_store: object | None = None
 
     @property
     def result(self) -> ReplyResult:
         if not self.errors:
             return ReplyResult.OK
-        if not self.meter_readings:
+        if not self.meter_readings and not (self.in_store is not None and self.in_store):
             return ReplyResult.FAILED
         return ReplyResult.PARTIAL
 
@@ -122,7 +129,11 @@ class MeterReadingService:
         return self.dispatcher.bounds.open
 
     @inlineCallbacks
-    def read(self, request: GetMeterReadings):
+    def read(self, request: GetMeterReadings,
+             on_reading: Callable[[DeviceAddress, MeterReading, bool], None] | None = None):
+        """Deferred[ReadOutcome]. With `on_reading`, each device's MeterReading is handed to it
+        as soon as its job finishes (with whether it was stored) and not kept in the outcome,
+        so a request's memory does not grow with the values of all its meters."""
         outcome = ReadOutcome()
         reading_types = readable_reading_types(request.reading_types, request.start is not None,
                                                 outcome.errors)
@@ -141,18 +152,31 @@ class MeterReadingService:
         jobs = [NewJob(device.mrid, tuple(reading_types), request.start, request.end,
                        route=routes.get(device.mrid))
                 for device in devices]
-        ids, _ = yield self._store.call(
+        # A large request's job rows go in the store's bulk lane, behind small requests' work.
+        submit = self._store.call_bulk if len(jobs) > BULK_JOBS else self._store.call
+        ids, _ = yield submit(
             self.dispatcher.jobs.create_request, f"on-demand:{uuid.uuid4()}", "on-demand", jobs,
             priority=Priority.ON_DEMAND, max_attempts=settings.on_demand_attempts,
             now=self._now())
+        def hand_on(job, device):
+            if job.result is not None:
+                on_reading(device, job.result.meter_reading, job.error is None)
+                job.result = replace(job.result, meter_reading=None)
+            return job
+
         waiting = [self.dispatcher.wait(job_id) for job_id in ids]
-        self.dispatcher.wake()
+        if on_reading is not None:
+            for waiter, device in zip(waiting, devices):
+                waiter.addCallback(hand_on, device)
+        self.dispatcher.wake(ids)
         results = yield gatherResults(waiting)
 
         not_stored = [r for r in results if r.result is not None and r.error is not None]
         for device, job in zip(devices, results):
             if job.result is not None:
-                outcome.meter_readings.append(job.result.meter_reading)
+                outcome.answered.append(device.mrid)
+                if on_reading is None:
+                    outcome.meter_readings.append(job.result.meter_reading)
                 # Types the device could not serve are errors on it; its other values stand.
                 outcome.errors.extend(_device_error(device, error) for error in job.result.errors)
             else:

@@ -16,17 +16,25 @@
    fewer stored intervals than the window holds.
 
 A value read for a UsagePoint carries the UsagePoint in its MeterReading.
+
+A large request (more meters than ``stream_above``) is served without holding its values: the
+store pass looks at ``STORE_BATCH`` slices at a time and keeps only what is missing, each
+meter's values are handed on (published) as its job finishes and left in the store, and the
+outcome is a :class:`StoredAnswer`: the slices that have values and how many each has, counted
+in the store. The door builds each reply part from the store (``StoredAnswer.part``), one part
+at a time; a later page, which reads the store alone, counts the same way, so every page of
+one request agrees on the parts.
 """
 from __future__ import annotations
 
 import logging
 from collections import defaultdict
 from collections.abc import Sequence
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 
-from sqlalchemy import select
+from sqlalchemy import func, select
 from twisted.internet.defer import DeferredList, inlineCallbacks, maybeDeferred
 
 from cimhes.cim.message import Error, ErrorCode
@@ -178,6 +186,122 @@ def _merge(stored: MeterReading | None, read: MeterReading | None) -> MeterReadi
         for code, rows in blocks.items()), values_interval=read.values_interval or stored.values_interval)
 
 
+STORE_BATCH = 500  # slices looked up in the store per unit of work (bounded memory, short)
+PUBLISH_BATCH = 20_000  # values read from meters handed to `on_read` at once
+
+
+def _values_of(meter_reading: MeterReading) -> int:
+    return len(meter_reading.readings) + sum(len(b.readings) for b in meter_reading.interval_blocks)
+
+
+def _missing_and_counts(store: Store, slices: Sequence[Slice], reading_types: Sequence[str]):
+    """For each slice: the reading types the store cannot answer completely, and how many
+    values `stored_meter_readings` would give for it (the same windows, counted in SQL: one
+    per register type with a value, every interval row), without loading a value. Two
+    GROUP BY queries per window the slices share."""
+    codes = list(reading_types)
+    interval_codes = [c for c in codes if is_interval(c)]
+    register_codes = [c for c in codes if c not in interval_codes]
+    have: dict[tuple[int, str], int] = {}  # (slice index, code) -> values
+    with store._session() as session:  # noqa: SLF001 (a unit of work on the store's thread)
+        mrids = {s.device.mrid for s in slices}
+        ids = dict(session.execute(select(Device.mrid, Device.id)
+                                   .where(Device.mrid.in_(mrids))).all())
+        by_window: dict[tuple, dict[int, list[int]]] = defaultdict(lambda: defaultdict(list))
+        for index, piece in enumerate(slices):
+            device_id = ids.get(piece.device.mrid)
+            if device_id is not None:
+                by_window[(piece.start, piece.end)][device_id].append(index)
+        for (start, end), devices in by_window.items():
+            window, register_window = _windows(Slice(None, start, end))
+            queries = []
+            if register_codes:  # a register type counts once if it has a value in the window
+                queries.append((register_codes, register_window, func.min(1)))
+            if interval_codes:
+                queries.append((interval_codes, window, func.count()))
+            for kinds, terms, measure in queries:
+                for device_id, code, count in session.execute(
+                        select(ReadingRecord.device_id, ReadingRecord.reading_type, measure)
+                        .where(ReadingRecord.device_id.in_(list(devices)),
+                               ReadingRecord.reading_type.in_(kinds), *terms)
+                        .group_by(ReadingRecord.device_id, ReadingRecord.reading_type)):
+                    for index in devices[device_id]:
+                        have[(index, code)] = count
+    out = []
+    for index, piece in enumerate(slices):
+        counts = {code: have[(index, code)] for code in codes if (index, code) in have}
+        out.append((_missing_of(counts, piece, codes), sum(counts.values())))
+    return out
+
+
+def _windows(piece: Slice) -> tuple[list, list]:
+    """The WHERE terms of a slice's interval window and register window (as
+    `stored_meter_readings` uses them)."""
+    window = []
+    if piece.start is not None:
+        window.append(ReadingRecord.timestamp > piece.start)
+    register_window = list(window)
+    if piece.end is not None:
+        window.append(ReadingRecord.timestamp <= piece.end)
+        register_window.append(ReadingRecord.timestamp <= piece.end + CLOCK_TOLERANCE)
+    return window, register_window
+
+
+def _missing_of(have: dict[str, int], piece: Slice, reading_types: Sequence[str]) -> list[str]:
+    """`missing_reading_types` from counts per reading type."""
+    missing = []
+    for code in reading_types:
+        if is_interval(code):
+            expected = (None if piece.start is None or piece.end is None
+                        else expected_intervals(code, piece.start, piece.end))
+            if expected is None or have.get(code, 0) < expected:
+                missing.append(code)
+        elif piece.start is None or piece.end is None or code not in have:
+            missing.append(code)
+    return missing
+
+
+@dataclass
+class StoredAnswer:
+    """A request's answer left in the store: the slices with values (in reply order), how many
+    values each has, and the few MeterReadings that were read but could not be stored."""
+
+    slices: list[Slice]
+    counts: list[int]
+    reading_types: tuple[str, ...]
+    unstored: dict[int, MeterReading] = field(default_factory=dict)
+
+    def __bool__(self) -> bool:
+        return bool(self.slices)
+
+    def plan(self, max_values: int) -> list[list[int]]:
+        """The slices of each reply part: consecutive, at most `max_values` values a part, a
+        meter's slice never cut (one larger than the limit is a part of its own)."""
+        parts: list[list[int]] = [[]]
+        count = 0
+        for index, values in enumerate(self.counts):
+            if parts[-1] and count + values > max_values:
+                parts.append([])
+                count = 0
+            parts[-1].append(index)
+            count += values
+        return parts
+
+    def part(self, store: Store, indexes: Sequence[int]) -> list[MeterReading]:
+        """The MeterReadings of one part, read from the store (on the store's thread)."""
+        pieces = [self.slices[i] for i in indexes]
+        stored = stored_meter_readings(store, pieces, self.reading_types)
+        out = []
+        for position, (index, piece) in enumerate(zip(indexes, pieces)):
+            meter_reading = _merge(stored.get(position), self.unstored.get(index))
+            if meter_reading is None:
+                continue
+            if piece.usage_point is not None:
+                meter_reading = replace(meter_reading, usage_point=piece.usage_point)
+            out.append(meter_reading)
+        return out
+
+
 # ------------------------------------------------------------------------------ the service
 
 
@@ -192,7 +316,9 @@ class ReadingRequestService:
         self._on_read = on_read
 
     @inlineCallbacks
-    def read(self, request: GetMeterReadings):
+    def read(self, request: GetMeterReadings, stream_above: int | None = None):
+        """Deferred[ReadOutcome]. With more slices than `stream_above` (and ReadingTypes named)
+        the values stay in the store and the outcome's `in_store` says where (StoredAnswer)."""
         outcome = ReadOutcome()
         reading_types = readable_reading_types(request.reading_types, request.start is not None,
                                             outcome.errors)
@@ -202,6 +328,8 @@ class ReadingRequestService:
         if not slices:
             outcome.devices_asked = outcome.devices_failed
             return outcome
+        if stream_above is not None and reading_types and len(slices) > stream_above:
+            return (yield self._read_into_store(request, outcome, slices, reading_types))
 
         stored: dict[int, MeterReading] = {}
         to_read: dict[tuple, list[int]] = defaultdict(list)  # (start, end, types) -> slices
@@ -221,13 +349,7 @@ class ReadingRequestService:
                 if not missing:
                     continue
                 if request.source is ReadingSource.STORE:
-                    for code in missing:
-                        outcome.errors.append(Error(
-                            code=ErrorCode.DATA_UNAVAILABLE,
-                            reason=f"the store holds no complete {code} for EndDevice "
-                                   f"{piece.device.mrid} in the window, and the request's "
-                                   f"DataSource is 'store'", details=f"EndDevice {piece.device.mrid}",
-                            id=code, object_type="ReadingType"))
+                    outcome.errors.extend(self._unavailable(piece, code) for code in missing)
                 else:
                     to_read[(piece.start, piece.end, tuple(missing))].append(index)
 
@@ -263,6 +385,102 @@ class ReadingRequestService:
         outcome.devices_asked = len({s.device.mrid for s in slices}) + outcome.devices_failed
         outcome.devices_failed += len({slices[i].device.mrid for i in failed} - answered)
         return outcome
+
+    @inlineCallbacks
+    def _read_into_store(self, request, outcome: ReadOutcome, slices: list[Slice],
+                         reading_types: list[str]):
+        """`read` for a large request: the same answer, left in the store (see the module)."""
+        to_read: dict[tuple, list[int]] = defaultdict(list)
+        counts: list[int] = [0] * len(slices)
+        if request.source is ReadingSource.METER:
+            for index, piece in enumerate(slices):
+                to_read[(piece.start, piece.end, tuple(reading_types))].append(index)
+        else:
+            for first in range(0, len(slices), STORE_BATCH):
+                batch = slices[first:first + STORE_BATCH]
+                found = yield self._store.call_bulk(_missing_and_counts, self._store.store,
+                                                    batch, reading_types)
+                for index, (missing, count) in enumerate(found, start=first):
+                    counts[index] = count
+                    piece = slices[index]
+                    if not missing:
+                        continue
+                    if request.source is ReadingSource.STORE:
+                        outcome.errors.extend(self._unavailable(piece, code) for code in missing)
+                    else:
+                        to_read[(piece.start, piece.end, tuple(missing))].append(index)
+
+        unstored: dict[int, MeterReading] = {}
+        fresh: list[MeterReading] = []
+        fresh_values = [0]
+
+        def publish(batch):
+            if self._on_read is not None and batch:
+                maybeDeferred(self._on_read, batch).addErrback(
+                    lambda f: log.error("telling of new readings failed: %s", f.getTraceback()))
+
+        def handed_on(indexes):
+            by_mrid: dict[str, list[int]] = defaultdict(list)
+            for index in indexes:
+                by_mrid[slices[index].device.mrid].append(index)
+
+            def on_reading(device, meter_reading, stored):
+                for index in by_mrid.get(device.mrid, ()):
+                    piece = slices[index]
+                    if not stored:  # kept: the caller still gets what was read
+                        unstored[index] = meter_reading
+                    fresh.append(replace(meter_reading, usage_point=piece.usage_point))
+                    fresh_values[0] += _values_of(meter_reading)
+                if fresh_values[0] >= PUBLISH_BATCH:
+                    batch, fresh[:] = list(fresh), []
+                    fresh_values[0] = 0
+                    publish(batch)
+            return on_reading
+
+        keys = list(to_read)
+        failed: set[int] = set()
+        results = yield DeferredList([self._meters.read(GetMeterReadings(
+            header=request.header, end_devices=tuple(slices[i].device for i in to_read[key]),
+            reading_types=key[2], start=key[0], end=key[1], source=ReadingSource.METER),
+            on_reading=handed_on(to_read[key])) for key in keys],
+            fireOnOneErrback=True, consumeErrors=True)
+        publish(list(fresh))
+        del fresh[:]
+        for key, (_ok, part) in zip(keys, results):
+            outcome.errors.extend(part.errors)
+            answered_here = set(part.answered)
+            failed.update(i for i in to_read[key] if slices[i].device.mrid not in answered_here)
+
+        # What each slice has now, counted in the store as a later page counts it (nothing
+        # was read: the first pass's counts are that already).
+        if keys:
+            counts = []
+            for first in range(0, len(slices), STORE_BATCH):
+                found = yield self._store.call_bulk(_missing_and_counts, self._store.store,
+                                                    slices[first:first + STORE_BATCH],
+                                                    reading_types)
+                counts.extend(count for _missing, count in found)
+        kept = [i for i in range(len(slices)) if counts[i] or i in unstored]
+        renumber = {old: new for new, old in enumerate(kept)}
+        outcome.in_store = StoredAnswer(
+            slices=[slices[i] for i in kept],
+            counts=[counts[i] + (_values_of(unstored[i]) if i in unstored else 0)
+                    for i in kept],
+            reading_types=tuple(reading_types),
+            unstored={renumber[i]: m for i, m in unstored.items()})
+        answered = {slices[i].device.mrid for i in kept}
+        outcome.answered = sorted(answered)
+        outcome.devices_asked = len({s.device.mrid for s in slices}) + outcome.devices_failed
+        outcome.devices_failed += len({slices[i].device.mrid for i in failed} - answered)
+        return outcome
+
+    @staticmethod
+    def _unavailable(piece: Slice, code: str) -> Error:
+        return Error(code=ErrorCode.DATA_UNAVAILABLE,
+                     reason=f"the store holds no complete {code} for EndDevice "
+                            f"{piece.device.mrid} in the window, and the request's "
+                            f"DataSource is 'store'", details=f"EndDevice {piece.device.mrid}",
+                     id=code, object_type="ReadingType")
 
     @inlineCallbacks
     def _slices(self, request: GetMeterReadings, outcome: ReadOutcome):

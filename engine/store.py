@@ -7,6 +7,7 @@ thread keeps writes ordered without lock contention.
 """
 from __future__ import annotations
 
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
@@ -34,7 +35,6 @@ from sqlalchemy.exc import ArgumentError, NoSuchModuleError, SQLAlchemyError
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, sessionmaker
 from sqlalchemy.types import TypeDecorator
 from twisted.internet.defer import Deferred
-from twisted.internet.threads import deferToThreadPool
 from twisted.python.failure import Failure
 from twisted.python.threadpool import ThreadPool
 
@@ -665,22 +665,52 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
 
 
 class StoreRunner:
-    """Runs `Store` methods off the reactor thread, one at a time, and returns Deferreds."""
+    """Runs `Store` methods off the reactor thread, one at a time, and returns Deferreds.
+
+    Two lanes: `run`/`call` (a request's own lookups and small writes) go ahead of
+    `run_bulk`/`call_bulk` (batched writes of readings, job outcomes, device status), so a
+    small request waits for at most the one bulk batch being written, not for a large
+    request's whole backlog (engine/dispatch.py, "Order")."""
 
     def __init__(self, reactor, store: Store):
         self.store = store
         self._reactor = reactor
+        self._lanes: tuple[deque, deque] = (deque(), deque())  # first, bulk
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="cimhes-store")
         self._pool.start()
         reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
     def run(self, method_name: str, *args, **kwargs) -> Deferred:
-        method = getattr(self.store, method_name)
-        return deferToThreadPool(self._reactor, self._pool, method, *args, **kwargs)
+        return self._queue(0, getattr(self.store, method_name), args, kwargs)
 
     def call(self, function, *args, **kwargs) -> Deferred:
         """Run a blocking callable (a unit of work on this store) on the store's thread."""
-        return deferToThreadPool(self._reactor, self._pool, function, *args, **kwargs)
+        return self._queue(0, function, args, kwargs)
+
+    def run_bulk(self, method_name: str, *args, **kwargs) -> Deferred:
+        return self._queue(1, getattr(self.store, method_name), args, kwargs)
+
+    def call_bulk(self, function, *args, **kwargs) -> Deferred:
+        """`call` in the bulk lane: after every unit of work queued by `call`/`run`."""
+        return self._queue(1, function, args, kwargs)
+
+    def _queue(self, lane: int, function, args, kwargs) -> Deferred:
+        done = Deferred()
+        self._lanes[lane].append((done, function, args, kwargs))
+        # One pool task per queued unit; each runs whichever unit comes first at that time.
+        self._pool.callInThread(self._next)
+        return done
+
+    def _next(self) -> None:  # on the store's thread
+        lane = self._lanes[0] if self._lanes[0] else self._lanes[1]
+        done, function, args, kwargs = lane.popleft()
+        try:
+            result = function(*args, **kwargs)
+        except BaseException:  # noqa: BLE001 (handed to the Deferred, as deferToThread does)
+            failure = Failure()
+            self._reactor.callFromThread(done.errback, failure)
+        else:
+            self._reactor.callFromThread(done.callback, result)
 
     def stop(self) -> None:
         if self._pool.started:
@@ -696,26 +726,45 @@ class ReadingWriter:
     instead of following the last answer.
     """
 
+    MAX_BATCH_VALUES = 20_000
+
     def __init__(self, runner: StoreRunner, now):
         self._runner = runner
         self._now = now
-        self._queued: list[tuple[MeterReading, Deferred]] = []
+        # Waiting readings per key (the request they serve), taken round-robin into batches.
+        self._queued: dict[object, deque[tuple[MeterReading, Deferred]]] = {}
         self._writing = False
 
-    def save(self, meter_reading: MeterReading) -> Deferred:
-        """Deferred firing once these readings are stored (failing if the store failed)."""
+    def save(self, meter_reading: MeterReading, key: object = None) -> Deferred:
+        """Deferred firing once these readings are stored (failing if the store failed).
+        Readings of different `key`s (requests) share each batch round-robin, so a small
+        request's values are in the next batch, not behind a large one's backlog."""
         stored = Deferred()
-        self._queued.append((meter_reading, stored))
+        self._queued.setdefault(key, deque()).append((meter_reading, stored))
         if not self._writing:
             self._write_queued()
         return stored
 
     def _write_queued(self) -> None:
-        batch, self._queued = self._queued, []
+        # At most MAX_BATCH_VALUES values a transaction (a meter's readings are not split):
+        # each bulk unit stays short, so the store's other work waits for little.
+        batch: list[tuple[MeterReading, Deferred]] = []
+        values = 0
+        while self._queued and values < self.MAX_BATCH_VALUES:
+            for key in list(self._queued):
+                waiting = self._queued[key]
+                meter_reading, stored = waiting.popleft()
+                if not waiting:
+                    del self._queued[key]
+                batch.append((meter_reading, stored))
+                values += len(meter_reading.readings) + sum(
+                    len(b.readings) for b in meter_reading.interval_blocks)
+                if values >= self.MAX_BATCH_VALUES:
+                    break
         self._writing = bool(batch)
         if not batch:
             return
-        written = self._runner.run("save_meter_readings", [m for m, _ in batch], self._now())
+        written = self._runner.run_bulk("save_meter_readings", [m for m, _ in batch], self._now())
 
         def settle(result):
             for _, stored in batch:
