@@ -39,7 +39,12 @@ from cimhes.endpoints.engine_cli import (
 from cimhes.endpoints.amqp_options import add_amqp_options, amqp_settings
 from cimhes.endpoints.facade_options import add_facade_options, facade_settings
 from cimhes.endpoints.limit_options import add_limit_options, limit_settings
-from cimhes.endpoints.push_options import DEMO_PUSH_PORT, add_push_options, listen_for_pushes
+from cimhes.endpoints.push_options import (
+    DEMO_PUSH_PORT,
+    add_push_options,
+    listen_for_pushes,
+    push_settings,
+)
 from cimhes.endpoints.reply_options import add_reply_options, reply_settings
 from cimhes.endpoints.session_options import add_session_options, ensure_descriptors, session_settings
 
@@ -240,7 +245,7 @@ def _settings(args):
                            schedules_file=getattr(args, "schedules", None),
                            **session_settings(args), **facade_settings(args),
                            **limit_settings(args), **amqp_settings(args),
-                           **reply_settings(args))
+                           **reply_settings(args), **push_settings(args))
 
 
 def _read_inventory(path: Path):

@@ -7,10 +7,20 @@ point); `demo` on any free port (0), named on its ready line, so demos side by s
 directory is the inventory's devices: pushed alarms become stored EndDeviceEvents (and, through
 the event outbox, AMQP events to the DMS when AMQP is on), pushed readings stored readings.
 What the ready line says of it: `"push": {"host": H, "port": P}`, or `"push": "off"`.
+`--feeder-outage-threshold` and `--feeder-outage-window` set the feeder-outage summaries of the
+pushed (and read) events (engine/feeder_outages.py).
 """
 from __future__ import annotations
 
+from datetime import timedelta
+
 from cimhes.endpoints.push_listener import PushListenerFactory
+from cimhes.engine.feeder_outages import DEFAULT_THRESHOLD, DEFAULT_WINDOW, FeederOutageSettings
+
+# Connections the kernel queues before the listener accepts them: a storm's last-gasp pushes
+# arrive together, and a full queue drops a meter's (unconfirmed) push (with the default of 50,
+# half of a 5,000-push storm was lost: tests/test_amqp_faults.py).
+PUSH_BACKLOG = 1024
 
 DEFAULT_PUSH_PORT = 4059  # serve
 DEMO_PUSH_PORT = 0  # demo: any free port
@@ -24,6 +34,20 @@ def add_push_options(parser, default_port: int = DEFAULT_PUSH_PORT) -> None:
                         help="interface of the push listener (default: --host)")
     parser.add_argument("--no-push", action="store_true",
                         help="do not listen for pushes")
+    parser.add_argument("--feeder-outage-threshold", type=int, default=DEFAULT_THRESHOLD,
+                        metavar="METERS",
+                        help="meters of one feeder losing (or getting back) power within the "
+                             "window that make one feeder-outage (restored) event "
+                             f"(default {DEFAULT_THRESHOLD})")
+    parser.add_argument("--feeder-outage-window", type=float,
+                        default=DEFAULT_WINDOW.total_seconds(), metavar="SECONDS",
+                        help="the window of --feeder-outage-threshold, by the events' times "
+                             f"(default {DEFAULT_WINDOW.total_seconds():g})")
+
+
+def push_settings(args) -> dict:
+    return {"feeder_outages": FeederOutageSettings(
+        args.feeder_outage_threshold, timedelta(seconds=args.feeder_outage_window))}
 
 
 def listen_for_pushes(reactor, head_end, args):
@@ -34,6 +58,6 @@ def listen_for_pushes(reactor, head_end, args):
         raise ValueError(f"--push-port {args.push_port} is not 0..65535")
     host = args.push_host or args.host
     listening = reactor.listenTCP(args.push_port, PushListenerFactory(reactor, head_end.push_intake),
-                                  interface=host)
+                                  backlog=PUSH_BACKLOG, interface=host)
     reactor.addSystemEventTrigger("before", "shutdown", listening.stopListening)
     return {"host": host, "port": listening.getHost().port}

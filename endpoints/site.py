@@ -48,6 +48,7 @@ from cimhes.engine.event_queries import EventRequestLimits
 from cimhes.engine.events import EventStore
 from cimhes.engine.push import PushIntake
 from cimhes.engine.limits import EngineSettings
+from cimhes.engine.feeder_outages import FeederOutageDetector, FeederOutageSettings
 from cimhes.engine.inventory import Inventory
 from cimhes.engine.reading import MeterReadingService
 from cimhes.engine.rate_limits import (
@@ -108,6 +109,8 @@ class HeadEndSettings:
     # The RabbitMQ broker (amqp://user:pass@host:port/vhost) for CIM requests over queues and
     # events to the DMS (cimhes.queue, docs/amqp.md); None: AMQP is off.
     amqp_url: str | None = None
+    # Feeder-outage summaries (engine/feeder_outages.py): meters per feeder within a window.
+    feeder_outages: FeederOutageSettings = field(default_factory=FeederOutageSettings)
 
 
 class _Index(Resource):
@@ -145,7 +148,8 @@ class HeadEnd:
         # Pushes from the inventory's devices (the CLI starts the listener: push_options.py).
         # The one EventStore: pushes, log reads and GetEndDeviceEvents share it; it writes the
         # outbox rows for the DMS and for each event subscriber (engine/event_outbox.py).
-        self.events = EventStore(self.store, [name for name, _ in settings.event_subscribers])
+        self.events = EventStore(self.store, [name for name, _ in settings.event_subscribers],
+                                 feeders=FeederOutageDetector(settings.feeder_outages))
         self.push_intake = PushIntake(
             self.store_runner, self.events,
             [d.address for d in devices.devices] if isinstance(devices, Inventory) else devices)
@@ -204,14 +208,21 @@ class HeadEnd:
         self.end_device_controls_door = controls_door.mount(self, reactor, settings, cim)
         self.amqp = None
         if settings.amqp_url:
+            from cimhes.queue.authorisation import AmqpDoorkeeper, handler_checks_roles
             from cimhes.queue.service import AmqpService
+            # Each Noun served over AMQP: its handler, and the role its AMQP user must hold.
             self.amqp = AmqpService(reactor, settings.amqp_url,
                                     {"MeterReadings": door.get_meter_readings,
                                      "EndDeviceEvents":
                                          self.end_device_events_door.get_end_device_events,
                                      "EndDeviceControls":
                                          self.end_device_controls_door.amqp_handler},
-                                    store_runner=self.store_runner)
+                                    store_runner=self.store_runner,
+                                    doorkeeper=AmqpDoorkeeper(
+                                        self.store_runner, self.users, self.audit,
+                                        {"MeterReadings": Role.READINGS_READER,
+                                         "EndDeviceEvents": Role.EVENTS_READER,
+                                         "EndDeviceControls": handler_checks_roles}))
             reactor.callWhenRunning(self.amqp.start)
         cim.putChild(GET_METER_READINGS.encode(),
                      SoapResource(get_meter_readings_application(door), GET_METER_READINGS_WSDL,

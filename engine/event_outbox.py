@@ -37,6 +37,7 @@ DESTINATION = "dms:amqp"
 # Events in one CreatedEndDeviceEvents to an MDM subscriber (a log read of many meters is split).
 EVENTS_PER_MESSAGE = 1000
 KIND_PREFIX = "EndDeviceEvents "
+KIND_LENGTH = 64  # OutboxMessage.kind
 SOURCE = "cimhes"
 
 # EndDeviceEventType domain 26 (power): subdomain 38 is the supply itself, 131..133 the phases'
@@ -64,6 +65,9 @@ def routing_key(event: EndDeviceEvent) -> str:
     return f"{category}.{severity}.{event.event_type}"
 
 
+_routing_key = routing_key
+
+
 def event_message(events: Sequence[EndDeviceEvent], message_id: str, now: datetime) -> bytes:
     """The CreatedEndDeviceEvents EventMessage reporting ``events``."""
     header = Header(verb=Verb.CREATED, noun="EndDeviceEvents", timestamp=now, source=SOURCE,
@@ -73,14 +77,16 @@ def event_message(events: Sequence[EndDeviceEvent], message_id: str, now: dateti
 
 
 def write(session, events: Sequence[EndDeviceEvent], now: datetime,
-          subscribers: Sequence[str] = ()) -> int:
+          subscribers: Sequence[str] = (), routing_key: str | None = None) -> int:
     """Add the outbox rows reporting ``events`` to ``session`` (the caller's transaction): one
-    per event for the DMS, one per batch and subscriber for the MDMs; how many rows."""
+    per event for the DMS, one per batch and subscriber for the MDMs; how many rows.
+    ``routing_key`` replaces the events' own (a feeder summary's, engine/feeder_outages.py)."""
+    key_of = _routing_key if routing_key is None else (lambda _event: routing_key)
     rows = 0
     for event in events:
         message_id = str(uuid.uuid4())
         session.add(OutboxMessage(
-            destination=DESTINATION, kind=(KIND_PREFIX + routing_key(event))[:64],
+            destination=DESTINATION, kind=(KIND_PREFIX + key_of(event))[:KIND_LENGTH],
             correlation_id=message_id, payload=event_message([event], message_id, now).decode(),
             created_at=now, attempts=0, next_attempt_at=now))
         rows += 1

@@ -67,11 +67,15 @@ class EventStore:
     """Blocking unit-of-work methods for events, over the head-end's store. `save_events` is
     the one way events are stored, whether read from a log or pushed."""
 
-    def __init__(self, store: Store, subscribers: Sequence[str] = ()):
+    def __init__(self, store: Store, subscribers: Sequence[str] = (), feeders=None):
         """``subscribers``: names of the MDMs every new event is published to (each gets an
-        outbox row in the event's transaction, engine/event_outbox.py)."""
+        outbox row in the event's transaction, engine/event_outbox.py). ``feeders``: the
+        FeederOutageDetector (engine/feeder_outages.py; default settings when None)."""
         self._subscribers = tuple(subscribers)
         self._engine = store.engine
+        # Feeder-outage summaries made in the events' own transaction (engine/feeder_outages.py).
+        from cimhes.engine.feeder_outages import FeederOutageDetector
+        self._feeders = feeders or FeederOutageDetector()
         self._session = sessionmaker(store.engine, expire_on_commit=False)
         insert = postgresql_insert if self._engine.dialect.name == "postgresql" else sqlite_insert
         self._insert = insert(EndDeviceEventRecord.__table__).on_conflict_do_nothing(
@@ -114,9 +118,10 @@ class EventStore:
             # engine/event_outbox.py).
             inserted = session.connection().execute(self._insert_returning, rows).all()
             by_key = {(d, g, _millis(c), k): e for (d, g, c, k), e in seen.items()}
-            event_outbox.write(session, [by_key[(d, g, _millis(c), k)]
-                                         for d, g, c, k in inserted], recorded_at,
+            new = [(d, by_key[(d, g, _millis(c), k)]) for d, g, c, k in inserted]
+            event_outbox.write(session, [event for _d, event in new], recorded_at,
                                self._subscribers)
+            self._feeders.detect(session, new, recorded_at)
             return len(inserted)
 
     def _without_stored_codeless(self, session, rows: list[dict]) -> list[dict]:

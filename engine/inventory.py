@@ -19,6 +19,9 @@ class InventoryDevice:
     address: DeviceAddress
     route: str | None = None  # the route's name; None: reached directly, no shared bottleneck
     groups: tuple[str, ...] = ()  # names of the EndDeviceGroups it belongs to
+    # Low-voltage network position (engine/feeder_outages.py): the supplying transformer and feeder.
+    transformer: str | None = None
+    feeder: str | None = None
 
 
 @dataclass(frozen=True)
@@ -166,7 +169,8 @@ def _route(entry: Any) -> RouteEntry:
 def _device(entry: Any, concentrators: Mapping[str, ConcentratorRoute]) -> InventoryDevice:
     if not isinstance(entry, Mapping):
         raise ValueError(f"inventory meter entry {entry!r} is not an object")
-    address_keys = {k: v for k, v in entry.items() if k not in ("route", "groups")}
+    address_keys = {k: v for k, v in entry.items()
+                    if k not in ("route", "groups", "transformer", "feeder")}
     concentrator = concentrators.get(entry.get("route"))
     if concentrator is not None or "physical_address" in address_keys:
         # Reached through a concentrator: its host, port and network id are the meter's.
@@ -190,7 +194,13 @@ def _device(entry: Any, concentrators: Mapping[str, ConcentratorRoute]) -> Inven
     route = entry.get("route")
     if route is not None and not (isinstance(route, str) and route):
         raise ValueError(f"meter {address.mrid}: route must be a route's name")
-    return InventoryDevice(address, route, tuple(dict.fromkeys(groups)))
+    network = {}
+    for key in ("transformer", "feeder"):
+        value = entry.get(key)
+        if value is not None and not (isinstance(value, str) and 0 < len(value) <= 64):
+            raise ValueError(f"meter {address.mrid}: {key} must be a name of 1 to 64 characters")
+        network[key] = value
+    return InventoryDevice(address, route, tuple(dict.fromkeys(groups)), **network)
 
 
 def _group(entry: Any) -> tuple[GroupEntry, list[str]]:
@@ -215,7 +225,8 @@ def _add_members(devices: list[InventoryDevice], members: Mapping[str, list[str]
                 raise ValueError(f"group {name}: meter {mrid} is not in the inventory")
             extra.setdefault(mrid, []).append(name)
     return [InventoryDevice(d.address, d.route,
-                            tuple(dict.fromkeys(d.groups + tuple(extra.get(d.address.mrid, ())))))
+                            tuple(dict.fromkeys(d.groups + tuple(extra.get(d.address.mrid, ())))),
+                            d.transformer, d.feeder)
             for d in devices]
 
 

@@ -31,6 +31,7 @@ MODEL_MODULES = (
     "cimhes.engine.jobs",
     "cimhes.engine.device_status",
     "cimhes.engine.controls",
+    "cimhes.engine.feeder_outages",
 )
 
 log = logging.getLogger(__name__)

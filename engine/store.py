@@ -372,6 +372,8 @@ class Store:
                             for device, row in zip(inventory.devices, rows)
                             for name in device.groups)
             self._load_usage_points(session, inventory.usage_points)
+            from cimhes.engine.feeder_outages import load_positions  # its tables use this Base
+            load_positions(session, inventory.devices, rows)
         return len(inventory.devices)
 
     def _load_usage_points(self, session, usage_points) -> None:

@@ -287,6 +287,24 @@ class UserStore:
             return Credentials(row.name, row.password_hash, row.digest_secret, row.disabled,
                                roles)
 
+    def broker_principal(self, name: str) -> Principal:
+        """The cimhes user an AMQP request comes from (queue/authorisation.py), by name.
+
+        How an AMQP user maps to cimhes: the broker has already authenticated the connection
+        (its own user and password), and RabbitMQ refuses a message whose ``user_id`` property
+        is not the connection's user; so the request's ``user_id`` *is* the caller. It names the
+        cimhes user of the same name, whose roles apply as over SOAP; its cimhes password plays
+        no part. An AMQP user with no cimhes user of that name, or a disabled one, is refused
+        (AuthenticationFailed saying which). A request without ``user_id`` names nobody and is
+        refused by the door (RabbitMQ checks the property only when it is set). The Header's
+        User.UserID is never taken as the caller: anyone can write it."""
+        found = self.credentials(name)
+        if found is None:
+            raise AuthenticationFailed(f"AMQP user {name!r} is not a cimhes user")
+        if found.disabled:
+            raise AuthenticationFailed(f"cimhes user {name!r} is disabled")
+        return Principal(found.name, found.roles)
+
     def open_secret(self, token: str) -> str | None:
         try:
             return self._box.open(token)

@@ -26,7 +26,7 @@ from cimhes.queue.topology import EVENTS_EXCHANGE, declare_events
 log = logging.getLogger("cimhes.queue.events")
 
 DEFAULT_BATCH = 500  # rows taken from the outbox per round (README, "Limits")
-IDLE_POLL = 0.5  # s between looks at an empty outbox
+IDLE_POLL = 0.1  # s between looks at an empty outbox (an indexed query; bounds the added latency)
 
 
 def _pending(store, limit: int):

@@ -9,6 +9,8 @@ the SOAP door's own method) and publishes the handler's ResponseMessage to the A
 queue with the request's ``correlation_id`` (or, without one, the Header's CorrelationID or
 MessageID). The request is acknowledged only once the answer is confirmed by the broker.
 
+Each request is admitted first by its AMQP ``user_id`` and that user's roles
+(queue/authorisation.py): a refusal is a 7.x Error, answered or dead-lettered like any other.
 A bad request (not XML, hostile XML, schema-invalid, unknown Noun, a handler failure) is answered
 with a FAILED ResponseMessage carrying the 61968-100 Error when ``reply_to`` is given; without it,
 it is republished to ``cimhes.requests.dead`` with the reason in the ``x-cimhes-reason`` header.
@@ -30,6 +32,7 @@ from cimhes.cim.codec import CodecError, parse_xml
 from cimhes.cim.codec.document import qname
 from cimhes.cim.codec.envelope import NS_MESSAGE, decode_reply, encode_header, encode_reply
 from cimhes.cim.message import Error, ErrorCode, Header, Reply, ReplyResult, Verb
+from cimhes.queue.authorisation import BrokerRefused
 from cimhes.queue.topology import REASON_HEADER, REQUESTS_DEAD, declare_requests
 
 log = logging.getLogger("cimhes.queue.requests")
@@ -84,10 +87,13 @@ class RequestConsumer:
     """Consumes the request queues of the nouns in ``handlers`` on every broker connection."""
 
     def __init__(self, connection, handlers: Mapping[str, Handler], *,
-                 prefetch: int = DEFAULT_PREFETCH):
+                 prefetch: int = DEFAULT_PREFETCH, doorkeeper=None):
         if prefetch < 1:
             raise ValueError("prefetch must be at least 1")
         self._handlers = dict(handlers)
+        # queue/authorisation.py AmqpDoorkeeper: the AMQP user_id and its roles (HeadEnd always
+        # gives one; without it every request is served, as in the consumer's own tests).
+        self._doorkeeper = doorkeeper
         self._prefetch = prefetch
         self.counts = {"answered": 0, "failed": 0, "dead-lettered": 0}
         connection.on_open(self._start)
@@ -136,6 +142,15 @@ class RequestConsumer:
                               xpath=f"{{{NS_MESSAGE}}}Noun")
             else:
                 caller = f"amqp user {props.user_id}" if props.user_id else None
+                if self._doorkeeper is not None:
+                    try:
+                        principal = yield self._doorkeeper.admit(props.user_id, noun, root,
+                                                                 correlation_id)
+                        caller = f"amqp user {principal.name}"
+                    except BrokerRefused as refused:
+                        error = refused.error
+                        handler = None
+            if handler is not None:
                 try:
                     answer = yield maybeDeferred(handler, root, caller)
                 except Exception as exc:  # noqa: BLE001

@@ -13,9 +13,10 @@ log = logging.getLogger("cimhes.queue")
 class AmqpService:
     def __init__(self, reactor, url: str, handlers, *, store_runner=None,
                  prefetch: int = DEFAULT_PREFETCH, policy: ReconnectPolicy | None = None,
-                 relay_events: bool = True):
+                 relay_events: bool = True, doorkeeper=None):
         self.connection = BrokerConnection(reactor, url, policy)
-        self.requests = RequestConsumer(self.connection, handlers, prefetch=prefetch)
+        self.requests = RequestConsumer(self.connection, handlers, prefetch=prefetch,
+                                        doorkeeper=doorkeeper)
         self.relay = None
         if store_runner is not None and relay_events:
             from cimhes.queue.events import EventRelay

@@ -13,11 +13,14 @@ from cimhes.queue.topology import REQUESTS_EXCHANGE
 
 from .brokers import amqp_vhost, ask  # noqa: F401 (fixture)
 from .test_amqp_requests import _request
-from .test_cli import _start, _stop
+from .test_cli import _admin, _start, _stop
 
 
 def test_demo_with_amqp_answers_over_the_queue_and_never_logs_the_password(tmp_path, amqp_vhost):
     url, password = amqp_vhost.user_url()
+    # The AMQP user is a cimhes user of the same name, allowed to read (docs/amqp.md).
+    _admin("user", "add", amqp_vhost.extra_user, "--role", "readings-reader",
+           "--password-stdin", "--db", str(tmp_path / "demo.sqlite"), stdin="not-used-over-amqp\n")
     process, ready = _start("demo", "--port", "0", "--meters", "2", "--meter-port", "0",
                             "--db", str(tmp_path / "demo.sqlite"), "--amqp-url", url)
     try:
@@ -26,7 +29,7 @@ def test_demo_with_amqp_answers_over_the_queue_and_never_logs_the_password(tmp_p
         # The ready line does not wait for the broker: the topology comes once it is connected.
         for _ in range(100):
             try:
-                props, body = ask(amqp_vhost.url, REQUESTS_EXCHANGE, "MeterReadings",
+                props, body = ask(url, REQUESTS_EXCHANGE, "MeterReadings",
                                   _request(ready["meters"]), correlation_id="cli-1")
                 break
             except pika.exceptions.ChannelClosedByBroker:

@@ -19,7 +19,10 @@ from cimhes.endpoints.site import HeadEnd, HeadEndSettings
 from cimhes.fixtures.fleet import start_fleet
 from cimhes.queue.topology import REASON_HEADER, REQUESTS_DEAD, REQUESTS_EXCHANGE
 
+from cimhes.engine.users import Role
+
 from .brokers import amqp_vhost, ask, take  # noqa: F401 (fixture)
+from .credentials import add_test_user
 from .schemas import assert_valid_everywhere
 
 NOW = datetime(2026, 11, 20, 12, 7, 31, tzinfo=timezone.utc)
@@ -35,6 +38,8 @@ def head_end(tmp_path, amqp_vhost):
         secret_key_file=str(tmp_path / "secret.key"), amqp_url=amqp_vhost.url),
         [DeviceAddress.from_inventory(m) for m in fleet.inventory()["meters"]])
     head_end.fleet = fleet
+    # The broker's user of the test vhost is a cimhes user allowed to read (docs/amqp.md).
+    add_test_user(head_end, amqp_vhost.user, "amqp-user-password", [Role.READINGS_READER])
     head_end.amqp.start()  # the reactor already runs: callWhenRunning would wait for nothing
     pytest_twisted.blockon(head_end.amqp.connection.connected())
     yield head_end
@@ -123,3 +128,62 @@ def test_bad_messages_are_answered_failed_or_dead_lettered_and_the_consumer_serv
                                       _request(meters), correlation_id="good")
     assert props.correlation_id == "good"
     assert head_end.amqp.requests.counts == {"answered": 1, "failed": 3, "dead-lettered": 1}
+
+
+def _audit(head_end, subject="amqp MeterReadings"):
+    return [(e.action, e.outcome, e.actor, e.detail) for e in head_end.users.audit_entries()
+            if e.source == "amqp" and (e.subject == subject or e.action == subject)]
+
+
+@pytest_twisted.inlineCallbacks
+def test_amqp_requests_are_served_only_to_known_amqp_users_holding_the_role(
+        head_end, amqp_vhost):
+    import pika
+
+    url = amqp_vhost.url
+    meters = [m["mrid"] for m in head_end.fleet.inventory()["meters"]][:1]
+    # No user_id: the message names nobody (RabbitMQ checks the property only when it is set).
+    props, body = yield deferToThread(ask, url, REQUESTS_EXCHANGE, "MeterReadings",
+                                      _request(meters), correlation_id="anon", user_id=None)
+    code, reason = _failed_error(body)
+    assert code == "7.1" and "user_id" in reason
+    # An AMQP user the broker knows but cimhes does not.
+    stranger_url, _password = amqp_vhost.user_url()
+    stranger = amqp_vhost.extra_user
+    props, body = yield deferToThread(ask, stranger_url, REQUESTS_EXCHANGE, "MeterReadings",
+                                      _request(meters), correlation_id="stranger")
+    code, reason = _failed_error(body)
+    assert code == "7.1" and stranger in reason
+    # Known to cimhes, without the role; then granted it.
+    add_test_user(head_end, stranger, "stranger-password", [Role.EVENTS_READER])
+    props, body = yield deferToThread(ask, stranger_url, REQUESTS_EXCHANGE, "MeterReadings",
+                                      _request(meters), correlation_id="no-role")
+    code, reason = _failed_error(body)
+    assert code == "7.2" and "readings-reader" in reason
+    head_end.users.grant(stranger, Role.READINGS_READER, actor="test")
+    props, body = yield deferToThread(ask, stranger_url, REQUESTS_EXCHANGE, "MeterReadings",
+                                      _request(meters), correlation_id="granted")
+    assert props.correlation_id == "granted" and b"<msg:Result>OK</msg:Result>" in body
+    # Claiming another user: the broker itself refuses the message (and closes the channel).
+    with pytest.raises(pika.exceptions.ChannelClosedByBroker) as refused:
+        yield deferToThread(ask, stranger_url, REQUESTS_EXCHANGE, "MeterReadings",
+                            _request(meters), correlation_id="forged", user_id=amqp_vhost.user,
+                            timeout=5)
+    assert refused.value.reply_code == 406
+    # Without a reply queue a refusal is dead-lettered with its 7.x reason.
+    yield deferToThread(ask, url, REQUESTS_EXCHANGE, "MeterReadings", _request(meters),
+                        reply=False, correlation_id="anon-dead", user_id=None)
+    [(_m, dead_props, _b)] = yield deferToThread(take, url, REQUESTS_DEAD, 1)
+    assert dead_props.headers[REASON_HEADER].startswith("7.1")
+    # Every decision is in the audit trail (written off the request's path: wait for it).
+    for _ in range(50):
+        entries = _audit(head_end)
+        if len(entries) >= 7:
+            break
+        yield deferToThread(__import__("time").sleep, 0.1)
+    assert ("authenticate", "failure", None, "no AMQP user_id property") in entries
+    assert ("authenticate", "failure", stranger,
+            f"AMQP user {stranger!r} is not a cimhes user") in entries
+    assert ("amqp MeterReadings", "refused", stranger, "needs role readings-reader") in entries
+    assert ("authenticate", "success", stranger, "amqp user_id") in entries
+    assert head_end.amqp.requests.counts["answered"] == 1

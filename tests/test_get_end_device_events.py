@@ -373,9 +373,13 @@ def test_get_end_device_events_over_amqp(make_head_end, fleet, amqp_vhost):
     from cimhes.cim.codec.end_device_events import encode_get_end_device_events
     from cimhes.cim.end_device_events import EventSource, GetEndDeviceEvents
     from cimhes.cim.meter_readings import DeviceRef
+    from cimhes.engine.users import Role
     from cimhes.queue.topology import REQUESTS_EXCHANGE
 
     head_end = make_head_end(amqp_url=amqp_vhost.url)
+    # The AMQP user (its user_id) is the cimhes user of that name, with the role (docs/amqp.md).
+    head_end.users.add_user(amqp_vhost.user, "amqp-reader-password", [Role.EVENTS_READER],
+                            actor="test", replace=True)
     head_end.amqp.start()  # the reactor already runs: callWhenRunning would wait for nothing
     try:
         yield head_end.amqp.connection.connected()
