@@ -49,6 +49,7 @@ from cimhes.drivers.idis_association import (
     datetime_or_error,
     in_association,
     located,
+    location,
 )
 
 
@@ -172,7 +173,7 @@ class IdisMeterDriver:
                 return ControlOutcome(device.mrid, command.kind, ControlStatus.FAILED,
                                       str(error), {}, error)
 
-        where = f"{device.host}:{device.port}"
+        where = location(device)
 
         def locate(outcome: ControlOutcome) -> ControlOutcome:
             # Every reason but DONE's names the device, as a DeviceError's text does.

@@ -159,7 +159,7 @@ def located(operation: Deferred, device: DeviceAddress) -> Deferred:
 
 
 def _located_result(result: Any, device: DeviceAddress) -> Any:
-    where = _where(device)
+    where = location(device)
     for error in result.errors:
         error.located(device.name, where)
     return result
@@ -167,11 +167,11 @@ def _located_result(result: Any, device: DeviceAddress) -> Any:
 
 def _located_failure(failure: Any, device: DeviceAddress) -> Any:
     if isinstance(failure.value, DeviceError):
-        failure.value.located(device.name, _where(device))
+        failure.value.located(device.name, location(device))
     return failure
 
 
-def _where(device: DeviceAddress) -> str:
+def location(device: DeviceAddress) -> str:
     """host:port, and for a meter behind a concentrator its physical address there."""
     if device.physical_address is None:
         return f"{device.host}:{device.port}"

@@ -17,13 +17,17 @@ from cimhes.cim.message import ErrorCode, Header, ReplyResult
 from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings
 from cimhes.drivers import DeviceAddress
 from cimhes.drivers.concentrator import Gateway, GatewayError, gateway_of
+from cimhes.drivers.controls import ControlCommand, ControlKind, ControlStatus
 from cimhes.drivers.dlms_session import ClientSession
 from cimhes.drivers.errors import ProtocolError
 from cimhes.drivers.idis import cim_value
 from cimhes.drivers.idis_events import EVENT_LOGS, read_events
 from cimhes.drivers.limits import SessionLimits
 from cimhes.drivers.security import HeadEndSecurity
+from cimhes.engine.controls import ControlService
+from cimhes.engine.dispatch import Dispatcher
 from cimhes.engine.inventory import Inventory
+from cimhes.engine.limits import EngineSettings
 from cimhes.engine.reading import MeterReadingService
 from cimhes.engine.security import CounterStore, StoredCounters
 from cimhes.engine.store import Store, StoreRunner
@@ -37,6 +41,7 @@ PLUS_A_PROFILE = "0.0.2.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0"
 HOSTS = ["127.0.21.1", "127.0.21.2"]  # this suite's loopback range
 FIRST_BEHIND = 3001  # meter indexes behind the concentrators (they listen nowhere themselves)
 FIRST_DIRECT = 251  # two direct meters, 127.0.1.251-252
+REMOTE_DISCONNECTION = 62  # IDIS disconnector control log event code
 LIMITS = SessionLimits(connect_timeout=2.0, response_timeout=1.5, session_deadline=20.0)
 
 
@@ -279,3 +284,38 @@ async def test_an_event_log_is_fetched_through_a_concentrator(concentrators, eng
                 for at, value in meter_model.scheduled_events(address.name, log.obis, start, end)}
         assert {(e.device_code, e.created) for e in result.events} == want
         assert len(want) > 5
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_disconnect_through_a_concentrator_is_done_and_read_back(concentrators, direct,
+                                                                          engine):
+    store, runner, security = engine
+    _load(store, concentrators, direct)
+    dispatcher = Dispatcher(reactor, runner, EngineSettings(min_device_gap=0.0),
+                            session_limits=LIMITS, connections_per_second=0, security=security)
+    service = ControlService(reactor, runner, dispatcher)
+    dispatcher.start()
+    try:
+        behind = [concentrators[0].meter(FIRST_BEHIND), concentrators[0].meter(FIRST_BEHIND + 1)]
+        assert [m.security is not None for m in behind] == [True, False]  # HLS-GMAC, LLS
+        asked = [m.identity.mrid for m in behind] + [direct.meters[0].mrid]
+        batch = await service.execute(asked, ControlCommand(ControlKind.DISCONNECT), user="op",
+                                      correlation_id="dc-1")
+        assert [o.device_mrid for o in batch.outcomes] == asked
+        assert [o.status for o in batch.outcomes] == [ControlStatus.DONE] * 3, [
+            o.reason for o in batch.outcomes]
+        assert all(o.read_back["output_state"] is False for o in batch.outcomes)
+        for meter in behind:  # the meters themselves, behind the concentrator, are open
+            assert meter.state.output_state is False
+            assert REMOTE_DISCONNECTION in [code for _, code in meter.state.recorded.get(
+                meter_model.DISCONNECTOR_LOG, [])]
+        assert direct.state(FIRST_DIRECT).output_state is False
+        assert all(tag != 0xC3 for client, tag in concentrators[0].forwarded[behind[0].address]
+                   if client == 1)  # the HLS-GMAC meter's ACTION went ciphered (glo-action)
+        silent = concentrators[1].meter(FIRST_BEHIND + 4).identity
+        [gone] = (await service.execute([silent.mrid], ControlCommand(ControlKind.DISCONNECT),
+                                        user="op", correlation_id="dc-2")).outcomes
+        assert gone.status is ControlStatus.FAILED
+        assert silent.serial in gone.reason and "behind the concentrator" in gone.reason
+    finally:
+        dispatcher.stop()
