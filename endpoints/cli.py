@@ -46,6 +46,7 @@ from cimhes.endpoints.push_options import (
     push_settings,
 )
 from cimhes.endpoints.reply_options import add_reply_options, reply_settings
+from cimhes.endpoints.scale_options import add_scale_options, scale_settings
 from cimhes.endpoints.session_options import add_session_options, ensure_descriptors, session_settings
 
 DEMO_USER = "demo"
@@ -87,7 +88,8 @@ def main(argv: list[str] | None = None) -> int:
                            "certificate, which clients use as their CA bundle")
 
     serve = commands.add_parser("serve", help="the head-end alone, devices from an inventory file")
-    serve.add_argument("--inventory", required=True, help="inventory JSON (from cimhes simulate)")
+    serve.add_argument("--inventory", help="inventory JSON (from cimhes simulate); required "
+                                           "unless --role engine")
     serve.add_argument("--port", type=int, default=8080)
     serve.add_argument("--host", default="127.0.0.1")
     serve.add_argument("--schedules", help="read schedules file (JSON): run them as they fall due")
@@ -100,6 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     add_facade_options(serve)
     add_amqp_options(serve)
     add_push_options(serve)
+    add_scale_options(serve)
 
     add_admin_commands(commands, "var/cimhes.sqlite")
     add_db_commands(commands)
@@ -227,9 +230,14 @@ def _serve(args) -> int:
     from cimhes.endpoints.site import HeadEnd
 
     ensure_descriptors(args.sessions, SPARE_DESCRIPTORS + args.max_connections)
-    inventory = _read_inventory(Path(args.inventory))
-    head_end = HeadEnd(reactor, _settings(args), inventory)
-    return _run(reactor, head_end, args, meters=[d.address.mrid for d in inventory.devices])
+    settings = _settings(args)
+    settings.scale.check(settings.database_url, settings.amqp_url)
+    if args.inventory is None and settings.scale.role != "engine":
+        raise ValueError("--inventory is required (an engine alone may go without)")
+    inventory = _read_inventory(Path(args.inventory)) if args.inventory else None
+    head_end = HeadEnd(reactor, settings, inventory)
+    return _run(reactor, head_end, args, role=settings.scale.role,
+                meters=[d.address.mrid for d in inventory.devices] if inventory else [])
 
 
 def _settings(args):
@@ -245,7 +253,8 @@ def _settings(args):
                            schedules_file=getattr(args, "schedules", None),
                            **session_settings(args), **facade_settings(args),
                            **limit_settings(args), **amqp_settings(args),
-                           **reply_settings(args), **push_settings(args))
+                           **reply_settings(args), **push_settings(args),
+                           **scale_settings(args))
 
 
 def _read_inventory(path: Path):

@@ -38,6 +38,7 @@ from cimhes.endpoints.meter_readings import (
 from cimhes.endpoints.operations import Operations
 from cimhes.endpoints.reading_types import ReadingTypesResource
 from cimhes.endpoints.publisher import MdmPublisher
+from cimhes.endpoints.scale import ScaleSettings, engine_dispatcher, start_role
 from cimhes.endpoints.soap_resource import SoapResource
 from cimhes.endpoints.tls import callback_session
 from cimhes.engine import request_log
@@ -111,6 +112,9 @@ class HeadEndSettings:
     amqp_url: str | None = None
     # Feeder-outage summaries (engine/feeder_outages.py): meters per feeder within a window.
     feeder_outages: FeederOutageSettings = field(default_factory=FeederOutageSettings)
+    # Scale-out (endpoints/scale.py): "all" (one process), "api" (doors, jobs written and handed
+    # out over RabbitMQ) or "engine" (jobs taken from RabbitMQ and run); docs/architecture.md.
+    scale: "ScaleSettings" = field(default_factory=lambda: ScaleSettings())
 
 
 class _Index(Resource):
@@ -138,8 +142,11 @@ class HeadEnd:
         # Before any thread starts: a refused inventory must leave nothing running.
         if links:  # routes, groups, usage points given apart from the devices
             devices = Inventory.with_links(devices, links)
-        self.store.load_inventory(devices)
-        interrupted = request_log.mark_interrupted(self.store)
+        self.role = settings.scale.role
+        if devices is not None:
+            self.store.load_inventory(devices)
+        # An engine beside api processes must not judge their requests.
+        interrupted = request_log.mark_interrupted(self.store) if self.role != "engine" else 0
         if interrupted:
             log.warning("%d requests were in flight when the previous process stopped; they are "
                         "logged as %r", interrupted, request_log.INTERRUPTED)
@@ -165,8 +172,9 @@ class HeadEnd:
         self.operations = Operations(reactor, self.store, self.store_runner)
         self.doorkeeper = Doorkeeper(Authenticator(self.store_runner, self.users), self.audit,
                                      self.operations.metrics)
-        self.dispatcher = Dispatcher(
-            reactor, self.store_runner, settings.engine, max_sessions=settings.read_concurrency,
+        self.dispatcher = engine_dispatcher(
+            reactor, self.store_runner, settings.scale, settings.engine,
+            max_sessions=settings.read_concurrency,
             session_limits=(settings.session_limits if settings.device_timeout is None
                             else SessionLimits.of(settings.device_timeout)),
             connections_per_second=settings.connections_per_second, security=security,
@@ -175,13 +183,14 @@ class HeadEnd:
         # before the dispatcher starts, so resumed control jobs find their runner.
         self.controls = ControlService(reactor, self.store_runner, self.dispatcher,
                                        settings=settings.controls, gate=self.control_gate)
-        # One engine owns this store: what an earlier process left running is requeued first.
+        # Role "all": one engine owns this store, so what an earlier process left running is
+        # requeued first (a fed engine or an api process never requeues: endpoints/scale.py).
         self.dispatcher.start(requeue=True)
         reactor.addSystemEventTrigger("before", "shutdown", self.dispatcher.stop)
         self.readings = MeterReadingService(reactor, self.store_runner,
                                             dispatcher=self.dispatcher)
         self.scheduler = None
-        if settings.schedules_file:
+        if settings.schedules_file and self.role != "engine":
             self.scheduler = Scheduler(reactor, self.store_runner, self.dispatcher,
                                        ScheduleConfig.from_file(settings.schedules_file))
             self.scheduler.start()
@@ -190,7 +199,8 @@ class HeadEnd:
         self.publisher = MdmPublisher(
             reactor, self.store_runner, dict(settings.subscribers), self.callback_session,
             first_retry=timedelta(seconds=settings.publish_first_retry))
-        reactor.callWhenRunning(self.publisher.start)  # and delivers what a last run left
+        if self.role != "engine":  # one publisher per destination
+            reactor.callWhenRunning(self.publisher.start)  # and delivers what a last run left
         door = GetMeterReadingsDoor(ReadingRequestService(self.readings, self.store_runner,
                                                           on_read=self.publisher.publish),
                                     self.store_runner, reactor=reactor, admission=self.admission,
@@ -207,7 +217,7 @@ class HeadEnd:
         # engine's durable jobs (self.controls), outcomes read back from the meters.
         self.end_device_controls_door = controls_door.mount(self, reactor, settings, cim)
         self.amqp = None
-        if settings.amqp_url:
+        if settings.amqp_url and self.role != "engine":
             from cimhes.queue.authorisation import AmqpDoorkeeper, handler_checks_roles
             from cimhes.queue.service import AmqpService
             # Each Noun served over AMQP: its handler, and the role its AMQP user must hold.
@@ -235,7 +245,9 @@ class HeadEnd:
         cim.putChild(b"reading-types", ReadingTypesResource())
         root = _Index([GET_METER_READINGS, end_device_events.WSDL_NAME,
                        controls_door.WSDL_NAME])
-        root.putChild(b"cim", cim)
+        if self.role != "engine":  # an engine takes its work from the queue only
+            root.putChild(b"cim", cim)
+        self.scale = start_role(reactor, self, settings)
         root.putChild(b"", root)
         self.operations.mount(root, doorkeeper=self.doorkeeper, readings=self.readings,
                               sla_settings=settings.sla,

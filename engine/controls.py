@@ -239,7 +239,7 @@ class ControlService:
         `UnknownDevice`. Bad parameters: ValueError before anything is stored."""
         batch_id, jobs, unknown = yield self._store_batch(mrids, command, user, correlation_id, at)
         waiting = [self._wait(job_id) for job_id in jobs.values()]
-        self.dispatcher.wake()
+        self.dispatcher.submitted(list(jobs.values()))  # an api process hands them out
         finished = yield gatherResults(waiting)
         by_mrid = {**dict(zip(jobs, finished)), **unknown}
         return ControlBatch(batch_id, tuple(by_mrid[mrid] for mrid in mrids))
@@ -251,8 +251,8 @@ class ControlService:
         `batch(batch_id)`; unknown mRIDs are not stored (`execute` reports them)."""
         if at is None:
             raise ValueError("schedule needs the time the controls are due (at)")
-        batch_id, _, _ = yield self._store_batch(mrids, command, user, correlation_id, at)
-        self.dispatcher.wake()
+        batch_id, jobs, _ = yield self._store_batch(mrids, command, user, correlation_id, at)
+        self.dispatcher.submitted(list(jobs.values()))  # an api process hands them out
         return batch_id
 
     @inlineCallbacks

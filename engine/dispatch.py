@@ -74,6 +74,7 @@ class JobOutcome:
     result: MeterReadResult | None = None
     error: BaseException | None = None
     missing: dict[str, list[tuple[datetime, datetime]]] = field(default_factory=dict)
+    next_attempt_at: datetime | None = None  # state QUEUED: when it is tried again
 
 
 @dataclass(frozen=True)
@@ -261,6 +262,12 @@ class Dispatcher:
     def security(self) -> HeadEndSecurity | None:
         return self._security
 
+    def submitted(self, job_ids) -> None:
+        """Jobs `job_ids` were just written to the store (a request, a schedule run): here,
+        wake up for them; a process whose jobs run elsewhere hands them to the engines instead
+        (cimhes.queue.job_queue.JobFeed)."""
+        self.wake(job_ids)
+
     def wake(self, job_ids=None) -> None:
         """New or due jobs may be in the store: claim and dispatch what the limits allow.
         `job_ids` of a small new request (at most URGENT_CLAIM) are claimed at once, even
@@ -295,10 +302,7 @@ class Dispatcher:
             return
         self._claiming = True
         self._wanted_claim = False
-        # Only the kinds this process can run: a dispatcher without a control service (a
-        # `collect` process) must leave controls to one that has it.
-        claimed = self._runner.call(self.jobs.claim, self.engine_id, room, self._now(),
-                                    kinds=("read", *self.runners))
+        claimed = self._claim_call(room)
 
         def got(result):
             jobs, next_due = result
@@ -319,6 +323,24 @@ class Dispatcher:
             return None
         claimed.addCallback(got).addBoth(done)
 
+    def _claim_call(self, room: int) -> Deferred:
+        """Deferred[(jobs, next due)]: the store's claim (a fed engine claims what it was handed).
+        Only the kinds this process can run: a dispatcher without a control service (a
+        `collect` process) must leave controls to one that has it."""
+        return self._runner.call(self.jobs.claim, self.engine_id, room, self._now(),
+                                 kinds=("read", *self.runners))
+
+    def _may_start(self, job: Job) -> float | None:
+        """0 if `job`'s session may start now (see ConnectionBounds.wait_for)."""
+        return self.bounds.wait_for(job.device.mrid, job.route)
+
+    def _session_ended(self, route: str | None) -> None:
+        """A session on `route` ended (a hook for limits held outside this process)."""
+
+    def _left(self, outcome: JobOutcome, applied: bool | None) -> None:
+        """`outcome` was settled (also a retry or a re-read, state QUEUED); `applied`: the
+        store took it (the job was still ours); None: the settling itself failed."""
+
     def _wake_at(self, seconds: float) -> None:
         seconds = max(seconds, 0.0)
         if self._timer is not None and self._timer.active():
@@ -333,8 +355,7 @@ class Dispatcher:
         while not self._stopped:
             if self.bounds.open >= self.bounds.max_sessions:
                 return  # no job may start (take would ask each queued one, to hear the same)
-            job, wait = self._queue.take(
-                lambda j: self.bounds.wait_for(j.device.mrid, j.route))
+            job, wait = self._queue.take(self._may_start)
             if job is None:
                 if wait is not None:
                     self._wake_at(wait)
@@ -366,6 +387,7 @@ class Dispatcher:
 
         def ended(result):
             self.bounds.ended(device.mrid, route)
+            self._session_ended(route)
             if self._observer is not None:
                 self._observer.device_read(
                     device, result.value if isinstance(result, Failure) else None)
@@ -456,6 +478,8 @@ class Dispatcher:
             else:
                 outcomes, applied = result
             for outcome in outcomes:
+                self._left(outcome, None if isinstance(result, Failure)
+                           else outcome.job.id in applied)
                 if outcome.state is JobState.QUEUED:
                     continue
                 if outcome.job.id not in applied and not isinstance(result, Failure):
@@ -485,6 +509,7 @@ class Dispatcher:
             else:
                 completion, missing = self._after_read(job, share, now)
                 outcomes.append(JobOutcome(job, completion.state, share, None, missing))
+            outcomes[-1].next_attempt_at = completion.next_attempt_at
             completions.append(completion)
         applied = set(self.jobs.settle(completions, self.engine_id))
         return outcomes, applied

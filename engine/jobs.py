@@ -247,20 +247,29 @@ class JobStore:
 
     def claim(self, engine_id: str, limit: int, now: datetime,
               only: Iterable[int] | None = None,
-              kinds: Iterable[str] | None = None) -> tuple[list[Job], datetime | None]:
+              kinds: Iterable[str] | None = None,
+              take_over: Iterable[int] = ()) -> tuple[list[Job], datetime | None]:
         """Up to `limit` due queued jobs, now running for `engine_id`, and when the next queued
-        job falls due (None: none queued). Order: priority, then round-robin between the
-        requests of one priority (each request's first job, then each one's second, ...), so
-        a large request never holds a small one back. `only` restricts the claim to those ids,
-        `kinds` to the job kinds the claiming engine can run."""
+        job falls due (None: none queued; with `only`, among those). Order: priority, then
+        round-robin between the requests of one priority (each request's first job, then each
+        one's second, ...), so a large request never holds a small one back. `only` restricts
+        the claim to those ids, `kinds` to the job kinds the claiming engine can run;
+        `take_over` ids may also be claimed while running for another engine (a work-queue
+        message redelivered after its engine died: the message is the right to run the job,
+        see cimhes.queue.job_queue)."""
+        take_over = list(take_over)
+        runnable = JobRecord.state == JobState.QUEUED.value
+        if take_over:
+            runnable = runnable | ((JobRecord.state == JobState.RUNNING.value)
+                                   & JobRecord.id.in_(take_over))
         with self._session.begin() as session:
             turn = func.row_number().over(partition_by=JobRecord.request_id,
                                           order_by=JobRecord.id).label("turn")
             due = (select(JobRecord.id, JobRecord.priority, turn)
-                   .where(JobRecord.state == JobState.QUEUED.value,
-                          JobRecord.next_attempt_at <= now))
+                   .where(runnable, JobRecord.next_attempt_at <= now))
             if only is not None:
-                due = due.where(JobRecord.id.in_(list(only)))
+                only = list(only)
+                due = due.where(JobRecord.id.in_(only))
             if kinds is not None:
                 due = due.where(JobRecord.kind.in_(list(kinds)))
             due = due.subquery()
@@ -269,7 +278,7 @@ class JobStore:
             jobs: list[Job] = []
             if ids:
                 session.execute(update(JobRecord).where(
-                    JobRecord.id.in_(ids), JobRecord.state == JobState.QUEUED.value).values(
+                    JobRecord.id.in_(ids), runnable).values(
                     state=JobState.RUNNING.value, claimed_by=engine_id, started_at=now))
                 rows = session.execute(
                     select(JobRecord, JobRequestRecord.key, Device)
@@ -292,8 +301,30 @@ class JobStore:
                 JobRecord.state == JobState.QUEUED.value)
             if kinds is not None:
                 pending = pending.where(JobRecord.kind.in_(list(kinds)))
+            if only is not None:
+                pending = pending.where(JobRecord.id.in_(only))
             next_due = session.scalar(pending)
             return jobs, next_due
+
+    def states(self, ids: Iterable[int]) -> dict[int, tuple[str, datetime, str | None]]:
+        """(state, next attempt time, claimed_by) of each job id that exists."""
+        with self._session() as session:
+            return {row.id: (row.state, row.next_attempt_at, row.claimed_by)
+                    for row in session.execute(
+                        select(JobRecord.id, JobRecord.state, JobRecord.next_attempt_at,
+                               JobRecord.claimed_by).where(JobRecord.id.in_(list(ids))))}
+
+    def device_of(self, job_id: int) -> str | None:
+        with self._session() as session:
+            return session.scalar(select(JobRecord.device_mrid).where(JobRecord.id == job_id))
+
+    def cancel_jobs(self, ids: Iterable[int], now: datetime, why: str) -> int:
+        """Cancel these jobs if unfinished (an on-demand caller stopped waiting); how many."""
+        with self._session.begin() as session:
+            return session.execute(update(JobRecord).where(
+                JobRecord.id.in_(list(ids)),
+                JobRecord.state.in_([JobState.QUEUED.value, JobState.RUNNING.value])).values(
+                state=JobState.CANCELLED.value, finished_at=now, last_error=why[:1024])).rowcount
 
     def settle(self, completions: Sequence[Completion], engine_id: str) -> list[int]:
         """Apply the dispatcher's decisions in one transaction; each only if its job is still

@@ -101,6 +101,10 @@ class ConnectionBounds:
         """Sessions that may be open at once on `route`."""
         return self.route_limits.get(route, self._settings.max_sessions_per_route)
 
+    def on_route(self, route: str) -> int:
+        """Sessions open now on `route` in this process."""
+        return self._per_route.get(route, 0)
+
     def started(self, device: str, route: str | None) -> None:
         self.open += 1
         self._busy.add(device)

@@ -168,7 +168,7 @@ class MeterReadingService:
         if on_reading is not None:
             for waiter, device in zip(waiting, devices):
                 waiter.addCallback(hand_on, device)
-        self.dispatcher.wake(ids)
+        self.dispatcher.submitted(ids)
         results = yield gatherResults(waiting)
 
         not_stored = [r for r in results if r.result is not None and r.error is not None]

@@ -219,6 +219,6 @@ class Scheduler:
             self._created.add(key)
             if new:
                 log.info("schedule %s: run %s created, %d jobs", schedule.name, key, len(ids))
-            self._dispatcher.wake()
+            self._dispatcher.submitted(ids)
             return key, ids, new
         return self._runner.call(create).addCallback(created)

@@ -32,6 +32,7 @@ MODEL_MODULES = (
     "cimhes.engine.device_status",
     "cimhes.engine.controls",
     "cimhes.engine.feeder_outages",
+    "cimhes.engine.route_leases",
 )
 
 log = logging.getLogger(__name__)
