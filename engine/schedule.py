@@ -1,10 +1,9 @@
 """Read schedules: cron expressions on device groups, each firing one durable collection run.
 
-A schedules file (JSON, read by `cimhes serve --schedules` and `cimhes collect`) names device
-groups and schedules:
+A schedules file (JSON, read by `cimhes serve --schedules` and `cimhes collect`) names
+schedules on device groups:
 
-    {"groups": {"north": ["<mRID>", ...]},
-     "schedules": [
+    {"schedules": [
        {"name": "daily-billing", "cron": "0 1 * * *", "group": "all",
         "reading_types": ["0.0.0.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0"], "window": "none",
         "deadline_hours": 6},
@@ -12,7 +11,11 @@ groups and schedules:
         "reading_types": ["0.0.2.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0"], "window": "previous-day",
         "deadline_hours": 20}]}
 
-The group "all" is every device in the store. `window` says what a run reads: "none"
+A schedule's `group` is an EndDeviceGroup of the inventory (its name, or its mRID when it has
+no name; `Store.load_inventory` keeps them in `device_group`), read from the store when a run is
+made: the inventory is the one source of groups, and a meter added to a group is in its next
+run. The group "all" is every device in the store. (A schedules file with its own "groups" is
+refused, saying so.) `window` says what a run reads: "none"
 (registers, at the meter's clock), "previous-day" (the UTC day before the fire time: yesterday's
 profile) or "previous-hour". A run's deadline (fire time + `deadline_hours`) bounds its retries
 and re-reads. Cron expressions are five fields, UTC, evaluated by croniter.
@@ -21,7 +24,8 @@ A run is the job request "schedule:<name>:<fire time>", created once however oft
 for (two engines, a restart), so `Scheduler` can simply create the latest due run of every
 schedule whose deadline has not passed, on start and then every `check_interval` seconds.
 In CIM terms a schedule is a MeterReadSchedule (IEC 61968-9; the draft's EndDeviceGroup,
-ReadingType and TimeSchedule.recurrencePattern); docs/architecture.md gives the mapping.
+ReadingType and TimeSchedule.recurrencePattern); docs/read-schedules.md gives the mapping
+and says why schedules are configuration, not that noun.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from twisted.internet.task import LoopingCall
 
 from cimhes.cim.reading_type import ReadingType
 from cimhes.engine.jobs import NewJob, Priority
-from cimhes.engine.store import Device, Route, Store
+from cimhes.engine.store import Device, DeviceGroup, DeviceGroupMember, Route, Store
 
 log = logging.getLogger(__name__)
 
@@ -100,7 +104,6 @@ class ReadSchedule:
 
 @dataclass(frozen=True)
 class ScheduleConfig:
-    groups: dict[str, tuple[str, ...]] = field(default_factory=dict)
     schedules: dict[str, ReadSchedule] = field(default_factory=dict)
 
     @classmethod
@@ -117,13 +120,14 @@ class ScheduleConfig:
 
     @classmethod
     def from_dict(cls, data: dict) -> ScheduleConfig:
-        if not isinstance(data, dict) or set(data) - {"groups", "schedules"}:
-            raise ValueError('a schedules file is {"groups": {...}, "schedules": [...]}; '
-                             f"unknown keys {sorted(set(data) - {'groups', 'schedules'})}"
+        if isinstance(data, dict) and "groups" in data:
+            raise ValueError('device groups are the inventory\'s (its "groups", and each '
+                             'meter\'s "groups"); a schedules file names them, it does not '
+                             'define them: remove "groups"')
+        if not isinstance(data, dict) or set(data) - {"schedules"}:
+            raise ValueError('a schedules file is {"schedules": [...]}; '
+                             f"unknown keys {sorted(set(data) - {'schedules'})}"
                              if isinstance(data, dict) else "not an object")
-        groups = {str(name): tuple(mrids) for name, mrids in data.get("groups", {}).items()}
-        if ALL_DEVICES in groups:
-            raise ValueError(f'the group name "{ALL_DEVICES}" is reserved (every device)')
         known = {"name", "cron", "group", "reading_types", "window", "deadline_hours"}
         schedules: dict[str, ReadSchedule] = {}
         for entry in data.get("schedules", []):
@@ -137,12 +141,10 @@ class ScheduleConfig:
             except (KeyError, TypeError) as exc:
                 raise ValueError(f"schedule {entry.get('name')!r}: missing or bad {exc}") \
                     from None
-            if schedule.group != ALL_DEVICES and schedule.group not in groups:
-                raise ValueError(f"schedule {schedule.name}: unknown group {schedule.group!r}")
             if schedule.name in schedules:
                 raise ValueError(f"schedule {schedule.name} is defined twice")
             schedules[schedule.name] = schedule
-        return cls(groups, schedules)
+        return cls(schedules)
 
     def schedule(self, name: str) -> ReadSchedule:
         try:
@@ -152,18 +154,23 @@ class ScheduleConfig:
 
 
 class GroupMembers:
-    """Blocking: the devices (mRID, route name or None) of a group, from the store."""
+    """Blocking: the devices (mRID, route name or None) of an inventory group, from the store;
+    ValueError for a group the inventory does not have."""
 
-    def __init__(self, store: Store, config: ScheduleConfig):
+    def __init__(self, store: Store):
         self._session = sessionmaker(store.engine)
-        self._config = config
 
     def __call__(self, group: str) -> list[tuple[str, str | None]]:
         with self._session() as session:
             query = (select(Device.mrid, Route.name)
                      .outerjoin(Route, Route.id == Device.route_id).order_by(Device.id))
             if group != ALL_DEVICES:
-                query = query.where(Device.mrid.in_(self._config.groups[group]))
+                group_id = session.scalar(select(DeviceGroup.id).where(
+                    (DeviceGroup.name == group) | (DeviceGroup.mrid == group)))
+                if group_id is None:
+                    raise ValueError(f"no EndDeviceGroup {group!r} in the inventory")
+                query = query.join(DeviceGroupMember, DeviceGroupMember.device_id == Device.id
+                                   ).where(DeviceGroupMember.group_id == group_id)
             return [(mrid, route) for mrid, route in session.execute(query)]
 
 
@@ -175,7 +182,7 @@ class Scheduler:
         self._runner = runner
         self._dispatcher = dispatcher
         self.config = config
-        self._members = GroupMembers(runner.store, config)
+        self._members = GroupMembers(runner.store)
         self._now = now or (lambda: datetime.now(timezone.utc))
         self._loop = LoopingCall(self.check)
         self._check_interval = check_interval

@@ -112,10 +112,16 @@ def test_scheduled_jobs_carry_the_devices_route(store):
     per route needs it); a device without one has None."""
     from cimhes.engine.schedule import ALL_DEVICES, GroupMembers, ScheduleConfig
 
-    store.load_inventory(Inventory.from_json(DOCUMENT))
-    members = GroupMembers(store, ScheduleConfig(groups={"two": (M2, M3)}))
+    store.load_inventory(Inventory.from_json(
+        {**DOCUMENT, "groups": [{"name": "two", "mrid": "G-2", "members": [M2, M3]}]}))
+    members = GroupMembers(store)
     assert members(ALL_DEVICES) == [(M1, "DC-7"), (M2, "DC-7"), (M3, None)]
-    assert members("two") == [(M2, "DC-7"), (M3, None)]
+    # The schedules' groups are the inventory's, by name or mRID: one source of groups.
+    assert members("two") == members("G-2") == [(M2, "DC-7"), (M3, None)]
+    with pytest.raises(ValueError, match="no EndDeviceGroup 'three' in the inventory"):
+        members("three")
+    with pytest.raises(ValueError, match="device groups are the inventory's"):
+        ScheduleConfig.from_dict({"groups": {"two": [M2]}, "schedules": []})
 
 
 def test_main_spellings_mrid_periods_and_group_members_load_the_same(store):

@@ -203,3 +203,19 @@ def test_two_engines_one_killed_every_meter_stored_exactly_once(tmp_path, fleet,
                 process.kill()
             process.wait(10)
         engine_store.dispose()
+
+
+@pytest.mark.parametrize("args, says", [
+    (("--role", "engine", "--db", "x.sqlite", "--amqp-url", "amqp://guest:guest@127.0.25.1/"),
+     "needs a database server shared by every process"),
+    (("--role", "api", "--inventory", "inv.json", "--db", "postgresql+psycopg://u@127.0.25.1/x"),
+     "--role api needs --amqp-url"),
+    (("--role", "all",), "--inventory is required"),
+])
+def test_a_role_that_cannot_work_is_refused_in_one_line(tmp_path, monkeypatch, args, says):
+    monkeypatch.delenv("CIMHES_AMQP_URL", raising=False)
+    done = subprocess.run([sys.executable, "-m", "cimhes.endpoints.cli", "serve", "--port", "0",
+                           "--host", HOST, *args], capture_output=True, text=True, cwd=tmp_path,
+                          timeout=60)
+    assert done.returncode == 2
+    assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
