@@ -167,7 +167,8 @@ class FedDispatcher(Dispatcher):
         if route in self._asking:
             return
         self._asking.add(route)
-        asked = self._runner.call(self.leases.acquire, route, self.engine_id, 1, self._now())
+        asked = self._runner.call(self.leases.acquire, route, self.engine_id, 1, self._now(),
+                                  self.bounds.route_limit(route))
 
         def got(granted):
             self._asking.discard(route)

@@ -16,6 +16,9 @@ slots until they expire: `ttl` (default 120 s) is longer than a session can last
 deadline, 60 s by default, plus the connect timeout), so by then its sessions are certainly
 over, and the route runs below its bound for at most `ttl`.
 
+A route with a bound of its own (a concentrator's, from the store's route table) is bounded by
+that; every engine reads the same table, so they agree on it.
+
 On SQLite (one process) the table is not used: the role split needs a server database.
 """
 from __future__ import annotations
@@ -61,8 +64,11 @@ class RouteLeases:
         self.limit = limit
         self.ttl = timedelta(seconds=ttl)
 
-    def acquire(self, route: str, engine_id: str, wanted: int, now: datetime) -> int:
-        """Take up to `wanted` more slots on `route` for `engine_id`; how many were taken."""
+    def acquire(self, route: str, engine_id: str, wanted: int, now: datetime,
+                limit: int | None = None) -> int:
+        """Take up to `wanted` more slots on `route` for `engine_id`; how many were taken.
+        `limit`: the route's own bound (a concentrator's), else the default one."""
+        limit = self.limit if limit is None else limit
         with self._session.begin() as session:
             if self._postgres:
                 session.execute(text("SELECT pg_advisory_xact_lock(:ns, :key)"),
@@ -70,7 +76,7 @@ class RouteLeases:
             session.execute(delete(RouteLeaseRecord).where(
                 RouteLeaseRecord.route == route, RouteLeaseRecord.expires_at <= now))
             held = session.scalar(select(func.count()).where(RouteLeaseRecord.route == route))
-            granted = max(0, min(wanted, self.limit - (held or 0)))
+            granted = max(0, min(wanted, limit - (held or 0)))
             if granted:
                 session.execute(insert(RouteLeaseRecord), [
                     {"route": route, "engine_id": engine_id, "expires_at": now + self.ttl}

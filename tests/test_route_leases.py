@@ -34,6 +34,8 @@ def test_slots_of_a_route_are_bounded_over_engines_and_expire_with_a_dead_one(re
         assert leases.acquire("seg-1", "engine-b", 5, NOW) == 1  # only what is left
         assert leases.acquire("seg-1", "engine-b", 1, NOW) == 0
         assert leases.acquire("seg-2", "engine-b", 1, NOW) == 1  # another route, its own bound
+        assert leases.acquire("dc-1", "engine-a", 4, NOW, limit=1) == 1  # a concentrator's bound
+        assert leases.acquire("dc-1", "engine-b", 1, NOW, limit=1) == 0
         assert leases.held("seg-1", NOW) == {"engine-a": 2, "engine-b": 1}
         # engine-b renews and goes on; engine-a dies: its slots expire, and are taken again.
         later = NOW + timedelta(seconds=45)

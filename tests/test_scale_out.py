@@ -164,7 +164,7 @@ def test_two_engines_one_killed_every_meter_stored_exactly_once(tmp_path, fleet,
                 break
             time.sleep(0.2)
         assert states == {"done": total}, states
-        assert busiest_route <= PER_ROUTE
+        assert 1 <= busiest_route <= PER_ROUTE  # slots were used, never more than the bound
 
         store = Store(db)
         try:
@@ -193,8 +193,10 @@ def test_two_engines_one_killed_every_meter_stored_exactly_once(tmp_path, fleet,
         store = Store(db)
         try:
             leases = RouteLeases(store, PER_ROUTE)
-            assert all(not leases.held(f"segment-{r}", datetime.now(timezone.utc))
-                       for r in range(ROUTES))
+            holders = [engine for r in range(ROUTES)
+                       for engine in leases.held(f"segment-{r}", datetime.now(timezone.utc))]
+            # (The killed engine's slots stay until they expire, --route-lease after its death.)
+            assert not [e for e in holders if survivor in e], holders
         finally:
             store.close()
     finally:
