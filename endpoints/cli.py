@@ -288,8 +288,10 @@ def _run(reactor, head_end, args, meters: list[str], **extra) -> int:
     base_url = f"{'https' if args.tls_cert else 'http'}://{host}:{listening.getHost().port}"
     from cimhes.queue.connection import redact
 
-    amqp = redact(head_end.amqp.connection.url) if head_end.amqp is not None else "off"
-    if head_end.amqp is None:
+    broker = head_end.amqp.connection if head_end.amqp is not None else \
+        getattr(head_end, "job_connection", None)  # an engine's: jobs only (endpoints/scale.py)
+    amqp = redact(broker.url) if broker is not None else "off"
+    if broker is None:
         logging.getLogger("cimhes.queue").info(
             "AMQP is off (no --amqp-url): events are stored and kept in the outbox")
     ready = {"ready": True, "base_url": base_url, "meters": meters, "amqp": amqp, "push": push,
