@@ -19,7 +19,7 @@ from cimhes.engine.dispatch import JobOutcome
 from cimhes.engine.jobs import JobState
 from cimhes.engine.route_leases import RouteLeases
 from cimhes.engine.store import Store
-from cimhes.queue.job_queue import decode_outcome, delay_for, encode_outcome
+from cimhes.queue.job_queue import JobRef, decode_outcome, delay_for, encode_outcome
 
 from .databases import postgres_or_skip
 
@@ -85,11 +85,22 @@ def test_an_outcome_crosses_the_queue_with_its_values_and_error_classes():
               HistoryShortfall("m-1", "3 missing", "0.0.2.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0", 3,
                                start).located("CIMHES000001", "127.0.0.1:4059"))
     job_id, outcome = decode_outcome(encode_outcome(JobOutcome(
-        type("J", (), {"id": 7})(), JobState.DONE, MeterReadResult(reading, errors))))
-    assert job_id == 7 and outcome.state is JobState.DONE
+        JobRef(7, "m-1"), JobState.DONE, MeterReadResult(reading, errors))))
+    assert job_id == 7 and outcome.state is JobState.DONE and outcome.job.device.mrid == "m-1"
     assert outcome.result.meter_reading == reading
     assert outcome.result.errors == errors
     assert str(outcome.result.errors[1]) == str(errors[1])  # name and address too
     _, failed = decode_outcome(encode_outcome(JobOutcome(
-        type("J", (), {"id": 8})(), JobState.FAILED, None, Timeout("m-2", "no answer in 20 s"))))
+        JobRef(8, "m-2"), JobState.FAILED, None, Timeout("m-2", "no answer in 20 s"))))
     assert failed.result is None and failed.error == Timeout("m-2", "no answer in 20 s")
+
+
+def test_a_control_outcome_crosses_the_queue_too():
+    from cimhes.drivers.controls import ControlKind, ControlOutcome, ControlStatus
+    from cimhes.drivers.errors import ControlNotConfirmed
+
+    sent = ControlOutcome("m-3", ControlKind.DISCONNECT, ControlStatus.FAILED, "not confirmed",
+                          {"output_state": False}, ControlNotConfirmed("m-3", "state stayed on"))
+    _, outcome = decode_outcome(encode_outcome(JobOutcome(JobRef(9, "m-3"), JobState.FAILED,
+                                                          sent)))
+    assert outcome.result == sent
