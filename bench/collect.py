@@ -178,7 +178,7 @@ def run_scale(args, workdir: Path, admin_url: str, engines: int, key_file: Path)
     processes: list[subprocess.Popen] = []
     try:
         common = ["--db", url, "--amqp-url", vhost.url, "--host", "127.0.25.9", "--port", "0",
-                  "--secret-key-file", str(key_file), *engine_flags(args)]
+                  "--secret-key-file", str(key_file), "--no-push", *engine_flags(args)]
         workers = []
         for _ in range(engines):  # the engines first: the jobs are handed out as they come
             worker = cimhes("serve", "--role", "engine", "--job-prefetch",

@@ -97,7 +97,7 @@ def test_two_engines_one_killed_every_meter_stored_exactly_once(tmp_path, fleet,
         "deadline_hours": 20}]}))
     common = ("--db", db, "--amqp-url", amqp_vhost.url, "--host", HOST, "--port", "0",
               "--secret-key-file", str(tmp_path / "secret.key"),
-              "--max-sessions-per-route", str(PER_ROUTE), "--min-device-gap", "0")
+              "--max-sessions-per-route", str(PER_ROUTE), "--min-device-gap", "0", "--no-push")
     processes: list[subprocess.Popen] = []
     engine_store = create_engine(db)
     try:
@@ -217,7 +217,7 @@ def test_two_engines_one_killed_every_meter_stored_exactly_once(tmp_path, fleet,
 def test_a_role_that_cannot_work_is_refused_in_one_line(tmp_path, monkeypatch, args, says):
     monkeypatch.delenv("CIMHES_AMQP_URL", raising=False)
     done = subprocess.run([sys.executable, "-m", "cimhes.endpoints.cli", "serve", "--port", "0",
-                           "--host", HOST, *args], capture_output=True, text=True, cwd=tmp_path,
+                           "--host", HOST, "--no-push", *args], capture_output=True, text=True, cwd=tmp_path,
                           timeout=60)
     assert done.returncode == 2
     assert says in done.stderr and len(done.stderr.strip().splitlines()) == 1, done.stderr
