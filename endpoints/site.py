@@ -159,7 +159,8 @@ class HeadEnd:
                                  feeders=FeederOutageDetector(settings.feeder_outages))
         self.push_intake = PushIntake(
             self.store_runner, self.events,
-            [d.address for d in devices.devices] if isinstance(devices, Inventory) else devices)
+            [d.address for d in devices.devices] if isinstance(devices, Inventory)
+            else devices or [])  # an engine started without an inventory knows no pushers
         # The one factory of HTTP sessions for outgoing calls (MDM callbacks, zeep publishers).
         self.callback_session = partial(callback_session, settings.callback_ca_bundle)
         self.counters = StoredCounters(self.store_runner, CounterStore(self.store))
