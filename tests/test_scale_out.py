@@ -76,6 +76,10 @@ def fleet(tmp_path):
         simulator.wait(10)
 
 
+def vhost_user(vhost) -> str:
+    return vhost.user
+
+
 def _request(mrids) -> bytes:
     element = encode_get_meter_readings(GetMeterReadings(
         header=Header(verb=Verb.GET, noun="MeterReadings", message_id="scale-1",
@@ -139,6 +143,13 @@ def test_two_engines_one_killed_every_meter_stored_exactly_once(tmp_path, fleet,
         assert victim_jobs, f"the victim never held jobs mid-collection: {states}"
         assert victim.wait(10) == -signal.SIGKILL
 
+        # AMQP callers are cimhes users named as their AMQP user (queue/authorisation.py).
+        added = subprocess.run(
+            [sys.executable, "-m", "cimhes.endpoints.cli", "user", "add", vhost_user(amqp_vhost),
+             "--role", "readings-reader", "--password-stdin", "--db", db,
+             "--secret-key-file", str(tmp_path / "secret.key")],
+            input="not-used-over-amqp-1\n", capture_output=True, text=True, timeout=60)
+        assert added.returncode == 0, added.stderr
         # A synchronous request through the api, amid the collection: its jobs (on-demand,
         # ahead of scheduled ones) run on the surviving engine.
         props, body = ask(amqp_vhost.url, REQUESTS_EXCHANGE, "MeterReadings",
