@@ -7,6 +7,7 @@ device identity, user name or secret.
 from __future__ import annotations
 
 import json
+import logging
 import time
 
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
@@ -18,7 +19,10 @@ from twisted.web.server import NOT_DONE_YET
 
 from cimhes.engine import redaction
 from cimhes.engine.device_status import DeviceStatusRecord
+from cimhes.engine.metrics import backlog
 from cimhes.engine.store import Device
+
+log = logging.getLogger("cimhes.metrics")
 
 HEALTH_TIMEOUT = 5.0  # seconds the database may take to answer the health probe
 LAG_LIMIT = 1.0  # seconds of reactor lag past which the head-end is not ready
@@ -124,17 +128,30 @@ class HealthResource(Resource):
 class MetricsResource(Resource):
     isLeaf = True
 
-    def __init__(self, metrics, lag: ReactorLag):
+    def __init__(self, metrics, lag: ReactorLag, reactor=None, runner=None, store=None):
         super().__init__()
         self._metrics = metrics
         self._lag = lag
+        self._reactor = reactor
+        self._runner = runner
+        self._store = store
 
     def render_GET(self, request):
-        def answer(_lag):
-            if not request.finished:
-                request.setHeader("content-type", CONTENT_TYPE_LATEST)
-                request.write(generate_latest(self._metrics.registry))
-                request.finish()
-
-        self._lag.measure().addCallback(answer)
+        self._scrape(request)
         return NOT_DONE_YET
+
+    @inlineCallbacks
+    def _scrape(self, request):
+        yield self._lag.measure()
+        if self._runner is not None:
+            try:
+                d = self._runner.call(backlog, self._store)
+                d.addTimeout(HEALTH_TIMEOUT, self._reactor)
+                self._metrics.set_backlog((yield d))
+            except Exception as exc:  # a slow or failing store: the gauges keep their last values
+                log.warning("metrics: the store's backlog was not counted: %s",
+                            redaction.summary(exc)[:300])
+        if not request.finished:
+            request.setHeader("content-type", CONTENT_TYPE_LATEST)
+            request.write(generate_latest(self._metrics.registry))
+            request.finish()

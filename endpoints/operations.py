@@ -41,4 +41,5 @@ class Operations:
         root.putChild(b"devices", DevicesPage(context))
         root.putChild(b"health", HealthResource(self._reactor, self._runner, self._store,
                                                 self.lag, broker))
-        root.putChild(b"metrics", MetricsResource(self.metrics, self.lag))
+        root.putChild(b"metrics", MetricsResource(self.metrics, self.lag, self._reactor,
+                                                  self._runner, self._store))

@@ -8,7 +8,7 @@ import logging
 import os
 import shutil
 import subprocess
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 from urllib.parse import quote
 
@@ -22,7 +22,8 @@ from twisted.internet.threads import deferToThread
 
 from cimhes.drivers import DeviceAddress
 from cimhes.endpoints.site import HeadEnd, HeadEndSettings
-from cimhes.engine.store import Device, EndDeviceEventRecord
+from cimhes.engine.jobs import JobStore, NewJob
+from cimhes.engine.store import Device, EndDeviceEventRecord, OutboxEntry
 from cimhes.engine.users import Role
 from cimhes.fixtures.fleet import start_fleet
 
@@ -162,6 +163,22 @@ def test_health_and_metrics(site):
     assert samples[("cimhes_authentications_total", (("outcome", "success"),))] >= 1
     assert samples[("cimhes_meter_sessions_open", ())] == 0
     assert ("cimhes_reactor_lag_seconds", ()) in samples
+    # The on-demand read's jobs are finished: no read backlog, and nothing waits in the outbox.
+    assert samples[("cimhes_job_backlog", (("kind", "read"), ("state", "queued")))] == 0
+    assert not [key for key in samples if key[0] == "cimhes_outbox_pending"]
+
+    # Work that waits shows: a control due tomorrow, two messages no relay has taken.
+    now = datetime.now(timezone.utc)
+    JobStore(site.store).create_request(
+        "metrics-test", "control", [NewJob(site.live.mrid, kind="control")], priority=0,
+        max_attempts=1, now=now, not_before=now + timedelta(days=1))
+    site.store.add_to_outbox([OutboxEntry("metrics-test", "probe", "<x/>")] * 2, now)
+    scraped = yield deferToThread(requests.get, f"{site.base_url}/metrics")
+    samples = {(s.name, tuple(sorted(s.labels.items()))): s.value
+               for family in text_string_to_metric_families(scraped.text)
+               for s in family.samples}
+    assert samples[("cimhes_job_backlog", (("kind", "control"), ("state", "queued")))] == 1
+    assert samples[("cimhes_outbox_pending", (("destination", "metrics-test"),))] == 2
 
 
 def _chromium() -> str | None:
