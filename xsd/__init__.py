@@ -65,6 +65,13 @@ def _point_imports_at(document: etree._ElementTree, service_url: str) -> None:
             node.set("schemaLocation", xsd_url(service_url, location))
 
 
+# Served documents are rendered once per (document, address) and kept: a WSDL fetch is a dict
+# lookup, not a parse, even while the reactor is busy. The address comes from the request
+# (Host, Forwarded), so the cache is bounded: past SERVED_CACHE entries the oldest goes.
+SERVED_CACHE = 128
+
+
+@functools.lru_cache(maxsize=SERVED_CACHE)
 def xsd_text(name: str, service_url: str) -> bytes:
     """The schema ``name`` as served by the endpoint at ``service_url`` (imports point at ``?xsd=``)."""
     document = etree.parse(str(path(name)), _parser())
@@ -72,6 +79,7 @@ def xsd_text(name: str, service_url: str) -> bytes:
     return etree.tostring(document, xml_declaration=True, encoding="utf-8")
 
 
+@functools.lru_cache(maxsize=SERVED_CACHE)
 def wsdl_text(name: str, location_url: str) -> bytes:
     """The WSDL ``name`` as served by the endpoint at ``location_url``.
 
