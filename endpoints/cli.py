@@ -295,7 +295,10 @@ def _run(reactor, head_end, args, meters: list[str], **extra) -> int:
         logging.getLogger("cimhes.queue").info(
             "AMQP is off (no --amqp-url): events are stored and kept in the outbox")
     ready = {"ready": True, "base_url": base_url, "meters": meters, "amqp": amqp, "push": push,
-             "services": {"GetMeterReadings": f"{base_url}/cim/GetMeterReadings"},
+             # An engine-role process has no CIM doors, so it names none.
+             "services": {} if extra.get("role") == "engine" else {
+                 name: f"{base_url}/cim/{name}" for name in (
+                     "GetMeterReadings", "GetEndDeviceEvents", "ExecuteEndDeviceControls")},
              "pid": os.getpid(), **extra}
     # Said once the reactor runs, so a caller that signals the process as soon as it reads the
     # line finds Twisted's SIGINT/SIGTERM handlers installed (a clean stop, exit code 0).

@@ -54,6 +54,8 @@ def test_demo_prints_ready_serves_readings_and_stops_on_ctrl_c(tmp_path):
         assert ready["base_url"].startswith("http://127.0.0.1:")
         assert len(ready["meters"]) == 2
         assert ready["user"] == "demo" and len(ready["password"]) >= 12
+        assert ready["services"] == {name: f"{ready['base_url']}/cim/{name}" for name in (
+            "GetMeterReadings", "GetEndDeviceEvents", "ExecuteEndDeviceControls")}
         reply = _read_registers(ready["base_url"], ready["meters"], ready["user"],
                                 ready["password"])
         assert reply.Reply.Result == "OK"
