@@ -155,19 +155,11 @@ def stored_meter_readings(store: Store, slices: Sequence[Slice], reading_types: 
 def missing_reading_types(stored: MeterReading | None, piece: Slice,
                           reading_types: Sequence[str]) -> list[str]:
     """The reading types the store cannot answer completely for ``piece``."""
-    have_registers = set() if stored is None else {r.reading_type for r in stored.readings}
-    have_intervals = {} if stored is None else {
-        b.reading_type: len(b.readings) for b in stored.interval_blocks}
-    missing = []
-    for code in reading_types:
-        if is_interval(code):
-            expected = (None if piece.start is None or piece.end is None
-                        else expected_intervals(code, piece.start, piece.end))
-            if expected is None or have_intervals.get(code, 0) < expected:
-                missing.append(code)
-        elif piece.start is None or piece.end is None or code not in have_registers:
-            missing.append(code)
-    return missing
+    have: dict[str, int] = {}
+    if stored is not None:
+        have.update((r.reading_type, 1) for r in stored.readings)
+        have.update((b.reading_type, len(b.readings)) for b in stored.interval_blocks)
+    return _missing_of(have, piece, reading_types)
 
 
 def _merge(stored: MeterReading | None, read: MeterReading | None) -> MeterReading | None:
@@ -248,7 +240,8 @@ def _windows(piece: Slice) -> tuple[list, list]:
 
 
 def _missing_of(have: dict[str, int], piece: Slice, reading_types: Sequence[str]) -> list[str]:
-    """`missing_reading_types` from counts per reading type."""
+    """The reading types not complete for ``piece`` given what is stored, as counts per reading
+    type (an interval type must have every interval of the window; a register type any value)."""
     missing = []
     for code in reading_types:
         if is_interval(code):
