@@ -19,13 +19,12 @@ from twisted.web.server import Site
 from cimhes.cim.codec import decode_meter_readings_response, encode_meter_readings_response
 from cimhes.cim.message import Header, Reply, ReplyResult, Verb
 from cimhes.cim.meter_readings import MeterReadingsResponse
-from cimhes.drivers import DeviceAddress
 from cimhes.endpoints.async_replies import ReplyAddressPolicy
-from cimhes.endpoints.site import HeadEnd, HeadEndSettings
 from cimhes.endpoints.soap_resource import SoapResource, soap_application
 from cimhes.fixtures.fleet import start_fleet
 
-from .credentials import add_test_user, zeep_client
+from .credentials import zeep_client
+from .head_ends import close_head_end, devices_of, serve_head_end
 from .schemas import assert_valid_everywhere
 
 PLUS_A = "0.0.0.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0"
@@ -81,18 +80,9 @@ def fleet():
 
 @pytest.fixture
 def head_end(tmp_path, fleet, mdm):
-    head_end = HeadEnd(reactor, HeadEndSettings(
-        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}", device_timeout=3.0,
-        secret_key_file=str(tmp_path / "secret.key"),
-        reply_addresses=(f"{mdm.base}/mdm/",)),
-        [DeviceAddress.from_inventory(m) for m in fleet.inventory()["meters"]])
-    add_test_user(head_end)
-    port = reactor.listenTCP(0, head_end.site, interface="127.0.0.1")
-    head_end.base_url = f"http://127.0.0.1:{port.getHost().port}"
+    head_end = serve_head_end(tmp_path, devices_of(fleet), reply_addresses=(f"{mdm.base}/mdm/",))
     yield head_end
-    pytest_twisted.blockon(port.stopListening())
-    head_end.store_runner.stop()
-    head_end.store.close()
+    close_head_end(head_end)
 
 
 def _ask_async(base_url, mrid, reply_address, correlation="corr-42"):

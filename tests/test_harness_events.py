@@ -18,14 +18,13 @@ from twisted.web.server import Site
 from cimhes.cim.codec.end_device_events import encode_end_device_events_response
 from cimhes.cim.end_device_events import EndDeviceEvent, EndDeviceEventsResponse
 from cimhes.cim.message import Header, Reply, ReplyResult, Verb
-from cimhes.drivers import DeviceAddress
 from cimhes.endpoints import harness
 from cimhes.endpoints.harness_events import EVENT_SCENARIOS
-from cimhes.endpoints.site import HeadEnd, HeadEndSettings
 from cimhes.fixtures.fleet import start_fleet
 from cimhes.xsd import wsdl_text
 
-from .credentials import TEST_PASSWORD, TEST_USER, add_test_user
+from .credentials import TEST_PASSWORD, TEST_USER
+from .head_ends import close_head_end, devices_of, serve_head_end
 from .test_event_publishing import Subscriber
 
 EVENT_NAMES = [name for name, _, _ in EVENT_SCENARIOS]
@@ -35,19 +34,11 @@ EVENT_NAMES = [name for name, _, _ in EVENT_SCENARIOS]
 def head_end(tmp_path):
     fleet = start_fleet(reactor, 1, clock=lambda: datetime.now(timezone.utc), base_index=301,
                         port=0)
-    head_end = HeadEnd(reactor, HeadEndSettings(
-        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}", device_timeout=3.0,
-        secret_key_file=str(tmp_path / "secret.key")),
-        [DeviceAddress.from_inventory(m) for m in fleet.inventory()["meters"]])
-    add_test_user(head_end)
-    port = reactor.listenTCP(0, head_end.site, interface="127.0.0.1")
-    head_end.base_url = f"http://127.0.0.1:{port.getHost().port}"
+    head_end = serve_head_end(tmp_path, devices_of(fleet))
     head_end.mrid = fleet.inventory()["meters"][0]["mrid"]
     yield head_end
-    pytest_twisted.blockon(port.stopListening())
+    close_head_end(head_end)
     pytest_twisted.blockon(fleet.stop_all())
-    head_end.store_runner.stop()
-    head_end.store.close()
 
 
 @pytest_twisted.inlineCallbacks

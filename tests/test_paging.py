@@ -15,12 +15,11 @@ from zeep.plugins import HistoryPlugin
 from cimhes.cim.codec import decode_meter_readings_response
 from cimhes.cim.meter_readings import DeviceRef, IntervalBlock, IntervalReading, MeterReading, Reading
 from cimhes.cim.meter_readings import split_into_messages
-from cimhes.drivers import DeviceAddress
 from cimhes.endpoints.meter_readings import ReadingRequestLimits
-from cimhes.endpoints.site import HeadEnd, HeadEndSettings
 from cimhes.fixtures.fleet import start_fleet
 
-from .credentials import add_test_user, zeep_client
+from .credentials import zeep_client
+from .head_ends import close_head_end, devices_of, serve_head_end
 from .schemas import assert_valid_everywhere
 from .test_async_replies import mdm  # noqa: F401 (the MDM's ReplyMeterReadings receiver)
 
@@ -41,18 +40,11 @@ def fleet():
 
 @pytest.fixture
 def head_end(tmp_path, fleet, mdm):  # noqa: F811
-    head_end = HeadEnd(reactor, HeadEndSettings(
-        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}", device_timeout=3.0,
-        secret_key_file=str(tmp_path / "secret.key"), reply_addresses=(f"{mdm.base}/mdm/",),
-        reading_requests=ReadingRequestLimits(max_values_per_message=20)),
-        [DeviceAddress.from_inventory(m) for m in fleet.inventory()["meters"]])
-    add_test_user(head_end)
-    port = reactor.listenTCP(0, head_end.site, interface="127.0.0.1")
-    head_end.base_url = f"http://127.0.0.1:{port.getHost().port}"
+    head_end = serve_head_end(
+        tmp_path, devices_of(fleet), reply_addresses=(f"{mdm.base}/mdm/",),
+        reading_requests=ReadingRequestLimits(max_values_per_message=20))
     yield head_end
-    pytest_twisted.blockon(port.stopListening())
-    head_end.store_runner.stop()
-    head_end.store.close()
+    close_head_end(head_end)
 
 
 def _ask(base_url, mrids, page=None, header=None):

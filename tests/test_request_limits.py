@@ -15,12 +15,11 @@ from twisted.internet.threads import deferToThread
 from zeep.plugins import HistoryPlugin
 
 from cimhes.cim.message import ErrorCode
-from cimhes.drivers import DeviceAddress
-from cimhes.endpoints.site import HeadEnd, HeadEndSettings
 from cimhes.engine.admission import Admission, Refused, RequestLimits
 from cimhes.fixtures.fleet import start_fleet
 
 from .credentials import add_test_user, zeep_client
+from .head_ends import close_head_end, devices_of, serve_head_end
 from .schemas import assert_valid_everywhere
 
 SOAP_ENV = "http://schemas.xmlsoap.org/soap/envelope/"
@@ -64,19 +63,15 @@ def fleet():
 
 @pytest.fixture
 def head_end(tmp_path, fleet):
-    head_end = HeadEnd(reactor, HeadEndSettings(
-        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}", device_timeout=5.0,
-        secret_key_file=str(tmp_path / "secret.key"),
-        request_limits=RequestLimits(max_devices_per_request=2, max_pending_per_caller=1)),
-        [DeviceAddress.from_inventory(m) for m in fleet.inventory()["meters"]])
+    head_end = serve_head_end(
+        tmp_path, devices_of(fleet), device_timeout=5.0,
+        request_limits=RequestLimits(max_devices_per_request=2, max_pending_per_caller=1))
     add_test_user(head_end)
     add_test_user(head_end, name="other-mdm", password="other-mdm-password")
     port = reactor.listenTCP(0, head_end.site, interface="127.0.0.1")
     head_end.base_url = f"http://127.0.0.1:{port.getHost().port}"
     yield head_end
-    pytest_twisted.blockon(port.stopListening())
-    head_end.store_runner.stop()
-    head_end.store.close()
+    close_head_end(head_end)
 
 
 def _client(base_url: str, **credentials):

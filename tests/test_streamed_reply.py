@@ -16,12 +16,11 @@ from zeep.plugins import HistoryPlugin
 from cimhes.cim.codec import decode_meter_readings_response
 from cimhes.cim.message import Header, Verb
 from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings, ReadingSource
-from cimhes.drivers import DeviceAddress
 from cimhes.endpoints.meter_readings import ReadingRequestLimits
-from cimhes.endpoints.site import HeadEnd, HeadEndSettings
 from cimhes.fixtures.fleet import start_fleet
 
-from .credentials import add_test_user, zeep_client
+from .credentials import zeep_client
+from .head_ends import close_head_end, devices_of, serve_head_end
 from .schemas import assert_valid_everywhere
 from .test_async_replies import mdm  # noqa: F401 (the MDM's ReplyMeterReadings receiver)
 
@@ -45,19 +44,12 @@ def fleet():
 
 @pytest.fixture
 def head_end(tmp_path, fleet, mdm):  # noqa: F811
-    head_end = HeadEnd(reactor, HeadEndSettings(
-        database_url=f"sqlite:///{tmp_path / 'cimhes.sqlite'}", device_timeout=5.0,
-        secret_key_file=str(tmp_path / "secret.key"), reply_addresses=(f"{mdm.base}/mdm/",),
+    head_end = serve_head_end(
+        tmp_path, devices_of(fleet), device_timeout=5.0, reply_addresses=(f"{mdm.base}/mdm/",),
         reading_requests=ReadingRequestLimits(max_values_per_message=PER_PART,
-                                              stream_above_meters=STREAM_ABOVE)),
-        [DeviceAddress.from_inventory(m) for m in fleet.inventory()["meters"]])
-    add_test_user(head_end)
-    port = reactor.listenTCP(0, head_end.site, interface="127.0.0.1")
-    head_end.base_url = f"http://127.0.0.1:{port.getHost().port}"
+                                              stream_above_meters=STREAM_ABOVE))
     yield head_end
-    pytest_twisted.blockon(port.stopListening())
-    head_end.store_runner.stop()
-    head_end.store.close()
+    close_head_end(head_end)
 
 
 def _ask(base_url, mrids, page=None, header=None, source=None):
