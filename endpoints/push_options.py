@@ -7,6 +7,11 @@ point); `demo` on any free port (0), named on its ready line, so demos side by s
 directory is the inventory's devices: pushed alarms become stored EndDeviceEvents (and, through
 the event outbox, AMQP events to the DMS when AMQP is on), pushed readings stored readings.
 What the ready line says of it: `"push": {"host": H, "port": P}`, or `"push": "off"`.
+The push ingress journal (engine/push_journal.py): `--push-journal DIR` (default: beside the
+SQLite database, ``<db>.push-journal``; ``var/cimhes-push-journal`` for a database URL),
+`--push-journal-max-bytes` (default 64 MiB), `--push-journal-fsync` (survive a power loss, at
+the cost bench/README.md gives), `--no-push-journal`. Its unfinished entries are replayed
+before the listener opens; the ready line's ``push`` says how many (``"replayed"``).
 `--feeder-outage-threshold` and `--feeder-outage-window` set the feeder-outage summaries of the
 pushed (and read) events (engine/feeder_outages.py).
 """
@@ -15,6 +20,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from cimhes.endpoints.push_listener import PushListenerFactory
+from cimhes.engine.push_journal import DEFAULT_MAX_BYTES, PushJournal
 from cimhes.engine.feeder_outages import DEFAULT_THRESHOLD, DEFAULT_WINDOW, FeederOutageSettings
 
 # Connections the kernel queues before the listener accepts them: a storm's last-gasp pushes
@@ -34,6 +40,18 @@ def add_push_options(parser, default_port: int = DEFAULT_PUSH_PORT) -> None:
                         help="interface of the push listener (default: --host)")
     parser.add_argument("--no-push", action="store_true",
                         help="do not listen for pushes")
+    parser.add_argument("--push-journal", default=None, metavar="DIR",
+                        help="directory of the push ingress journal (default: <db>.push-journal "
+                             "beside a SQLite --db, var/cimhes-push-journal otherwise)")
+    parser.add_argument("--push-journal-max-bytes", type=int, default=DEFAULT_MAX_BYTES,
+                        metavar="BYTES", help="past this the journal takes no new push (logged; "
+                        f"default {DEFAULT_MAX_BYTES})")
+    parser.add_argument("--push-journal-fsync", action="store_true",
+                        help="fsync the journal once per reactor turn (survives a power loss; "
+                             "costs CPU and latency, bench/README.md)")
+    parser.add_argument("--no-push-journal", action="store_true",
+                        help="take pushes without the journal (a killed process loses the ones "
+                             "read and not yet committed)")
     parser.add_argument("--feeder-outage-threshold", type=int, default=DEFAULT_THRESHOLD,
                         metavar="METERS",
                         help="meters of one feeder losing (or getting back) power within the "
@@ -57,7 +75,23 @@ def listen_for_pushes(reactor, head_end, args):
     if not 0 <= args.push_port < 65536:
         raise ValueError(f"--push-port {args.push_port} is not 0..65535")
     host = args.push_host or args.host
+    said = {"host": host}
+    if not args.no_push_journal:
+        journal = PushJournal(journal_directory(args), max_bytes=args.push_journal_max_bytes,
+                              fsync=args.push_journal_fsync, reactor=reactor)
+        reactor.addSystemEventTrigger("after", "shutdown", journal.close)
+        head_end.push_intake.use_journal(journal)
+        # Before the listener opens: what a killed process had read is taken first.
+        said["replayed"] = head_end.push_intake.replay()
     listening = reactor.listenTCP(args.push_port, PushListenerFactory(reactor, head_end.push_intake),
                                   backlog=PUSH_BACKLOG, interface=host)
     reactor.addSystemEventTrigger("before", "shutdown", listening.stopListening)
-    return {"host": host, "port": listening.getHost().port}
+    said["port"] = listening.getHost().port
+    return said
+
+
+def journal_directory(args) -> str:
+    if args.push_journal:
+        return args.push_journal
+    db = getattr(args, "db", None) or "var/cimhes.sqlite"
+    return "var/cimhes-push-journal" if "://" in db else f"{db}.push-journal"

@@ -8,6 +8,10 @@ logical device name being "CIM" + serial as the project's meters have it, and by
 held in memory, given at start; `reload` replaces it. Writes go to the store thread in batches
 (group commit, as `ReadingWriter` does): under a storm of pushes they become few large
 transactions. `counts` says what happened, for operators and the benchmark.
+
+With a journal (`use_journal`, engine/push_journal.py) each APDU is journalled before it is
+parsed and marked done once what it carried is committed (its events' or unrecognised row's
+batch, its readings' save); `replay` takes the entries a killed process left not done.
 """
 from __future__ import annotations
 
@@ -39,6 +43,8 @@ class PushIntake:
         self._readings = ReadingWriter(runner, self._now)
         self._queued_events: list = []
         self._queued_unrecognised: list[UnrecognisedPush] = []
+        self._queued_entries: list[int | None] = []  # journal entries of the queued batch
+        self._journal = None
         self._writing = False
         self._idle: list[Deferred] = []
         self._pending_readings: list[Deferred] = []
@@ -57,8 +63,33 @@ class PushIntake:
                 self._keys[title] = SecurityKeys(bytes.fromhex(device.encryption_key),
                                                  bytes.fromhex(device.authentication_key))
 
+    def use_journal(self, journal) -> None:
+        """Journal every APDU taken from now on (a `PushJournal`)."""
+        self._journal = journal
+
+    def replay(self) -> int:
+        """Take again the journal's entries a previous process left not done; how many."""
+        entries = self._journal.unfinished() if self._journal is not None else []
+        for entry in entries:
+            self._take(entry.apdu, entry.peer, entry.sequence)
+        if entries:
+            self._journal.counts["replayed"] += len(entries)
+            log.warning("replayed %d pushes the previous process had read but not committed "
+                        "(push journal %s)", len(entries), self._journal.directory)
+        return len(entries)
+
     def take(self, apdu: bytes, peer: str) -> None:
-        """Attribute, interpret and queue one pushed APDU; never raises."""
+        """Journal, attribute, interpret and queue one pushed APDU; never raises."""
+        entry = None
+        if self._journal is not None:
+            try:
+                entry = self._journal.append(peer, apdu)
+            except OSError as failure:  # a full disk: the push is still taken
+                self.counts["journal failures"] += 1
+                log.error("journalling a push from %s failed: %s", peer, failure)
+        self._take(apdu, peer, entry)
+
+    def _take(self, apdu: bytes, peer: str, entry: int | None) -> None:
         try:
             notification = decode(apdu, self._keys.get)
             _setup, name = sender(notification)
@@ -73,22 +104,33 @@ class PushIntake:
             content = interpret(notification, device.mrid, device.name)
         except PushError as refused:
             self.counts[refused.problem] += 1
+            self._queued_entries.append(entry)
             self.record(UnrecognisedPush(self._now(), peer, refused.identity, refused.problem,
                                          refused.reason, len(apdu), apdu[:512]))
             return
         except Exception:  # a bug must not take the listener down with it
             log.exception("push from %s could not be taken", peer)
             self.counts["internal error"] += 1
+            self._done([entry])  # replaying it would meet the same bug
             return
         self.counts[content.setup] += 1
         if content.events:
             self._queued_events.extend(content.events)
+            self._queued_entries.append(entry)
             self._write()
         if content.meter_reading is not None:
             if len(self._pending_readings) > 1000:
                 self._pending_readings = [d for d in self._pending_readings if not d.called]
-            self._pending_readings.append(
-                self._readings.save(content.meter_reading).addErrback(self._store_failed))
+            saved = self._readings.save(content.meter_reading)
+            if entry is not None:
+                saved.addCallback(lambda result: self._done([entry]) or result)
+            self._pending_readings.append(saved.addErrback(self._store_failed))
+        if not content.events and content.meter_reading is None:
+            self._done([entry])
+
+    def _done(self, entries) -> None:
+        if self._journal is not None:
+            self._journal.done(entries)
 
     def record(self, push: UnrecognisedPush) -> None:
         """Queue an unrecognised push the listener met before any APDU (broken framing)."""
@@ -110,6 +152,7 @@ class PushIntake:
             return
         events, self._queued_events = self._queued_events, []
         unrecognised, self._queued_unrecognised = self._queued_unrecognised, []
+        entries, self._queued_entries = self._queued_entries, []
         if not events and not unrecognised:
             idle, self._idle = self._idle, []
             for waiting in idle:
@@ -121,9 +164,10 @@ class PushIntake:
         def done(result):
             self._writing = False
             if isinstance(result, Failure):
-                self._store_failed(result)
+                self._store_failed(result)  # its entries stay in the journal for a replay
             else:
                 self.counts["events stored"] += result
+                self._done(entries)
             self._write()
 
         written.addBoth(done)

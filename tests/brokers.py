@@ -147,7 +147,9 @@ class OwnBroker:
         self.env = {**os.environ, "HOME": str(self.folder), "RABBITMQ_NODENAME": self.node,
                     "RABBITMQ_NODE_IP_ADDRESS": OWN_BROKER_HOST,
                     "RABBITMQ_NODE_PORT": str(self.port),
-                    "RABBITMQ_DIST_PORT": str(_free_port(OWN_BROKER_HOST)),
+                    # Erlang distribution listens on every interface: free on all of them
+                    # (a port free on OWN_BROKER_HOST alone was once taken on localhost).
+                    "RABBITMQ_DIST_PORT": str(_free_port("")),
                     "RABBITMQ_MNESIA_BASE": str(self.folder / "mnesia"),
                     "RABBITMQ_LOG_BASE": str(self.folder / "log"),
                     "RABBITMQ_PID_FILE": str(self.folder / "rabbitmq.pid"),
