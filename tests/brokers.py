@@ -129,6 +129,10 @@ def _free_port(host: str) -> int:
         return probe.getsockname()[1]
 
 
+class _BootFailed(RuntimeError):
+    """The node's process ended while booting (e.g. a port taken since it was chosen)."""
+
+
 class OwnBroker:
     """A RabbitMQ node of the test's own (node name, ports, data directory, Erlang cookie under
     ``folder``), started from Debian's rabbitmq-server, which the test may stop and start at will.
@@ -155,7 +159,9 @@ class OwnBroker:
                     "RABBITMQ_PID_FILE": str(self.folder / "rabbitmq.pid"),
                     "RABBITMQ_ENABLED_PLUGINS_FILE": str(self.folder / "enabled_plugins"),
                     "RABBITMQ_CONFIG_FILE": str(self.folder / "rabbitmq"),
-                    "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.folder / "advanced.config")}
+                    "RABBITMQ_ADVANCED_CONFIG_FILE": str(self.folder / "advanced.config"),
+                    # a node that fails to boot writes its crash dump here, not into the cwd
+                    "ERL_CRASH_DUMP": str(self.folder / "erl_crash.dump")}
         self.process = None
 
     def ctl(self, *args: str, timeout: float = 60) -> str:
@@ -166,7 +172,21 @@ class OwnBroker:
                                f"{done.stderr.strip()[-500:]}")
         return done.stdout
 
-    def start(self, timeout: float = 60) -> None:
+    def start(self, timeout: float = 60, attempts: int = 3) -> None:
+        """Start the node; when its ports were taken between choosing and binding them (another
+        process on the machine picked the same free port), choose new ones and try again."""
+        for attempt in range(attempts):
+            try:
+                return self._start(timeout)
+            except _BootFailed:
+                if attempt == attempts - 1:
+                    raise
+                self.port = _free_port(OWN_BROKER_HOST)
+                self.url = f"amqp://guest:guest@{OWN_BROKER_HOST}:{self.port}/%2F"
+                self.env.update(RABBITMQ_NODE_PORT=str(self.port),
+                                RABBITMQ_DIST_PORT=str(_free_port("")))
+
+    def _start(self, timeout: float) -> None:
         import time
 
         (self.folder / "enabled_plugins").write_text("[].\n")
@@ -183,8 +203,10 @@ class OwnBroker:
             except (RuntimeError, subprocess.TimeoutExpired):
                 time.sleep(0.5)
         tail = (self.folder / "server.out").read_text(errors="replace")[-2000:]
+        exited = self.process.poll() is not None
         self.stop()
-        raise RuntimeError(f"the test's RabbitMQ node {self.node} did not start:\n{tail}")
+        raise (_BootFailed if exited else RuntimeError)(
+            f"the test's RabbitMQ node {self.node} did not start:\n{tail}")
 
     def stop_app(self) -> None:
         self.ctl("stop_app")
