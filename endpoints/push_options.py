@@ -11,7 +11,10 @@ The push ingress journal (engine/push_journal.py): `--push-journal DIR` (default
 SQLite database, ``<db>.push-journal``; ``var/cimhes-push-journal`` for a database URL),
 `--push-journal-max-bytes` (default 64 MiB), `--push-journal-fsync` (survive a power loss, at
 the cost bench/README.md gives), `--no-push-journal`. Its unfinished entries are replayed
-before the listener opens; the ready line's ``push`` says how many (``"replayed"``).
+before the listener opens; the ready line's ``push`` says how many (``"replayed"``). After an
+unclean stop the meters that pushed in the last minutes are read back (engine/push_recovery.py:
+`--push-recovery-lookback`, default 600 s; `--push-recovery-max-meters`, default 2,000, 0: off);
+the ready line's ``"recovery"`` names how many meters and the window.
 `--feeder-outage-threshold` and `--feeder-outage-window` set the feeder-outage summaries of the
 pushed (and read) events (engine/feeder_outages.py).
 """
@@ -20,6 +23,7 @@ from __future__ import annotations
 from datetime import timedelta
 
 from cimhes.endpoints.push_listener import PushListenerFactory
+from cimhes.engine import push_recovery
 from cimhes.engine.push_journal import DEFAULT_MAX_BYTES, PushJournal
 from cimhes.engine.feeder_outages import DEFAULT_THRESHOLD, DEFAULT_WINDOW, FeederOutageSettings
 
@@ -52,6 +56,15 @@ def add_push_options(parser, default_port: int = DEFAULT_PUSH_PORT) -> None:
     parser.add_argument("--no-push-journal", action="store_true",
                         help="take pushes without the journal (a killed process loses the ones "
                              "read and not yet committed)")
+    parser.add_argument("--push-recovery-lookback", type=float,
+                        default=push_recovery.DEFAULT_LOOKBACK.total_seconds(), metavar="SECONDS",
+                        help="after an unclean stop, read the event logs of the meters that pushed "
+                             "this long before the last committed push, from then on (default "
+                             f"{push_recovery.DEFAULT_LOOKBACK.total_seconds():g})")
+    parser.add_argument("--push-recovery-max-meters", type=int,
+                        default=push_recovery.DEFAULT_MAX_METERS, metavar="METERS",
+                        help="at most this many meters read back after an unclean stop (0: none; "
+                             f"default {push_recovery.DEFAULT_MAX_METERS})")
     parser.add_argument("--feeder-outage-threshold", type=int, default=DEFAULT_THRESHOLD,
                         metavar="METERS",
                         help="meters of one feeder losing (or getting back) power within the "
@@ -83,11 +96,36 @@ def listen_for_pushes(reactor, head_end, args):
         head_end.push_intake.use_journal(journal)
         # Before the listener opens: what a killed process had read is taken first.
         said["replayed"] = head_end.push_intake.replay()
+        if not journal.stopped_cleanly and args.push_recovery_max_meters > 0:
+            said["recovery"] = _recover(reactor, head_end, args, journal)
     listening = reactor.listenTCP(args.push_port, PushListenerFactory(reactor, head_end.push_intake),
                                   backlog=PUSH_BACKLOG, interface=host)
     reactor.addSystemEventTrigger("before", "shutdown", listening.stopListening)
     said["port"] = listening.getHost().port
     return said
+
+
+def _recover(reactor, head_end, args, journal) -> dict:
+    """Plan the read-back of what the kernel took and the killed process never read, and start it
+    once the reactor runs; what the ready line says of it."""
+    from datetime import datetime, timezone
+
+    from cimhes.endpoints.session_options import session_settings
+
+    now = datetime.now(timezone.utc)
+    last = datetime.fromtimestamp(journal.last_commit, timezone.utc) if journal.last_commit \
+        else now
+    lookback = timedelta(seconds=args.push_recovery_lookback)
+    plan = push_recovery.plan(head_end.store, last, now, lookback=lookback,
+                              max_meters=args.push_recovery_max_meters)
+    recovery = push_recovery.PushRecovery(
+        reactor, head_end.store_runner, head_end.events, head_end.push_intake.devices(),
+        limits=session_settings(args)["session_limits"],
+        security=getattr(head_end, "meter_security", None))
+    head_end.push_intake.guard(plan.mrids, plan.since, plan.until)
+    reactor.callWhenRunning(recovery.run, plan)
+    return {"meters": len(plan.mrids), "skipped": plan.skipped, "since": plan.since.isoformat(),
+            "until": plan.until.isoformat()}
 
 
 def journal_directory(args) -> str:

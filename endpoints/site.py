@@ -165,6 +165,7 @@ class HeadEnd:
         self.callback_session = partial(callback_session, settings.callback_ca_bundle)
         self.counters = StoredCounters(self.store_runner, CounterStore(self.store))
         security = HeadEndSecurity(bytes.fromhex(settings.client_system_title), self.counters)
+        self.meter_security = security  # also the push recovery's (endpoints/push_options.py)
         self.audit = AuditTrail(self.store_runner, self.users)
         # The control service's hook: rate limits before a control, audit of each outcome.
         self.control_gate = ControlGate(

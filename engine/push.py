@@ -11,7 +11,9 @@ transactions. `counts` says what happened, for operators and the benchmark.
 
 With a journal (`use_journal`, engine/push_journal.py) each APDU is journalled before it is
 parsed and marked done once what it carried is committed (its events' or unrecognised row's
-batch, its readings' save); `replay` takes the entries a killed process left not done.
+batch, its readings' save); `replay` takes the entries a killed process left not done. While the
+meters' logs are read back after an unclean stop (engine/push_recovery.py), `guard` makes a
+pushed event of those meters and that window that its log copy already stored count as stored.
 """
 from __future__ import annotations
 
@@ -45,6 +47,7 @@ class PushIntake:
         self._queued_unrecognised: list[UnrecognisedPush] = []
         self._queued_entries: list[int | None] = []  # journal entries of the queued batch
         self._journal = None
+        self._guarded: tuple[set[str], datetime, datetime] | None = None
         self._writing = False
         self._idle: list[Deferred] = []
         self._pending_readings: list[Deferred] = []
@@ -62,6 +65,15 @@ class PushIntake:
                 self._by_title[title] = device
                 self._keys[title] = SecurityKeys(bytes.fromhex(device.encryption_key),
                                                  bytes.fromhex(device.authentication_key))
+
+    def devices(self) -> list[DeviceAddress]:
+        """The devices whose pushes are taken."""
+        return list(self._by_name.values())
+
+    def guard(self, mrids, since: datetime, until: datetime) -> None:
+        """Pushed events of ``mrids`` timed in [since, until] are stored only if no event of the
+        same meter, time and type is (the push recovery's log copy: one alarm, one message)."""
+        self._guarded = (set(mrids), since, until)
 
     def use_journal(self, journal) -> None:
         """Journal every APDU taken from now on (a `PushJournal`)."""
@@ -175,7 +187,20 @@ class PushIntake:
     def _write_batch(self, events, unrecognised, at) -> int:
         for push in unrecognised:
             self._events.record_unrecognised(push)
+        if self._guarded is not None and events:
+            events = self._unguarded(events)
         return self._events.save_events(events, "push", at) if events else 0
+
+    def _unguarded(self, events):
+        from cimhes.engine.push_recovery import without_stored
+
+        mrids, since, until = self._guarded
+        guarded = [e for e in events if e.device_mrid in mrids and since <= e.created <= until]
+        if not guarded:
+            return events
+        checked = set(map(id, guarded))
+        kept = set(map(id, without_stored(self._runner.store, guarded)))
+        return [e for e in events if id(e) not in checked or id(e) in kept]
 
     def _store_failed(self, failure: Failure) -> None:
         self.counts["store failures"] += 1

@@ -13,7 +13,11 @@ A segment is a series of records, each ``kind (1 octet) | payload length (4) | s
 
 - ``E`` an entry: payload = peer length (1) | peer (ASCII) | the APDU;
 - ``D`` done: every entry with a sequence number up to this record's is done (the watermark:
-  the lowest entry not done, minus one); no payload.
+  the lowest entry not done, minus one); no payload;
+- ``C`` closed: the process stopped cleanly (its last record). A journal whose last record is
+  not ``C`` was left by a process that was killed or crashed: `stopped_cleanly` is False, and
+  `last_commit` (the time of its last ``D``, else of its last record) is when it last committed
+  pushes (engine/push_recovery.py reads the meters' logs from there).
 
 A new segment starts when the current one passes ``segment_bytes``; a segment whose entries
 are all done (and which is not the current one) is deleted. Bounded: past ``max_bytes`` in all
@@ -43,7 +47,7 @@ log = logging.getLogger(__name__)
 DEFAULT_MAX_BYTES = 64 * 1024 * 1024
 DEFAULT_SEGMENT_BYTES = 1024 * 1024
 _HEADER = struct.Struct(">cIQdI")
-_ENTRY, _DONE = b"E", b"D"
+_ENTRY, _DONE, _CLOSED = b"E", b"D", b"C"
 _SUFFIX = ".journal"
 
 
@@ -90,13 +94,21 @@ class PushJournal:
         self._next = 1
         self._fd = None
         self._current = None
+        self.stopped_cleanly = True  # no journal yet: nothing was running
+        self.last_commit: float | None = None
         self._unfinished = self._read_back()
+        # Running: from now on a stop that is not `close` shows (a done mark dated as the last
+        # commit, so it does not move what the next start takes for the last commit).
+        at = self.last_commit if self.last_commit is not None else self._clock()
+        self._write(_HEADER.pack(_DONE, 0, self._watermark, at, zlib.crc32(b"")), None)
 
     # ------------------------------------------------------------------ start
 
     def _read_back(self) -> list[JournalEntry]:
         entries: dict[int, JournalEntry] = {}
         watermark = 0
+        last_kind = _CLOSED
+        last_at = None
         for path in sorted(self.directory.glob("*" + _SUFFIX), key=lambda p: int(p.stem)):
             data = path.read_bytes()
             first, last, offset = int(path.stem), int(path.stem) - 1, 0
@@ -106,13 +118,18 @@ class PushJournal:
                     break
                 kind, length, sequence, at, crc = _HEADER.unpack_from(data, offset)
                 payload = data[offset + _HEADER.size:offset + _HEADER.size + length]
-                if (kind not in (_ENTRY, _DONE) or len(payload) != length
+                if (kind not in (_ENTRY, _DONE, _CLOSED) or len(payload) != length
                         or zlib.crc32(payload) != crc):
                     self._torn(path, offset)
                     break
                 offset += _HEADER.size + length
+                last_kind = kind
+                if kind == _CLOSED:
+                    continue
+                last_at = at
                 if kind == _DONE:
                     watermark = max(watermark, sequence)
+                    self.last_commit = at
                     continue
                 peer_length = payload[0]
                 entries[sequence] = JournalEntry(sequence, payload[1:1 + peer_length].decode(
@@ -122,6 +139,9 @@ class PushJournal:
             self._segments[first] = [path, len(data), last]
         self._watermark = watermark
         self._next = max(self._next, watermark + 1)
+        self.stopped_cleanly = last_kind == _CLOSED
+        if self.last_commit is None:
+            self.last_commit = last_at
         unfinished = [entries[s] for s in sorted(entries) if s > watermark]
         for entry in unfinished:
             self._pending[entry.sequence] = None
@@ -182,6 +202,11 @@ class PushJournal:
         self._collect()
 
     def close(self) -> None:
+        """Stop cleanly: the close mark, so the next start knows nothing was lost."""
+        if self._fd is None and self._current is not None:
+            return
+        self._write(_HEADER.pack(_CLOSED, 0, self._watermark, self._clock(), zlib.crc32(b"")),
+                    None)
         if self._fd is not None:
             if self._fsync_due:
                 os.fsync(self._fd)

@@ -62,13 +62,29 @@ def test_whole_segments_are_freed_once_done_and_the_size_is_bounded(tmp_path, ca
 def test_a_torn_last_record_is_skipped_and_the_rest_kept(tmp_path):
     journal = PushJournal(tmp_path / "j")
     kept = journal.append("peer", b"\x0fkept")
-    journal.append("peer", b"\x0fcut by a power loss")
-    journal.close()
+    journal.append("peer", b"\x0fcut by a power loss")  # and no close: the power went
     segment = next((tmp_path / "j").glob("*.journal"))
     segment.write_bytes(segment.read_bytes()[:-5])
     again = PushJournal(tmp_path / "j")
     assert [e.sequence for e in again.unfinished()] == [kept]
     assert again.counts["torn records"] == 1
+
+
+def test_a_stop_without_close_is_told_apart_from_a_clean_one(tmp_path):
+    clock = iter([100.0, 101.0, 102.0, 103.0, 104.0, 105.0, 106.0, 107.0, 108.0])
+    first = PushJournal(tmp_path / "j", clock=lambda: next(clock))
+    assert first.stopped_cleanly  # nothing ran before
+    entry = first.append("peer", b"\x0fone")  # at 101
+    first.done([entry])  # committed at 102
+    first.append("peer", b"\x0ftwo")  # at 103, then killed: no close
+    killed = PushJournal(tmp_path / "j", clock=lambda: next(clock))
+    assert not killed.stopped_cleanly and killed.last_commit == 102.0
+    killed.done([e.sequence for e in killed.unfinished()])
+    killed.close()
+    again = PushJournal(tmp_path / "j", clock=lambda: next(clock))
+    assert again.stopped_cleanly and again.unfinished() == []
+    # Started, then killed before any push: still an unclean stop.
+    assert not PushJournal(tmp_path / "j").stopped_cleanly
 
 
 def test_fsync_mode_writes_the_same_journal(tmp_path):
