@@ -1,23 +1,32 @@
 """Alarms to the DMS: the outbox relay that publishes stored EndDeviceEvents to ``cimhes.events``.
 
 Each new event has an outbox row (engine/event_outbox.py) holding its EventMessage, MessageID
-and routing key. `EventRelay`, while the broker connection is open, takes up to ``batch`` rows
-at a time from the store (off the reactor, through the StoreRunner), publishes each to the topic
-exchange ``cimhes.events`` as a persistent message (delivery mode 2, ``message_id`` = the
-Header's MessageID, ``mandatory``) on a channel in publisher-confirm mode, and deletes a row only
-once the broker confirmed its message. The exchange has an alternate exchange
-(``cimhes.events.unrouted``, with a durable queue), so a message no DMS queue is bound for is
-kept, not dropped. With the broker down the rows wait (and accumulate); when the connection is
-back, the relay resumes from the oldest. A crash between confirm and delete can publish a message
-twice, always with the same MessageID, so a consumer drops duplicates by it.
+and routing key. `EventRelay`, while the broker connection is open, reads rows oldest first from
+the store (off the reactor, through the StoreRunner) and publishes each to the topic exchange
+``cimhes.events`` as a persistent message (delivery mode 2, ``message_id`` = the Header's
+MessageID, ``mandatory``) on a channel in publisher-confirm mode, and deletes a row only once the
+broker confirmed its message. The exchange has an alternate exchange (``cimhes.events.unrouted``,
+with a durable queue), so a message no DMS queue is bound for is kept, not dropped.
+
+Pipelined: up to ``max_in_flight`` messages (default 2,000) are unconfirmed at once. The relay
+reads the next rows (those after the last one it published) while earlier confirms are still
+coming (the broker confirms ranges of delivery tags at once, ``multiple``), and deletes confirmed
+rows in groups, one statement for all that were confirmed meanwhile. (A row committed out of id
+order, possible on PostgreSQL with several writing processes, is read at the next idle moment,
+when the relay reads from the oldest row again.) A message the broker
+refuses (nack) or that a closing channel leaves unconfirmed keeps its row: the relay waits for
+what is in flight, then reads again from the oldest row left. With the broker down the rows wait
+(and accumulate); when the connection is back, the relay resumes from the oldest. A crash between
+confirm and delete can publish a message twice, always with the same MessageID, so a consumer
+drops duplicates by it.
 """
 from __future__ import annotations
 
 import logging
 
 import pika
-from sqlalchemy import delete, select
-from twisted.internet.defer import DeferredList, inlineCallbacks
+from sqlalchemy import delete, func, select
+from twisted.internet.defer import Deferred, inlineCallbacks
 
 from cimhes.engine import event_outbox
 from cimhes.engine.store import OutboxMessage
@@ -25,33 +34,40 @@ from cimhes.queue.topology import EVENTS_EXCHANGE, declare_events
 
 log = logging.getLogger("cimhes.queue.events")
 
-DEFAULT_BATCH = 500  # rows taken from the outbox per round (README, "Limits")
-IDLE_POLL = 0.1  # s between looks at an empty outbox (an indexed query; bounds the added latency)
+DEFAULT_BATCH = 500  # rows read from the outbox at a time (README, "Limits")
+DEFAULT_MAX_IN_FLIGHT = 2000  # messages published and not yet confirmed (README, "Limits")
+IDLE_POLL = 0.05  # s between looks at an empty outbox (an indexed query; bounds the added latency)
+
+_TABLE = OutboxMessage.__table__
 
 
-def _pending(store, limit: int):
-    with store._session() as session:  # noqa: SLF001 (a unit of work of the store)
-        return [(r.id, r.kind, r.correlation_id, r.payload) for r in session.scalars(
-            select(OutboxMessage).where(OutboxMessage.destination == event_outbox.DESTINATION)
-            .order_by(OutboxMessage.id).limit(limit))]
+def _pending(store, after: int, limit: int):
+    """Rows for the DMS with an id above ``after``, oldest first: (id, kind, MessageID, payload)."""
+    with store.engine.connect() as connection:
+        return connection.execute(
+            select(_TABLE.c.id, _TABLE.c.kind, _TABLE.c.correlation_id, _TABLE.c.payload)
+            .where(_TABLE.c.destination == event_outbox.DESTINATION, _TABLE.c.id > after)
+            .order_by(_TABLE.c.id).limit(limit)).all()
 
 
 def _delete(store, ids) -> None:
-    with store._session.begin() as session:  # noqa: SLF001
-        session.execute(delete(OutboxMessage).where(OutboxMessage.id.in_(ids)))
+    with store.engine.begin() as connection:
+        connection.execute(delete(_TABLE).where(_TABLE.c.id.in_(ids)))
 
 
 def pending_count(store) -> int:
-    with store._session() as session:  # noqa: SLF001
-        return len(session.scalars(select(OutboxMessage.id).where(
-            OutboxMessage.destination == event_outbox.DESTINATION)).all())
+    with store.engine.connect() as connection:
+        return connection.execute(select(func.count()).select_from(_TABLE).where(
+            _TABLE.c.destination == event_outbox.DESTINATION)).scalar()
 
 
 class EventRelay:
-    def __init__(self, reactor, connection, store_runner, *, batch: int = DEFAULT_BATCH):
+    def __init__(self, reactor, connection, store_runner, *, batch: int = DEFAULT_BATCH,
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
         self._reactor = reactor
         self._runner = store_runner
         self._batch = batch
+        self._max_in_flight = max(batch, max_in_flight)
         self._generation = 0
         self._stopped = False
         self.counts = {"published": 0, "publish failures": 0}
@@ -78,30 +94,101 @@ class EventRelay:
 
     @inlineCallbacks
     def _run(self, channel, generation):
+        state = _Flight()
         while generation == self._generation and not self._stopped and channel.is_open:
+            if state.failed:
+                # Something was refused: let the rest settle, then start again from the oldest
+                # row left (the confirmed ones are deleted first, so they are not sent again).
+                yield state.settled()
+                yield self._flush(state)
+                self.counts["publish failures"] += state.failed
+                log.warning("%d events were not confirmed by the broker; they stay in the "
+                            "outbox", state.failed)
+                state = _Flight()
+                if channel.is_open:
+                    yield self._sleep(1)
+                continue
+            room = self._max_in_flight - state.in_flight
+            if room < self._batch // 2:
+                yield state.room()  # fires as confirms come in
+                continue
             try:
-                rows = yield self._runner.call(_pending, self._runner.store, self._batch)
+                rows = yield self._runner.call(_pending, self._runner.store, state.last,
+                                               min(self._batch, room))
             except Exception as exc:  # noqa: BLE001 (the store is down: try again later)
                 log.error("reading the event outbox failed: %s", exc)
                 yield self._sleep(5)
                 continue
             if not rows:
-                yield self._sleep(IDLE_POLL)
+                yield self._flush(state)
+                if not state.in_flight:
+                    # Idle: read from the oldest row again next time, so a row committed out
+                    # of id order (PostgreSQL, several writing processes) is not passed over.
+                    state.last = 0
+                if not state.confirmed:
+                    yield self._sleep(IDLE_POLL)
                 continue
-            confirms = [channel.basic_publish(
-                EVENTS_EXCHANGE, kind[len(event_outbox.KIND_PREFIX):], payload.encode(),
-                pika.BasicProperties(delivery_mode=2, message_id=message_id,
-                                     content_type="application/xml", type="EndDeviceEvents"),
-                mandatory=True) for _id, kind, message_id, payload in rows]
-            results = yield DeferredList(confirms, consumeErrors=True)
-            done = [row[0] for row, (ok, _) in zip(rows, results) if ok]
-            failed = len(rows) - len(done)
-            if done:
-                yield self._runner.call(_delete, self._runner.store, done)
-                self.counts["published"] += len(done)
-            if failed:
-                self.counts["publish failures"] += failed
-                log.warning("%d events were not confirmed by the broker; they stay in the outbox",
-                            failed)
-                if channel.is_open:
-                    yield self._sleep(1)
+            state.last = rows[-1][0]
+            for row_id, kind, message_id, payload in rows:
+                confirm = channel.basic_publish(
+                    EVENTS_EXCHANGE, kind[len(event_outbox.KIND_PREFIX):], payload.encode(),
+                    pika.BasicProperties(delivery_mode=2, message_id=message_id,
+                                         content_type="application/xml", type="EndDeviceEvents"),
+                    mandatory=True)
+                state.sent(row_id, confirm)
+            yield self._flush(state)
+        yield state.settled()
+        yield self._flush(state)
+
+    @inlineCallbacks
+    def _flush(self, state):
+        """Delete the rows confirmed so far (one statement)."""
+        if not state.confirmed:
+            return
+        done, state.confirmed = state.confirmed, []
+        try:
+            yield self._runner.call(_delete, self._runner.store, done)
+        except Exception as exc:  # noqa: BLE001 (kept: published again later, same MessageID)
+            log.error("deleting %d published events from the outbox failed: %s", len(done), exc)
+            return
+        self.counts["published"] += len(done)
+
+
+class _Flight:
+    """The messages of one run of the relay between publish and confirm."""
+
+    def __init__(self):
+        self.last = 0  # id of the last row published
+        self.in_flight = 0
+        self.confirmed: list[int] = []
+        self.failed = 0
+        self._waiting: list[Deferred] = []
+
+    def sent(self, row_id: int, confirm: Deferred) -> None:
+        self.in_flight += 1
+        confirm.addCallbacks(self._confirmed, self._refused, callbackArgs=(row_id,))
+
+    def _confirmed(self, _result, row_id):
+        self.in_flight -= 1
+        self.confirmed.append(row_id)
+        self._wake()
+
+    def _refused(self, _failure):
+        self.in_flight -= 1
+        self.failed += 1
+        self._wake()
+
+    def _wake(self):
+        waiting, self._waiting = self._waiting, []
+        for d in waiting:
+            d.callback(None)
+
+    def room(self) -> Deferred:
+        d = Deferred()
+        self._waiting.append(d)
+        return d
+
+    @inlineCallbacks
+    def settled(self):
+        while self.in_flight:
+            yield self.room()
