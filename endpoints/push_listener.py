@@ -5,7 +5,8 @@ which never raises. A connection whose framing breaks (bad wrapper header, a fra
 `max_apdu`) is recorded as an unrecognised push and closed; the listener keeps serving. At most
 `max_connections` (default 2,000) are open at once: past that a new connection is refused by
 closing it at once, which meters retry. A connection idle for `idle_timeout` seconds (default 30)
-is closed.
+is closed (one sweep every quarter of it looks at every connection's last activity: a timer per
+connection cost more than the push under a storm of one-push connections).
 """
 from __future__ import annotations
 
@@ -28,7 +29,7 @@ class PushProtocol(Protocol):
     def __init__(self, factory: PushListenerFactory) -> None:
         self.factory = factory
         self.receiver = PushReceiver(factory.max_apdu)
-        self._timer = None
+        self.active_at = factory.reactor.seconds()
         self.peer = "?"
 
     def connectionMade(self) -> None:
@@ -39,11 +40,10 @@ class PushProtocol(Protocol):
             self.transport.abortConnection()
             return
         self.factory.connections.add(self)
-        self._timer = self.factory.reactor.callLater(self.factory.idle_timeout, self._idle)
+        self.factory.watch_idle()
 
     def dataReceived(self, data: bytes) -> None:
-        if self._timer is not None and self._timer.active():
-            self._timer.reset(self.factory.idle_timeout)
+        self.active_at = self.factory.reactor.seconds()
         try:
             apdus = self.receiver.receive_data(data)
         except PushError as broken:
@@ -56,14 +56,8 @@ class PushProtocol(Protocol):
         for apdu in apdus:
             self.factory.intake.take(apdu, self.peer)
 
-    def _idle(self) -> None:
-        self._timer = None
-        self.transport.loseConnection()
-
     def connectionLost(self, reason=None) -> None:
         self.factory.connections.discard(self)
-        if self._timer is not None and self._timer.active():
-            self._timer.cancel()
 
 
 class PushListenerFactory(Factory):
@@ -75,6 +69,25 @@ class PushListenerFactory(Factory):
         self.idle_timeout = idle_timeout
         self.max_apdu = max_apdu
         self.connections: set[PushProtocol] = set()
+        self._sweep = None
+
+    def watch_idle(self) -> None:
+        """Sweep for idle connections while there are any."""
+        if self._sweep is None:
+            self._sweep = self.reactor.callLater(self.idle_timeout / 4, self._close_idle)
+
+    def _close_idle(self) -> None:
+        self._sweep = None
+        since = self.reactor.seconds() - self.idle_timeout
+        for protocol in [p for p in self.connections if p.active_at <= since]:
+            protocol.transport.loseConnection()
+        if self.connections:
+            self.watch_idle()
+
+    def stopFactory(self) -> None:
+        if self._sweep is not None and self._sweep.active():
+            self._sweep.cancel()
+        self._sweep = None
 
     def buildProtocol(self, addr) -> PushProtocol:
         return PushProtocol(self)

@@ -122,3 +122,32 @@ async def test_unknown_undecryptable_and_malformed_pushes_are_recorded_and_the_l
     assert head_end["events"].unrecognised()[-1].problem == "malformed"
     await push(head_end, [data_notification(alarm_body(good.name, 2), NOW + timedelta(seconds=1))])
     assert len(head_end["events"].events(good.mrid)) == 2
+
+
+@pytest_twisted.ensureDeferred
+async def test_a_silent_push_connection_is_closed_after_the_idle_timeout_a_talking_one_is_not(
+        tmp_path):
+    import socket
+
+    from twisted.internet.threads import deferToThread
+
+    store = Store(f"sqlite:///{tmp_path / 'idle.sqlite'}")
+    runner = StoreRunner(reactor, store)
+    factory = PushListenerFactory(reactor, PushIntake(runner, EventStore(store), []),
+                                  idle_timeout=0.8)
+    port = reactor.listenTCP(0, factory, interface="127.0.0.1")
+    silent = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    talking = socket.create_connection(("127.0.0.1", port.getHost().port), timeout=5)
+    try:
+        for _ in range(6):  # 1.2 s, each 0.2 s a byte of a frame that never completes
+            talking.sendall(b"\x00")
+            await wait(0.2)
+        assert await deferToThread(silent.recv, 1) == b""  # closed by the listener
+        assert len(factory.connections) == 1
+        talking.sendall(b"\x01")
+    finally:
+        silent.close()
+        talking.close()
+        await port.stopListening()
+        runner.stop()
+        store.close()
