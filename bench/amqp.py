@@ -50,7 +50,7 @@ def percentile(values, q):
 # ------------------------------------------------------------------ the meters' process
 
 
-def meters_process(host, port, pushes, meters, wave, go, results):
+def meters_process(host, port, pushes, meters, wave, rate, go, results):
     from twisted.internet import reactor
 
     from cimhes.fixtures.alarm_storm import AlarmStorm, StormMeters
@@ -62,11 +62,12 @@ def meters_process(host, port, pushes, meters, wave, go, results):
     go.wait()
 
     def run():
-        d = storm.run()
+        d = storm.run_paced(rate) if rate else storm.run()
         d.addErrback(lambda f: results.put(("error", f.getTraceback())))
         d.addCallback(lambda _: results.put(("sent", {f"{m}|{at.isoformat()}": t for (m, at), t
                                                       in storm.sent_at.items()},
-                                             storm.retries)))
+                                             storm.retries, getattr(storm, "started", 0.0),
+                                             getattr(storm, "finished", 0.0))))
         d.addBoth(lambda _: reactor.stop())
 
     reactor.callWhenRunning(run)
@@ -98,7 +99,7 @@ def dms_process(url, count, timeout, results):
 # ------------------------------------------------------------------ the cimhes process
 
 
-def cimhes_run(args, url, with_amqp: bool):
+def cimhes_run(args, url, with_amqp: bool, fsync: bool = False):
     """One storm through this process; returns the figures."""
     from twisted.internet import defer, reactor, task
     from twisted.internet.threads import deferToThread
@@ -108,6 +109,7 @@ def cimhes_run(args, url, with_amqp: bool):
     from cimhes.endpoints.push_options import PUSH_BACKLOG
     from cimhes.engine.events import EventStore
     from cimhes.engine.push import PushIntake
+    from cimhes.engine.push_journal import PushJournal
     from cimhes.engine.store import Store, StoreRunner
     from cimhes.fixtures.alarm_storm import StormMeters
     from cimhes.fixtures.dms import declare_dms_queue
@@ -131,12 +133,15 @@ def cimhes_run(args, url, with_amqp: bool):
     store.load_inventory(devices)
     runner = StoreRunner(reactor, store)
     intake = PushIntake(runner, TimedEventStore(store), devices)
+    journal = PushJournal(folder / "push-journal", fsync=fsync, reactor=reactor)
+    intake.use_journal(journal)  # as `cimhes serve` takes pushes (endpoints/push_options.py)
     listening = reactor.listenTCP(0, PushListenerFactory(reactor, intake), backlog=PUSH_BACKLOG,
                                   interface="127.0.0.1")
     context = multiprocessing.get_context("spawn")
     results, go = context.Queue(), context.Event()
     meters = context.Process(target=meters_process, args=(
-        "127.0.0.1", listening.getHost().port, args.pushes, args.meters, args.wave, go, results))
+        "127.0.0.1", listening.getHost().port, args.pushes, args.meters, args.wave, args.rate, go,
+        results))
     meters.start()
     dms = connection = relay = None
     if with_amqp:
@@ -180,11 +185,14 @@ def cimhes_run(args, url, with_amqp: bool):
         dms.join(timeout=30)
     runner.stop()
     store.close()
+    journal.close()
     if "error" in figures:
         raise RuntimeError(figures["error"])
-    sent, retries = figures["outcome"]["sent"]
+    sent, retries, first_sent, last_sent = figures["outcome"]["sent"]
     to_commit = [committed[k] - sent[k] for k in sent if k in committed]
+    arrival = (len(sent) - 1) / (last_sent - first_sent) if last_sent > first_sent else None
     result = {"sent": len(sent), "retries": retries, "committed": len(committed),
+              "arrival": arrival, "journal": dict(journal.counts),
               "cpu": figures["cpu"], "commit_p50": percentile(to_commit, 0.5),
               "commit_p99": percentile(to_commit, 0.99), "counts": figures["counts"],
               "relay": figures["relay"]}
@@ -212,11 +220,17 @@ def vhost_url(base: str) -> tuple[str, str]:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--pushes", type=int, default=10_000, help="alarms in the storm")
-    parser.add_argument("--meters", type=int, default=1_000)
-    parser.add_argument("--wave", type=int, default=250, help="push connections at once")
+    parser.add_argument("--meters", type=int, default=10_000,
+                        help="meters sending them (default: one alarm each)")
+    parser.add_argument("--rate", type=float, default=2_000.0,
+                        help="alarms started per second (open loop; 0: waves of --wave as fast "
+                             "as the head-end's kernel accepts them)")
+    parser.add_argument("--wave", type=int, default=500, help="push connections open at once")
+    parser.add_argument("--fsync", action="store_true",
+                        help="also run with the push journal fsynced (--push-journal-fsync)")
     parser.add_argument("--timeout", type=float, default=180.0)
     parser.add_argument("--amqp-url", default="amqp://guest:guest@127.0.0.1:5672/")
-    parser.add_argument("--run", choices=["amqp", "baseline"], help=argparse.SUPPRESS)
+    parser.add_argument("--run", choices=["amqp", "baseline", "fsync"], help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.run is None:
         # Each run in a fresh process of its own: one reactor per process, run once.
@@ -226,35 +240,44 @@ def main() -> None:
         print(f"machine: nproc {os.cpu_count()}, Python {platform.python_version()}, "
               f"load average {os.getloadavg()[0]:.1f}")
         print(f"command: python bench/amqp.py --pushes {args.pushes} --meters {args.meters} "
-              f"--wave {args.wave}")
+              f"--rate {args.rate:g} --wave {args.wave}{' --fsync' if args.fsync else ''}")
         try:
             figures = {}
-            for run in ("amqp", "baseline"):
+            for run in ("amqp", "baseline") + (("fsync",) if args.fsync else ()):
                 done = subprocess.run([sys.executable, __file__, "--run", run, "--pushes",
                                        str(args.pushes), "--meters", str(args.meters), "--wave",
-                                       str(args.wave), "--timeout", str(args.timeout),
-                                       "--amqp-url", url], capture_output=True, text=True)
+                                       str(args.wave), "--rate", str(args.rate), "--timeout",
+                                       str(args.timeout), "--amqp-url", url],
+                                      capture_output=True, text=True)
                 if done.returncode != 0:
                     sys.exit(f"{run} run failed:\n{done.stderr[-3000:]}")
                 figures[run] = json.loads(done.stdout.strip().splitlines()[-1])
         finally:
             subprocess.run(["rabbitmqctl", "-q", "delete_vhost", vhost], check=False)
-        report(args, figures["amqp"], figures["baseline"])
+        report(args, figures["amqp"], figures["baseline"], figures.get("fsync"))
         return
     import json
 
-    print(json.dumps(cimhes_run(args, args.amqp_url, args.run == "amqp")))
+    print(json.dumps(cimhes_run(args, args.amqp_url, args.run != "baseline",
+                                fsync=args.run == "fsync")))
 
 
-def report(args, amqp, base) -> None:
+def line(name, run, n) -> str:
+    return (f"{name}: {n / run['wall']:,.0f} alarms/s socket to DMS ({run['wall']:.2f} s), "
+            f"CPU {1e6 * run['cpu'] / n:.0f} us/alarm; latency send-to-DMS p50 "
+            f"{1e3 * run['p50']:.0f} ms, p99 {1e3 * run['p99']:.0f} ms, max "
+            f"{1e3 * run['worst']:.0f} ms (of which send-to-commit p50 "
+            f"{1e3 * run['commit_p50']:.0f} ms, p99 {1e3 * run['commit_p99']:.0f} ms)")
+
+
+def report(args, amqp, base, fsync=None) -> None:
     n = amqp["sent"]
-    print(f"storm: {n} alarm pushes from {args.meters} meters, one TCP connection each, "
-          f"{args.wave} at a time; meters and DMS in their own processes")
-    print(f"cimhes with AMQP: {n / amqp['wall']:,.0f} alarms/s socket to DMS ({amqp['wall']:.2f} s), "
-          f"CPU {1e6 * amqp['cpu'] / n:.0f} us/alarm; latency send-to-DMS p50 "
-          f"{1e3 * amqp['p50']:.0f} ms, p99 {1e3 * amqp['p99']:.0f} ms, max "
-          f"{1e3 * amqp['worst']:.0f} ms (of which send-to-commit p50 "
-          f"{1e3 * amqp['commit_p50']:.0f} ms, p99 {1e3 * amqp['commit_p99']:.0f} ms)")
+    shape = (f"started at {args.rate:,.0f}/s (arrival rate as sent: {amqp['arrival']:,.0f}/s), "
+             f"at most {args.wave} open" if args.rate else f"{args.wave} at a time, each wave "
+             "after the last closed")
+    print(f"storm: {n} power-up alarm pushes from {args.meters} meters, one TCP connection each, "
+          f"{shape}; meters and DMS in their own processes; push journal on")
+    print(line("cimhes with AMQP", amqp, n))
     print(f"  DMS: {amqp['received']} messages, {amqp['distinct']} distinct MessageIDs, "
           f"{amqp['received'] - amqp['distinct']} duplicates ({amqp['differing']} differing); "
           f"relay {amqp['relay']}; {amqp['retries']} push retries; committed {amqp['committed']}")
@@ -264,6 +287,10 @@ def report(args, amqp, base) -> None:
     print(f"with AMQP / baseline: throughput {base['wall'] / amqp['wall']:.2f}x, CPU per alarm "
           f"{amqp['cpu'] / base['cpu']:.2f}x; p99 target 2 s: "
           f"{'met' if amqp['p99'] < 2.0 else 'NOT met'}")
+    if fsync is not None:
+        print(line("with the journal fsynced (--push-journal-fsync)", fsync, n))
+        print(f"fsync / no fsync: CPU per alarm {fsync['cpu'] / amqp['cpu']:.2f}x, p99 "
+              f"{fsync['p99'] / amqp['p99']:.2f}x; journal {fsync['journal']}")
     if amqp["distinct"] != n:
         print(f"FAILED: the DMS received {amqp['distinct']} of {n} alarms", file=sys.stderr)
         sys.exit(1)
