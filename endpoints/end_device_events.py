@@ -33,7 +33,6 @@ from cimhes.cim.end_device_events import PAGE_OPTION, EndDeviceEventsResponse, E
 from cimhes.cim.header_limits import check_header
 from cimhes.cim.message import Error, ErrorCode, ErrorLevel, Reply, ReplyResult, reply_header
 from cimhes.cim.meter_readings import MESSAGE_COUNT_PROPERTY, MESSAGE_INDEX_PROPERTY
-from cimhes.drivers.limits import SessionLimits
 from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender, async_refusal
 from cimhes.endpoints.auth import SoapGuard
 from cimhes.endpoints.publisher import EVENTS_OPERATION, EVENTS_WSDL, MdmPublisher
@@ -42,7 +41,6 @@ from cimhes.endpoints.soap_resource import CimFault, SoapResource, soap_applicat
 from cimhes.engine import publishing, request_log
 from cimhes.engine.admission import Admission, Refused
 from cimhes.engine.event_queries import EventOutcome, EventRequestLimits, EventRequestService
-from cimhes.engine.events import EventReadingService
 from cimhes.engine.users import Role
 
 WSDL_NAME = "GetEndDeviceEvents"
@@ -208,7 +206,7 @@ def get_end_device_events_application(door: GetEndDeviceEventsDoor):
     return soap_application(GetEndDeviceEventsService, tns=MESSAGE_NS, name=WSDL_NAME)
 
 
-def mount(head_end, reactor, settings, cim, security=None) -> GetEndDeviceEventsDoor:
+def mount(head_end, reactor, settings, cim) -> GetEndDeviceEventsDoor:
     """The head-end's events on its EventStore (``head_end.events``, which writes an outbox row
     per event subscriber with each new event): the publisher delivering those rows
     (``settings.event_subscribers``, started with the reactor), the log reader, and the
@@ -220,12 +218,10 @@ def mount(head_end, reactor, settings, cim, security=None) -> GetEndDeviceEvents
         first_retry=timedelta(seconds=settings.publish_first_retry), wsdl_file=EVENTS_WSDL,
         operation=EVENTS_OPERATION, destination=publishing.event_destination)
     reactor.callWhenRunning(head_end.event_publisher.start)  # and delivers what a last run left
-    reader = EventReadingService(
-        reactor, head_end.store_runner, head_end.events, concurrency=settings.read_concurrency,
-        limits=(settings.session_limits if settings.device_timeout is None
-                else SessionLimits.of(settings.device_timeout)), security=security)
+    # DataSource=meter: the logs are read as the engine's "events" jobs (engine/event_fetches.py).
     door = GetEndDeviceEventsDoor(
-        EventRequestService(head_end.store_runner, reader, head_end.readings.resolve,
+        EventRequestService(head_end.store_runner, head_end.event_fetches,
+                            head_end.readings.resolve,
                             settings.event_requests),
         head_end.store_runner, reactor=reactor, admission=head_end.admission,
         replies=ReplySender(reactor, head_end.callback_session, wsdl_file=REPLY_WSDL,

@@ -131,6 +131,8 @@ def _collect(args, url: str, devices) -> int:
     from cimhes.endpoints.admin_cli import secret_key_file
     from cimhes.endpoints.session_options import ensure_descriptors, session_settings
     from cimhes.engine.dispatch import Dispatcher
+    from cimhes.engine.event_fetches import EventFetchService
+    from cimhes.engine.events import EventStore
     from cimhes.engine.schedule import ScheduleConfig, Scheduler
     from cimhes.engine.security import CounterStore, StoredCounters
     from cimhes.engine.store import Store, StoreRunner
@@ -155,6 +157,8 @@ def _collect(args, url: str, devices) -> int:
                             session_limits=sessions["session_limits"],
                             connections_per_second=sessions["connections_per_second"],
                             security=security)
+    # A schedule's event-log fetches ("event_logs") run here too, stored as serve stores them.
+    EventFetchService(reactor, runner, dispatcher, EventStore(store))
     scheduler = Scheduler(reactor, runner, dispatcher, config)
     outcome = {"code": 1, "over": False}
 

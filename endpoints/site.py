@@ -45,6 +45,7 @@ from cimhes.engine import request_log
 from cimhes.engine.admission import Admission, RequestLimits
 from cimhes.engine.controls import ControlService, ControlSettings
 from cimhes.engine.dispatch import Dispatcher
+from cimhes.engine.event_fetches import EventFetchService
 from cimhes.engine.event_queries import EventRequestLimits
 from cimhes.engine.events import EventStore
 from cimhes.engine.push import PushIntake
@@ -185,6 +186,9 @@ class HeadEnd:
         # before the dispatcher starts, so resumed control jobs find their runner.
         self.controls = ControlService(reactor, self.store_runner, self.dispatcher,
                                        settings=settings.controls, gate=self.control_gate)
+        # Event-log fetches as durable jobs on the same dispatcher (engine/event_fetches.py).
+        self.event_fetches = EventFetchService(reactor, self.store_runner, self.dispatcher,
+                                               self.events)
         # Role "all": one engine owns this store, so what an earlier process left running is
         # requeued first (a fed engine or an api process never requeues: endpoints/scale.py).
         self.dispatcher.start(requeue=True)
@@ -212,8 +216,7 @@ class HeadEnd:
         self.meter_readings_door = door
         cim = CimFolder()
         # GetEndDeviceEvents (endpoints/end_device_events.py) at /cim/GetEndDeviceEvents.
-        self.end_device_events_door = end_device_events.mount(self, reactor, settings, cim,
-                                                              security)
+        self.end_device_events_door = end_device_events.mount(self, reactor, settings, cim)
         # ExecuteEndDeviceControls (endpoints/end_device_controls.py) at
         # /cim/ExecuteEndDeviceControls: roles and rate limits at the door, the controls as the
         # engine's durable jobs (self.controls), outcomes read back from the meters.

@@ -16,6 +16,9 @@ association reads the union of their reading types, and each job gets its own sh
 Other kinds. A job of a kind registered in `Dispatcher.runners` (controls: engine/controls.py)
 is run by its runner, alone in its session, under the same bounds and order; the runner returns
 a `RunResult` (its final state or a retry, and what waiters get) and the dispatcher settles it.
+A kind in `Dispatcher.session_runners` (event-log fetches: engine/event_fetches.py) is batched
+as reads are (the jobs of one device over one window share the session) and run by its runner;
+a session that fails is retried or failed by the same rule as a read's.
 
 Outcomes. After a session the readings are stored (`ReadingWriter`, idempotent), then each job
 is settled in one batched transaction on the store thread: done; re-read later (intervals still
@@ -92,6 +95,10 @@ class RunResult:
 # A runner of one job kind: run(job) -> Deferred[RunResult]; it must not fail its Deferred for a
 # device problem (that is a RunResult), and its own durable writes come before it returns.
 JobRunner = Callable[[Job], Deferred]
+# A runner of one session for jobs of one device over one window: run(batch) ->
+# Deferred[list[RunResult]] (one per job, its durable writes done), or failed with the error
+# that failed the whole session (settled as a failed read: retried with backoff, or failed).
+SessionRunner = Callable[[list[Job]], Deferred]
 
 
 class FairQueue:
@@ -205,6 +212,8 @@ class Dispatcher:
         # Job kind -> its runner, for every kind but "read" (engine/controls.py registers
         # "control").
         self.runners: dict[str, JobRunner] = {}
+        # Job kind -> the runner of its sessions (engine/event_fetches.py registers "events").
+        self.session_runners: dict[str, SessionRunner] = {}
 
     # -- the face ----------------------------------------------------------------------------
 
@@ -328,7 +337,7 @@ class Dispatcher:
         Only the kinds this process can run: a dispatcher without a control service (a
         `collect` process) must leave controls to one that has it."""
         return self._runner.call(self.jobs.claim, self.engine_id, room, self._now(),
-                                 kinds=("read", *self.runners))
+                                 kinds=("read", *self.runners, *self.session_runners))
 
     def _may_start(self, job: Job) -> float | None:
         """0 if `job`'s session may start now (see ConnectionBounds.wait_for)."""
@@ -377,10 +386,11 @@ class Dispatcher:
         self.sessions_started += 1
         self._in_session += len(batch)
         reading_types, start, end = _merged(batch)
+        runner = self.session_runners.get(batch[0].kind)
         try:
-            reading = driver_for(device.device_type).read(
-                self._reactor, device, reading_types, start, end, self.session_limits,
-                self._pacer, self._security)
+            reading = runner(batch) if runner is not None else driver_for(
+                device.device_type).read(self._reactor, device, reading_types, start, end,
+                                         self.session_limits, self._pacer, self._security)
         except Exception:  # a driver that raises instead of failing its Deferred
             reading = Deferred()
             reading.errback(Failure())
@@ -395,6 +405,9 @@ class Dispatcher:
             self._claim()
             if isinstance(result, Failure):
                 self._failed(batch, result.value)
+                return None
+            if runner is not None:  # one RunResult per job, stored by the runner
+                self._queue_settle(list(zip(batch, result, [None] * len(batch))))
                 return None
             stored = self._writer.save(result.meter_reading, batch[0].request_key)
             stored.addBoth(lambda saved: self._read(batch, result, saved))

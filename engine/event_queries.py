@@ -7,8 +7,9 @@ EndDeviceEventType and period, optionally read from the meters' event logs first
    name different devices, is an Error 2.4 naming it) and EndDeviceGroups (each into its
    members; an unknown group is 2.4 ``unknown-group``) into the inventory's devices;
 2. with Request.Option ``DataSource=meter``, reads those devices' event logs over the period
-   (``engine/events.py`` EventReadingService: one association per device, per-device Errors) and
-   stores what is new, each event once however it arrived (a log read and a push are one row);
+   as the engine's on-demand "events" jobs (``engine/event_fetches.py`` EventFetchService: under
+   the dispatcher's bounds, per-device Errors), which store what is new, each event once however
+   it arrived (a log read and a push are one row);
 3. answers from the store (``end_device_event``): the events of those devices with
    start <= createdDateTime <= end whose EndDeviceEventType matches one of the request's
    patterns (``*`` for any part), oldest first, counted first and fetched one message's worth at a
@@ -35,7 +36,8 @@ from cimhes.cim.end_device_events import (
 )
 from cimhes.cim.message import Error, ErrorCode, ReplyResult
 from cimhes.cim.meter_readings import DeviceRef
-from cimhes.engine.events import EventReadingService, event_of_record
+from cimhes.engine.event_fetches import EventFetchService
+from cimhes.engine.events import event_of_record
 from cimhes.engine.store import Device, EndDeviceEventRecord, Store, StoreRunner
 from cimhes.engine.usage_points import group_members
 
@@ -137,7 +139,7 @@ class EventRequestService:
     """Serves GetEndDeviceEvents: expands meters and groups, reads logs on request, counts and
     pages the stored answer."""
 
-    def __init__(self, runner: StoreRunner, reader: EventReadingService,
+    def __init__(self, runner: StoreRunner, reader: EventFetchService,
                  resolve: Callable, limits: EventRequestLimits | None = None):
         """``resolve(refs, outcome)``: the inventory's device per DeviceRef, with a 2.4 Error in
         the outcome per unknown or contradictory one (MeterReadingService.resolve)."""

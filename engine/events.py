@@ -9,30 +9,25 @@
   (unknown device, undecryptable, malformed), with the peer, what identified it, why, and its
   first bytes, for discovery and security review. No key or plaintext is kept.
 
-`EventReadingService` reads event logs on demand through the device's driver and stores them.
+Event logs are read from meters by the engine's "events" jobs (engine/event_fetches.py), which
+store what they read here.
 """
 from __future__ import annotations
 
 import logging
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 
 from sqlalchemy import Integer, String, and_, or_, select
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Mapped, mapped_column, sessionmaker
-from twisted.internet.defer import DeferredList, DeferredSemaphore, inlineCallbacks
 
 from cimhes.cim.end_device_events import EndDeviceEvent
-from cimhes.cim.message import Error, ErrorCode
-from cimhes.drivers import DeviceAddress
-from cimhes.drivers.errors import DeviceError
-from cimhes.drivers.idis_events import read_events
 from cimhes.drivers.meter_configuration import note_events
 from cimhes.engine import event_outbox
-from cimhes.engine.reading import DEVICE_ERROR_CODES
-from cimhes.engine.store import Base, Device, EndDeviceEventRecord, EpochMillis, Store, StoreRunner
+from cimhes.engine.store import Base, Device, EndDeviceEventRecord, EpochMillis, Store
 
 log = logging.getLogger(__name__)
 
@@ -166,49 +161,6 @@ class EventStore:
                                              .order_by(UnrecognisedPushRecord.id))]
 
 
-@dataclass
-class EventReadOutcome:
-    events: list[EndDeviceEvent] = field(default_factory=list)
-    errors: list[Error] = field(default_factory=list)
-    stored: int = 0
-
-
-class EventReadingService:
-    """Reads meters' event logs on demand under a concurrency bound, and stores the events."""
-
-    def __init__(self, reactor, runner: StoreRunner, event_store: EventStore, *,
-                 concurrency: int = 50, limits=20.0, now=None, security=None):
-        self._reactor = reactor
-        self._runner = runner
-        self._events = event_store
-        self._sessions = DeferredSemaphore(concurrency)
-        self._limits = limits
-        self._now = now or (lambda: datetime.now(timezone.utc))
-        self._security = security
-
-    @inlineCallbacks
-    def read(self, devices: Sequence[DeviceAddress], start: datetime, end: datetime | None = None,
-             logs: list[str] | None = None):
-        """Deferred[EventReadOutcome]: every device's events in the window, stored once."""
-        outcome = EventReadOutcome()
-        reads = [self._sessions.run(read_events, self._reactor, device, start, end,
-                                    self._limits, None, logs, self._security)
-                 for device in devices]
-        results = yield DeferredList(reads, consumeErrors=True)
-        for device, (succeeded, value) in zip(devices, results):
-            if not succeeded:
-                error = value.value
-                if not isinstance(error, DeviceError):
-                    log.error("event read of %s failed: %s", device.mrid, value.getTraceback())
-                outcome.errors.append(_device_error(device, error))
-                continue
-            outcome.events.extend(value.events)
-            outcome.errors.extend(_device_error(device, error) for error in value.errors)
-        outcome.stored = yield self._runner.call(self._events.save_events, outcome.events, "log",
-                                                 self._now())
-        return outcome
-
-
 def event_of_record(record: EndDeviceEventRecord, mrid: str) -> tuple[EndDeviceEvent, str]:
     """(the EndDeviceEvent of a stored row of device ``mrid``, how it first arrived)."""
     details = dict(record.details or {})
@@ -216,13 +168,6 @@ def event_of_record(record: EndDeviceEventRecord, mrid: str) -> tuple[EndDeviceE
     code = (f"{record.log}:{record.dlms_code}" if record.dlms_code is not None else record.log)
     return (EndDeviceEvent(mrid, record.created_at, record.event_type, code, reason,
                            tuple(details.items())), received_by)
-
-
-def _device_error(device: DeviceAddress, error: Exception) -> Error:
-    code = (DEVICE_ERROR_CODES.get(type(error), ErrorCode.DEVICE_PROTOCOL_ERROR)
-            if isinstance(error, DeviceError) else ErrorCode.INTERNAL_ERROR)
-    return Error(code=code, reason=str(error), id=device.mrid, id_kind="uuid",
-                 object_type="EndDevice")
 
 
 def _millis(at: datetime) -> int:

@@ -1,9 +1,9 @@
 """Durable jobs: every piece of work the engine does for a request is a row that outlives the process.
 
 A `JobRequestRecord` is what the work is for (an on-demand GetMeterReadings, one run of a read
-schedule); a `JobRecord` is one device's part of it: its kind ("read"; controls, event-log
-fetches and deliveries join as their drivers arrive; "control", engine/controls.py), state, priority, attempts, next-attempt
-time, deadline, the reading types and window it must bring, the intervals still missing and
+schedule); a `JobRecord` is one device's part of it: its kind ("read"; "control", engine/controls.py;
+"events", an event-log fetch, engine/event_fetches.py, whose `reading_types` are the log names),
+state, priority, attempts, next-attempt time, deadline, the reading types and window it must bring, the intervals still missing and
 the last error. States: queued -> running -> done | failed | cancelled; a retry or a re-read
 puts a job back to queued with a later next-attempt time.
 

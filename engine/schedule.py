@@ -11,6 +11,13 @@ schedules on device groups:
         "reading_types": ["0.0.2.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0"], "window": "previous-day",
         "deadline_hours": 20}]}
 
+A schedule reads `reading_types`, fetches the meters' event logs (`event_logs`: a list of log
+names of drivers/idis_events.py EVENT_LOGS, or "all"; the fetches are "events" jobs,
+engine/event_fetches.py), or both (one job of each kind per meter, in one run):
+
+       {"name": "hourly-events", "cron": "5 * * * *", "group": "all", "event_logs": "all",
+        "window": "previous-hour", "deadline_hours": 1}
+
 A schedule's `group` is an EndDeviceGroup of the inventory (its name, or its mRID when it has
 no name; `Store.load_inventory` keeps them in `device_group`), read from the store when a run is
 made: the inventory is the one source of groups, and a meter added to a group is in its next
@@ -43,6 +50,8 @@ from twisted.internet.defer import Deferred, gatherResults
 from twisted.internet.task import LoopingCall
 
 from cimhes.cim.reading_type import ReadingType
+from cimhes.engine.event_fetches import JOB_KIND as EVENTS_JOB
+from cimhes.engine.event_fetches import checked_logs
 from cimhes.engine.jobs import NewJob, Priority
 from cimhes.engine.store import Device, DeviceGroup, DeviceGroupMember, Route, Store
 
@@ -57,9 +66,11 @@ class ReadSchedule:
     name: str
     cron: str
     group: str
-    reading_types: tuple[str, ...]
+    reading_types: tuple[str, ...] = ()
     window: str = "none"
     deadline_hours: float = 6.0
+    # Event logs to fetch over the window (their names; () = every log); None: no fetch.
+    event_logs: tuple[str, ...] | None = None
 
     def __post_init__(self) -> None:
         if not croniter.is_valid(self.cron):
@@ -68,8 +79,16 @@ class ReadSchedule:
         if self.window not in WINDOWS:
             raise ValueError(f"schedule {self.name}: window {self.window!r} is not one of "
                              f"{list(WINDOWS)}")
-        if not self.reading_types:
-            raise ValueError(f"schedule {self.name}: no reading_types")
+        if not self.reading_types and self.event_logs is None:
+            raise ValueError(f"schedule {self.name}: no reading_types and no event_logs")
+        if self.event_logs is not None:
+            try:
+                checked_logs(self.event_logs)
+            except ValueError as exc:
+                raise ValueError(f"schedule {self.name}: {exc}") from None
+            if self.window == "none":
+                raise ValueError(f"schedule {self.name}: event_logs are fetched over a window: "
+                                 'give "window": "previous-hour" or "previous-day"')
         for code in self.reading_types:
             try:
                 ReadingType.parse(code)
@@ -128,16 +147,24 @@ class ScheduleConfig:
             raise ValueError('a schedules file is {"schedules": [...]}; '
                              f"unknown keys {sorted(set(data) - {'schedules'})}"
                              if isinstance(data, dict) else "not an object")
-        known = {"name", "cron", "group", "reading_types", "window", "deadline_hours"}
+        known = {"name", "cron", "group", "reading_types", "window", "deadline_hours",
+                 "event_logs"}
         schedules: dict[str, ReadSchedule] = {}
         for entry in data.get("schedules", []):
             unknown = set(entry) - known
             if unknown:
                 raise ValueError(f"schedule {entry.get('name')!r} has unknown keys "
                                  f"{sorted(unknown)}")
+            logs = entry.get("event_logs")
+            if logs is not None:
+                logs = () if logs == "all" else tuple(logs) if isinstance(logs, list) else logs
+                if not isinstance(logs, tuple):
+                    raise ValueError(f"schedule {entry.get('name')!r}: event_logs is a list of "
+                                     'event log names or "all"')
             try:
                 schedule = ReadSchedule(**{**entry,
-                                           "reading_types": tuple(entry["reading_types"])})
+                                           "reading_types": tuple(entry.get("reading_types", ())),
+                                           "event_logs": logs})
             except (KeyError, TypeError) as exc:
                 raise ValueError(f"schedule {entry.get('name')!r}: missing or bad {exc}") \
                     from None
@@ -214,8 +241,12 @@ class Scheduler:
         settings = self._dispatcher.settings
 
         def create():
+            members = self._members(schedule.group)
             jobs = [NewJob(mrid, schedule.reading_types, start, end, route=route)
-                    for mrid, route in self._members(schedule.group)]
+                    for mrid, route in members] if schedule.reading_types else []
+            if schedule.event_logs is not None:
+                jobs += [NewJob(mrid, schedule.event_logs, start, end, route=route,
+                                kind=EVENTS_JOB) for mrid, route in members]
             return self._dispatcher.jobs.create_request(
                 key, "schedule", jobs, priority=Priority.SCHEDULED,
                 max_attempts=settings.max_attempts, now=self._now(),

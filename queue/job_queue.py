@@ -49,6 +49,7 @@ from cimhes.drivers.controls import ControlKind, ControlOutcome, ControlStatus
 from cimhes.drivers import errors as device_errors
 from cimhes.engine import redaction
 from cimhes.engine.dispatch import JobOutcome
+from cimhes.engine.event_fetches import EventFetch
 from cimhes.engine.jobs import JobRecord, JobState, JobStore
 
 log = logging.getLogger("cimhes.queue.jobs")
@@ -133,7 +134,11 @@ class JobRef:
 def encode_outcome(outcome: JobOutcome) -> bytes:
     result = None
     control = None
-    if isinstance(outcome.result, ControlOutcome):  # a control job (engine/controls.py)
+    events = None
+    if isinstance(outcome.result, EventFetch):  # an event-log fetch (engine/event_fetches.py)
+        f = outcome.result
+        events = [f.device_mrid, f.events, [_encode_error(e) for e in f.errors]]
+    elif isinstance(outcome.result, ControlOutcome):  # a control job (engine/controls.py)
         c = outcome.result
         control = [c.device_mrid, c.kind.value, c.status.value, c.reason,
                    json.loads(json.dumps(dict(c.read_back), default=str)),
@@ -152,7 +157,7 @@ def encode_outcome(outcome: JobOutcome) -> bytes:
             "errors": [_encode_error(e) for e in outcome.result.errors]}
     return json.dumps({"job": outcome.job.id, "device": outcome.job.device.mrid,
                        "state": outcome.state.value, "result": result, "control": control,
-                       "error": _encode_error(outcome.error)}).encode()
+                       "events": events, "error": _encode_error(outcome.error)}).encode()
 
 
 def _number(text: str):
@@ -179,6 +184,9 @@ def decode_outcome(body: bytes) -> tuple[int, JobOutcome]:
         mrid, kind, status, reason, read_back, error = data["control"]
         result = ControlOutcome(mrid, ControlKind(kind), ControlStatus(status), reason,
                                 read_back, _decode_error(error))
+    elif data.get("events") is not None:
+        mrid, count, errors = data["events"]
+        result = EventFetch(mrid, int(count), tuple(_decode_error(e) for e in errors))
     return data["job"], JobOutcome(JobRef(data["job"], data.get("device") or "?"),
                                    JobState(data["state"]), result,
                                    _decode_error(data["error"]))
@@ -206,6 +214,7 @@ class JobFeed:
         # What a control service asks of its dispatcher (engine/controls.py): here it only
         # writes and waits; the engines run the controls with their own.
         self.runners: dict = {}
+        self.session_runners: dict = {}  # (engine/event_fetches.py) likewise
         self.pacer = self.security = None
         self.session_limits = None
         self.remote_wait = remote_wait

@@ -19,7 +19,11 @@ from cimhes.cim.end_device_event_types import (
 from cimhes.cim.end_device_events import EndDeviceEvent
 from cimhes.drivers import DeviceAddress
 from cimhes.drivers.idis_events import EVENT_LOGS, read_events
-from cimhes.engine.events import EventReadingService, EventStore, UnrecognisedPush
+from cimhes.drivers.limits import SessionLimits
+from cimhes.engine.dispatch import Dispatcher
+from cimhes.engine.event_fetches import EventFetchService
+from cimhes.engine.events import EventStore, UnrecognisedPush
+from cimhes.engine.limits import EngineSettings
 from cimhes.engine.store import Store, StoreRunner
 from cimhes.fixtures import meter_model
 from cimhes.fixtures.fleet import start_fleet
@@ -135,17 +139,24 @@ def test_events_read_twice_are_stored_once(fleet, stores):
     store, runner, events = stores
     devices = [address(fleet, 11), address(fleet, 12)]
     store.load_inventory(devices)
-    service = EventReadingService(reactor, runner, events, limits=5.0, now=lambda: NOW)
-    start = datetime(2024, 5, 20, tzinfo=UTC)
-    first = yield service.read(devices, start, NOW)
-    assert first.errors == [] and first.stored == len(first.events) > 0
-    again = yield service.read(devices, start, NOW)
-    assert again.stored == 0
-    stored = events.events(devices[0].mrid)
-    assert [e for e, _ in stored] == sorted(
-        (e for e in first.events if e.device_mrid == devices[0].mrid),
-        key=lambda e: e.created)
-    assert {source for _, source in stored} == {"log"}
+    dispatcher = Dispatcher(reactor, runner, EngineSettings(min_device_gap=0),
+                            session_limits=SessionLimits.of(5.0))
+    service = EventFetchService(reactor, runner, dispatcher, events, now=lambda: NOW)
+    yield dispatcher.start()
+    try:
+        start = datetime(2024, 5, 20, tzinfo=UTC)
+        first = yield service.read(devices, start, NOW)
+        stored = {d.mrid: events.events(d.mrid) for d in devices}
+        assert first.errors == [] and first.events == sum(map(len, stored.values())) > 0
+        again = yield service.read(devices, start, NOW)
+        assert again.errors == [] and again.events == first.events
+        assert {d.mrid: events.events(d.mrid) for d in devices} == stored
+        direct = yield read_events(reactor, devices[0], start, NOW, 5.0)
+        assert [e for e, _ in stored[devices[0].mrid]] == sorted(direct.events,
+                                                                 key=lambda e: e.created)
+        assert {source for _, source in stored[devices[0].mrid]} == {"log"}
+    finally:
+        dispatcher.stop()
 
 
 def test_an_unrecognised_push_is_recorded_for_review(stores):

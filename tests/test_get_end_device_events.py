@@ -285,6 +285,29 @@ def test_a_bad_request_is_a_fault_with_the_standards_code(head_end, selection, s
 
 
 @pytest_twisted.inlineCallbacks
+def test_a_meter_read_is_the_engines_event_jobs_each_done(head_end, fleet):
+    from sqlalchemy import select
+
+    from cimhes.engine.jobs import JobRecord, JobRequestRecord, Priority
+
+    meters = [m["mrid"] for m in fleet.inventory()["meters"]]
+    reply, element = yield deferToThread(
+        _ask, head_end.base_url, {"Meter": [{"mRID": m} for m in meters]}, source="meter")
+    assert reply.Reply.Result == "OK" and _events(element)
+
+    def jobs():
+        with head_end.store._session() as session:  # noqa: SLF001
+            return session.execute(select(JobRecord, JobRequestRecord.kind).join(
+                JobRequestRecord)).all()
+    rows = yield head_end.store_runner.call(jobs)
+    assert sorted((j.device_mrid, j.kind, kind, j.state, j.priority, j.attempts)
+                  for j, kind in rows) == [(m, "events", "events", "done", Priority.ON_DEMAND, 1)
+                                           for m in sorted(meters)]
+    assert {(j.window_start, j.window_end) for j, _ in rows} == {(START, NOW)}
+    assert all(j.claimed_by == head_end.dispatcher.engine_id for j, _ in rows)
+
+
+@pytest_twisted.inlineCallbacks
 def test_a_wrong_verb_and_a_meter_read_without_a_start(head_end, fleet):
     a = fleet.inventory()["meters"][0]["mrid"]
     with pytest.raises(Fault) as fault:
