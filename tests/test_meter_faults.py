@@ -85,6 +85,28 @@ def open_descriptors() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
+async def settled(condition, within: float = 10.0) -> bool:
+    """Wait until `condition()` holds (polled every 20 ms), at most `within` seconds; whether it
+    held. Closing a socket on both ends takes a few reactor turns, more on a loaded machine."""
+    deadline = reactor.seconds() + within
+    while not condition():
+        if reactor.seconds() >= deadline:
+            return False
+        await sleep(0.02)
+    return True
+
+
+async def quiet_descriptors() -> int:
+    """The descriptor count once it holds still for 0.1 s."""
+    count = -1
+    while True:
+        await sleep(0.1)
+        now = open_descriptors()
+        if now == count:
+            return count
+        count = now
+
+
 def request(devices) -> GetMeterReadings:
     return GetMeterReadings(
         header=Header(verb="get", noun="MeterReadings"),
@@ -108,8 +130,9 @@ async def test_a_faulty_meter_is_one_error_naming_it_and_leaves_nothing_behind(k
                                       security=HeadEndSecurity(b"CIMHES01", counters))
         # A first read warms the store up (SQLite opens its WAL files on the first write).
         assert (await service.read(request(devices[:1]))).result is ReplyResult.OK
-        await sleep(0.05)
-        descriptors, timers = open_descriptors(), set(reactor.getDelayedCalls())
+        assert await settled(lambda: fleet.open_connections() == 0)
+        descriptors = await quiet_descriptors()
+        timers = set(reactor.getDelayedCalls())
 
         started = reactor.seconds()
         outcome = await service.read(request(devices))
@@ -129,7 +152,10 @@ async def test_a_faulty_meter_is_one_error_naming_it_and_leaves_nothing_behind(k
         assert f"{bad.host}:{bad.port}" in error.reason
         assert took < may_take + 1.0
 
-        await sleep(0.1)
+        # Nothing left behind, once the sockets' closing has run its course (bounded wait).
+        await settled(lambda: fleet.open_connections() == 0
+                      and open_descriptors() == descriptors
+                      and set(reactor.getDelayedCalls()) <= timers)
         assert fleet.open_connections() == 0
         assert open_descriptors() == descriptors
         assert set(reactor.getDelayedCalls()) <= timers
@@ -149,7 +175,7 @@ async def test_an_answer_past_the_byte_cap_is_refused_even_from_a_good_meter(sto
         [error] = outcome.errors
         assert error.code == ErrorCode.DEVICE_PROTOCOL_ERROR
         assert "AnswerTooLarge" in error.reason and "passed 1500 bytes" in error.reason
-        await sleep(0.05)
+        await settled(lambda: fleet.open_connections() == 0)
         assert fleet.open_connections() == 0
     finally:
         await fleet.stop_all()
