@@ -277,3 +277,37 @@ def test_a_serve_killed_mid_fetch_resumes_the_fetch_when_it_starts_again(tmp_pat
         assert set(stored) == set(mrids) and all(stored.values())
     finally:
         _stop(processes[::-1])
+
+
+def test_collect_runs_an_events_schedule_as_jobs_and_stores_the_events(tmp_path):
+    processes: list[subprocess.Popen] = []
+    try:
+        # Seven meters: the simulator logs a power failure on each meter one day in seven
+        # (fixtures/meter_model.py), so one of them has one in any previous day.
+        inventory, mrids = _simulate(tmp_path, 7, 0.0, processes)
+        schedules = tmp_path / "schedules.json"
+        schedules.write_text(json.dumps({"schedules": [
+            {"name": "daily-events", "cron": "5 * * * *", "group": "all",
+             "event_logs": ["standard", "power failure"], "window": "previous-day",
+             "deadline_hours": 1}]}))
+        db = f"sqlite:///{tmp_path / 'collect.sqlite'}"
+        done = subprocess.run(
+            [sys.executable, "-m", "cimhes.endpoints.cli", "collect", "--schedules",
+             str(schedules), "--schedule", "daily-events", "--inventory", str(inventory),
+             "--db", db, "--secret-key-file", str(tmp_path / "secret.key")],
+            capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "7 done (0 with intervals missing), 0 failed, 0 pending" in done.stdout
+        store = create_engine(db)
+        try:
+            with store.connect() as connection:
+                jobs = connection.execute(select(JobRecord.kind, JobRecord.state,
+                                                 JobRecord.reading_types)).all()
+                logs = set(connection.execute(select(EndDeviceEventRecord.log)).scalars())
+        finally:
+            store.dispose()
+        assert sorted(map(tuple, ((k, s, tuple(t)) for k, s, t in jobs))) == [
+            ("events", "done", ("standard", "power failure"))] * 7
+        assert logs == {"0.0.99.98.0.255", "1.0.99.97.0.255:long power failure"}
+    finally:
+        _stop(processes)
