@@ -13,7 +13,7 @@ Jobs live in the shared store (engine/jobs.py); a message carries only a job's i
 
 Messages: body ``{"job": <id>}`` (JSON), persistent, published with confirms; ``reply_to`` and
 ``correlation_id`` (the job id) when an api process waits for the job (a synchronous
-GetMeterReadings). A message is acknowledged only after its job's outcome is stored: finished
+GetMeterReadings, a control, a DataSource=meter event-log fetch). A message is acknowledged only after its job's outcome is stored: finished
 (done / failed / cancelled, readings stored first), or put back to queued with its next attempt
 and a delayed message confirmed; a message that could not be settled is rejected and requeued.
 `cimhes.engine.fed_dispatch` says which job a message may run.
