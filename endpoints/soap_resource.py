@@ -35,6 +35,7 @@ from twisted.web.server import NOT_DONE_YET
 
 from cimhes.cim.codec import MAX_DOCUMENT_BYTES, NS_SOAP12_ENVELOPE, CodecError, parse_xml
 from cimhes.endpoints.cim_paths import public_service_url
+from cimhes.endpoints.reactor_slices import PARSE_ON_REACTOR_MAX_BYTES, shared
 from cimhes.engine import redaction
 from cimhes.xsd import UnknownDocument, wsdl_text, xsd_text
 
@@ -139,8 +140,11 @@ class SoapResource(Resource):
     isLeaf = True
 
     def __init__(self, application: Application, wsdl_file: str, guard=None,
-                 public_base_url: str | None = None, observer=None):
+                 public_base_url: str | None = None, observer=None, reactor=None):
         super().__init__()
+        # The door's steps run in bounded reactor slices, large bodies parse on a thread
+        # (endpoints/reactor_slices.py); one of each per reactor, shared by every service.
+        self._slices, self._parse_pool = shared(reactor)
         self._server = HttpBase(application)
         self._wsdl_file = wsdl_file
         self._public_base_url = public_base_url  # None: as the client (or its proxy) sent it
@@ -187,27 +191,45 @@ class SoapResource(Resource):
             return self._fault_now(request, Fault(
                 "Client.TooLarge", f"request larger than {MAX_DOCUMENT_BYTES} bytes refused"))
 
-        ctx = _TwistedMethodContext(self._server, request, "text/xml; charset=utf-8")
-        ctx.in_string = [body]
-        contexts = self._server.generate_contexts(ctx)
-        p_ctx = contexts[0]
-        if p_ctx.in_error is None:
-            self._server.get_in_object(p_ctx)
-        if p_ctx.in_error is not None:
-            return self._fault_now(request, p_ctx.in_error, p_ctx)
-
         # Errbacks if the client hangs up before the answer: said in one line; the work goes on
         # and is stored, and `_write` then finds no channel to answer on.
         request.notifyFinish().addErrback(_hung_up, request)
-        if self._guard is None:
-            d = maybeDeferred(self._call, p_ctx)
+        # Nothing more is done in this reactor turn: the parse, the call and the reply are
+        # steps of the shared slices (endpoints/reactor_slices.py), so a burst of POSTs never
+        # holds a GET up for more than a slice; a large body is parsed on the parse thread.
+        if len(body) > PARSE_ON_REACTOR_MAX_BYTES:
+            d = self._parse_pool.run(self._parse, request, body)
         else:
-            d = self._guard.admit(request, p_ctx.in_document, p_ctx.in_body_doc)
-            d.addCallback(self._call_as, p_ctx)
-        d.addCallbacks(self._answer, self._fail, callbackArgs=(request, p_ctx),
-                       errbackArgs=(request, p_ctx))
+            d = self._slices.submit(self._parse, request, body)
+        d.addCallbacks(self._parsed, self._unparsed, callbackArgs=(request,),
+                       errbackArgs=(request,))
         d.addErrback(log_failure)
         return NOT_DONE_YET
+
+    def _parse(self, request, body: bytes):
+        """The spyne context of a request body: envelope parsed (hardened), body element found."""
+        ctx = _TwistedMethodContext(self._server, request, "text/xml; charset=utf-8")
+        ctx.in_string = [body]
+        p_ctx = self._server.generate_contexts(ctx)[0]
+        if p_ctx.in_error is None:
+            self._server.get_in_object(p_ctx)
+        return p_ctx
+
+    def _unparsed(self, failure: Failure, request):
+        p_ctx = _TwistedMethodContext(self._server, request, "text/xml; charset=utf-8")
+        return self._slices.submit(self._fail, failure, request, p_ctx)
+
+    def _parsed(self, p_ctx, request):
+        if p_ctx.in_error is not None:
+            return self._slices.submit(self._fault_now, request, p_ctx.in_error, p_ctx)
+        if self._guard is None:
+            d = self._slices.submit(self._call, p_ctx)
+        else:
+            d = self._guard.admit(request, p_ctx.in_document, p_ctx.in_body_doc)
+            d.addCallback(lambda principal: self._slices.submit(self._call_as, principal, p_ctx))
+        d.addCallbacks(lambda element: self._slices.submit(self._answer, element, request, p_ctx),
+                       lambda failure: self._slices.submit(self._fail, failure, request, p_ctx))
+        return d
 
     def _call_as(self, principal, p_ctx) -> Deferred:
         p_ctx.udc = principal
