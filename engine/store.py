@@ -666,6 +666,33 @@ def _sqlite_pragmas(dbapi_connection, _record) -> None:
     cursor.close()
 
 
+# Units of one batched function merged into one call at most (`batched_unit`).
+BATCH_MAX_UNITS = 500
+
+
+def batched_unit(batch: Callable[[list[tuple[tuple, dict]]], list]):
+    """Marks a unit of work (a function for `StoreRunner.call`) as having a batch form:
+    ``batch([(args, kwargs), ...])`` does what calling the function with each would, in one
+    transaction, and returns their results in order. When several calls of the function are
+    queued one behind the other, the store thread makes them one batch call (group commit:
+    a burst of 200 requests' request-log rows is one transaction, not 200). If the batch
+    fails, each call is made alone, so only the bad one fails."""
+
+    def mark(function):
+        function.store_batch = batch
+        return function
+
+    return mark
+
+
+def _fire_all(outcomes: list[tuple[Deferred, object]]) -> None:
+    for done, outcome in outcomes:
+        if isinstance(outcome, Failure):
+            done.errback(outcome)
+        else:
+            done.callback(outcome)
+
+
 class StoreRunner:
     """Runs `Store` methods off the reactor thread, one at a time, and returns Deferreds.
 
@@ -705,7 +732,13 @@ class StoreRunner:
 
     def _next(self) -> None:  # on the store's thread
         lane = self._lanes[0] if self._lanes[0] else self._lanes[1]
+        if not lane:
+            return  # its unit went with an earlier one's batch (`batched_unit`)
         done, function, args, kwargs = lane.popleft()
+        batch = getattr(function, "store_batch", None)
+        if batch is not None:
+            self._run_batch(lane, batch, function, [(done, args, kwargs)])
+            return
         try:
             result = function(*args, **kwargs)
         except BaseException:  # noqa: BLE001 (handed to the Deferred, as deferToThread does)
@@ -713,6 +746,29 @@ class StoreRunner:
             self._reactor.callFromThread(done.errback, failure)
         else:
             self._reactor.callFromThread(done.callback, result)
+
+    def _run_batch(self, lane: deque, batch, function, units: list) -> None:
+        # The units of the same function queued right behind this one (only the store thread
+        # takes from the left of a lane, so looking at lane[0] then taking it is safe).
+        while lane and len(units) < BATCH_MAX_UNITS and lane[0][1] is function:
+            done, _, args, kwargs = lane.popleft()
+            units.append((done, args, kwargs))
+        try:
+            results = batch([(args, kwargs) for _, args, kwargs in units])
+        except BaseException:  # noqa: BLE001
+            if len(units) == 1:
+                results = [Failure()]
+            else:
+                # One bad call must not fail the others queued with it: each alone, as if
+                # they had never been batched.
+                results = []
+                for _, args, kwargs in units:
+                    try:
+                        results.append(function(*args, **kwargs))
+                    except BaseException:  # noqa: BLE001
+                        results.append(Failure())
+        self._reactor.callFromThread(
+            _fire_all, [(done, result) for (done, _, _), result in zip(units, results)])
 
     def stop(self) -> None:
         if self._pool.started:
