@@ -15,6 +15,10 @@ Runs, in order:
   own cost: framing, the extra hop, the route's bound);
 - concentrator: PLC latency `--latency` on a segment of `--sessions` (the route's bound too).
 
+"TCP connections" is what the meters (direct) or the concentrator accepted during the run: one
+per session direct, one for the whole run through the concentrator (its sessions share it,
+drivers/concentrator_link.py).
+
     python bench/concentrator.py [--meters 24] [--latency 0.2] [--sessions 4]
 """
 from __future__ import annotations
@@ -90,6 +94,7 @@ async def main(args) -> list[dict]:
             fleet = start_fleet(reactor, args.meters, port=0, response_delay=delay)
             try:
                 results.append(await read_all(fleet.inventory(), sessions, workdir, name))
+                results[-1]["connections"] = fleet.accepted()
             finally:
                 await fleet.stop_all()
         for name, latency in (("concentrator, no latency", 0.0), ("concentrator", args.latency)):
@@ -99,6 +104,7 @@ async def main(args) -> list[dict]:
             try:
                 results.append(await read_all(concentrators.inventory(), 200, workdir, name))
                 results[-1]["segment_peak"] = concentrators[0].segment.peak
+                results[-1]["connections"] = concentrators[0].accepted
             finally:
                 await concentrators.stop_all()
     return results
@@ -123,11 +129,12 @@ def run(args) -> None:
     baseline = results[0]["reads_per_s"]
     delayed = results[1]["reads_per_s"]
     print(f"{'run':28} {'meters':>6} {'seconds':>8} {'reads/s':>8} {'vs direct':>9} "
-          f"{'vs delayed':>10} {'CPU ms/read':>11} {'segment peak':>12}")
+          f"{'vs delayed':>10} {'CPU ms/read':>11} {'segment peak':>12} {'TCP connections':>15}")
     for r in results:
         print(f"{r['run']:28} {r['meters']:>6} {r['seconds']:>8.2f} {r['reads_per_s']:>8.2f} "
               f"{r['reads_per_s'] / baseline:>9.3f} {r['reads_per_s'] / delayed:>10.3f} "
-              f"{r['cpu_ms_per_read']:>11.2f} {r.get('segment_peak', '-'):>12}")
+              f"{r['cpu_ms_per_read']:>11.2f} {r.get('segment_peak', '-'):>12} "
+              f"{r['connections']:>15}")
 
 
 if __name__ == "__main__":

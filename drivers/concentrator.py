@@ -18,6 +18,17 @@ cannot read), an LLS session's AARQ carries the meter's password.
 `request` and unwraps every answer with `response`. `gateway_of(device)` is the device's gateway
 when the inventory places it behind a concentrator (`DeviceAddress.physical_address`).
 
+`GatewayMux` is the sans-IO half of one TCP association shared by every meter session behind
+one concentrator (`drivers/concentrator_link.py` carries it on Twisted): it cuts the byte stream
+from the concentrator into wrapper frames and names, for each, the session it belongs to. A
+gateway-response says which meter answers by its network id and physical device address (the
+same fields as the request); the wrapper header's destination wPort says which of that meter's
+client associations (management client SAP 1, public client SAP 16, ...) it answers. So a
+channel is (network id, physical address, client wPort), and at most one session holds a
+channel at a time. A frame for no open channel (an unknown address, a late answer to a session
+already ended) or without a gateway header is a `Stray`: dropped and reported, the others go on.
+Only a broken byte stream (a wrapper version other than 1) is fatal to the association.
+
 `ConcentratorRoute` describes one concentrator as the inventory's "routes" list does (kind
 "concentrator"): where it listens, its network id, and how many meter sessions its PLC segment
 serves at once. That bound is the engine's per-route bound (`engine/limits.py`), applied to
@@ -26,6 +37,7 @@ every job on the route, across requests.
 
 from __future__ import annotations
 
+import struct
 from dataclasses import dataclass
 
 from cimhes.drivers.address import DeviceAddress
@@ -112,6 +124,101 @@ def parse_gateway_apdu(apdu: bytes, tag: int) -> tuple[int, bytes, bytes]:
     return network_id, bytes(apdu[start:start + size]), bytes(apdu[start + size:])
 
 
+_WRAPPER = struct.Struct(">HHHH")  # version, source wPort, destination wPort, length
+WRAPPER_VERSION = 1
+
+ChannelKey = tuple[int, bytes, int]  # (network id, physical address, client wPort)
+
+
+@dataclass(frozen=True)
+class Delivered:
+    """A wrapper frame for the session on `channel` (passed on whole, gateway header and all:
+    the session checks it is its meter's answer)."""
+
+    channel: ChannelKey
+    frame: bytes
+
+
+@dataclass(frozen=True)
+class Stray:
+    """A frame no open channel takes: dropped. `reason` says why (for the log)."""
+
+    reason: str
+
+
+@dataclass(frozen=True)
+class StreamBroken:
+    """The byte stream is out of step (no wrapper header where one must be): the association
+    cannot be trusted any more and must be closed."""
+
+    reason: str
+
+
+MuxEvent = Delivered | Stray | StreamBroken
+
+
+class GatewayMux:
+    """Routes the frames of one concentrator association to the channels open on it (sans-IO:
+    `receive_data(bytes)` gives the events those bytes completed)."""
+
+    def __init__(self) -> None:
+        self._buffer = bytearray()
+        self._channels: set[ChannelKey] = set()
+        self._broken: str | None = None
+
+    @staticmethod
+    def channel_of(gateway: Gateway, client_address: int) -> ChannelKey:
+        return (gateway.network_id, gateway.physical_address, client_address)
+
+    @property
+    def channels(self) -> frozenset[ChannelKey]:
+        return frozenset(self._channels)
+
+    def open(self, channel: ChannelKey) -> None:
+        if channel in self._channels:
+            raise ValueError(f"channel {describe(channel)} is already open")
+        self._channels.add(channel)
+
+    def close(self, channel: ChannelKey) -> None:
+        self._channels.discard(channel)
+
+    def receive_data(self, data: bytes) -> list[MuxEvent]:
+        if self._broken is not None:
+            return [StreamBroken(self._broken)]
+        self._buffer += data
+        events: list[MuxEvent] = []
+        while len(self._buffer) >= _WRAPPER.size:
+            version, source, destination, length = _WRAPPER.unpack_from(self._buffer)
+            if version != WRAPPER_VERSION:
+                self._broken = (f"wrapper header {bytes(self._buffer[:_WRAPPER.size]).hex()} "
+                                "is not version 1: the stream is out of step")
+                self._buffer.clear()
+                events.append(StreamBroken(self._broken))
+                break
+            end = _WRAPPER.size + length
+            if len(self._buffer) < end:
+                break
+            frame = bytes(self._buffer[:end])
+            del self._buffer[:end]
+            events.append(self._route(destination, frame))
+        return events
+
+    def _route(self, client: int, frame: bytes) -> MuxEvent:
+        try:
+            network_id, address, _ = parse_gateway_apdu(frame[_WRAPPER.size:], GATEWAY_RESPONSE)
+        except GatewayError as failure:
+            return Stray(f"frame for wPort {client}: {failure}")
+        channel = (network_id, address, client)
+        if channel not in self._channels:
+            return Stray(f"gateway-response for {describe(channel)}, which no session waits for")
+        return Delivered(channel, frame)
+
+
+def describe(channel: ChannelKey) -> str:
+    network_id, address, client = channel
+    return f"network {network_id} physical address {address.hex()} client wPort {client}"
+
+
 def gateway_of(device: DeviceAddress) -> Gateway | None:
     """The gateway to `device` when it is behind a concentrator, else None."""
     if device.physical_address is None:
@@ -140,4 +247,4 @@ class ConcentratorRoute:
 
 
 __all__ = ["GATEWAY_REQUEST", "GATEWAY_RESPONSE", "DEFAULT_MAX_SESSIONS", "Gateway",
-           "GatewayError", "ConcentratorRoute", "gateway_of", "parse_gateway_apdu"]
+           "GatewayError", "GatewayMux", "Delivered", "Stray", "StreamBroken", "ChannelKey", "ConcentratorRoute", "gateway_of", "parse_gateway_apdu"]

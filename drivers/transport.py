@@ -207,6 +207,10 @@ def connect(reactor: Any, device: DeviceAddress, session: ClientSession,
     ConnectionFailed / Timeout / HeadEndExhausted. Cancelling it stops the attempt."""
     where = f"{device.host}:{device.port}"
     limits = SessionLimits.of(limits)
+    if device.physical_address is not None:
+        # Behind a concentrator: a channel on its one shared connection.
+        from cimhes.drivers.concentrator_link import links_of
+        return links_of(reactor).connect(device, session, limits, pacer)
     waiting = pacer.slot() if pacer is not None else Deferred()
     if pacer is None:
         waiting.callback(None)
@@ -223,20 +227,26 @@ def connect(reactor: Any, device: DeviceAddress, session: ClientSession,
     def failed(failure: Failure) -> Failure:
         for connection in protocol:
             connection._cancel_timers()  # never connected: connectionLost will not come
-        if failure.check(neterror.TimeoutError):
-            raise Timeout(device.mrid, f"no TCP connection to {where} within "
-                          f"{min(limits.connect_timeout, limits.session_deadline):g} s")
-        if failure.check(CancelledError, neterror.ConnectingCancelledError, DeviceError):
-            return failure  # the caller cancelled: that is not the device's failure
-        if (failure.check(neterror.ConnectError)
-                and getattr(failure.value, "osError", None) in _OUT_OF_DESCRIPTORS):
-            raise HeadEndExhausted(
-                device.mrid, f"the head-end has no file descriptor left to connect to {where} "
-                f"({failure.getErrorMessage()}): lower the session bound or raise the "
-                "process's descriptor limit")
-        if failure.check(neterror.ConnectError, neterror.DNSLookupError):
-            raise ConnectionFailed(device.mrid, f"cannot connect to {where}: "
-                                   f"{failure.getErrorMessage()}")
-        return failure  # not the network's doing: a bug, reported as such by the engine
+        return connect_failure(failure, device, where,
+                               min(limits.connect_timeout, limits.session_deadline))
 
     return waiting.addCallback(start).addErrback(failed)
+
+
+def connect_failure(failure: Failure, device: DeviceAddress, where: str, timeout: float) -> Failure:
+    """A failed connect to `where` as the device's error (raised), or `failure` itself when it
+    is not the network's doing (cancelled by the caller, or a bug)."""
+    if failure.check(neterror.TimeoutError):
+        raise Timeout(device.mrid, f"no TCP connection to {where} within {timeout:g} s")
+    if failure.check(CancelledError, neterror.ConnectingCancelledError, DeviceError):
+        return failure  # the caller cancelled: that is not the device's failure
+    if (failure.check(neterror.ConnectError)
+            and getattr(failure.value, "osError", None) in _OUT_OF_DESCRIPTORS):
+        raise HeadEndExhausted(
+            device.mrid, f"the head-end has no file descriptor left to connect to {where} "
+            f"({failure.getErrorMessage()}): lower the session bound or raise the "
+            "process's descriptor limit")
+    if failure.check(neterror.ConnectError, neterror.DNSLookupError):
+        raise ConnectionFailed(device.mrid, f"cannot connect to {where}: "
+                               f"{failure.getErrorMessage()}")
+    return failure  # not the network's doing: a bug, reported as such by the engine

@@ -53,6 +53,7 @@ from cimhes.drivers.errors import (
 from cimhes.drivers.limits import DEFAULT_CONNECTIONS_PER_SECOND, ConnectionPacer, SessionLimits
 from cimhes.drivers.security import HeadEndSecurity
 from cimhes.engine import redaction
+from cimhes.engine.concentrators import apply_concentrator_bounds, concentrator_bounds
 from cimhes.engine.jobs import Completion, Job, JobState, JobStore, missing_to_json
 from cimhes.engine.limits import ConnectionBounds, EngineSettings
 from cimhes.engine.reread import interval_length, missing_ranges, span
@@ -244,7 +245,10 @@ class Dispatcher:
 
     def _route_limits(self, limits: dict[str, int], requeued):
         self.bounds.route_limits = dict(limits)
-        return requeued
+        # Each concentrator's link bounds every session on it too (engine/concentrators.py).
+        return self._runner.call(concentrator_bounds, self._runner.store).addCallback(
+            lambda bounds: apply_concentrator_bounds(self._reactor, bounds)).addCallback(
+            lambda _: requeued)
 
     def stop(self) -> None:
         self._stopped = True

@@ -291,7 +291,9 @@ async def test_a_disconnect_through_a_concentrator_is_done_and_read_back(concent
                                                                           engine):
     store, runner, security = engine
     _load(store, concentrators, direct)
-    dispatcher = Dispatcher(reactor, runner, EngineSettings(min_device_gap=0.0),
+    # The silent meter's control is retried: quickly here (the default waits 30 s, then 60 s).
+    dispatcher = Dispatcher(reactor, runner, EngineSettings(min_device_gap=0.0, retry_delay=0.2,
+                                                            retry_jitter=0.0),
                             session_limits=LIMITS, connections_per_second=0, security=security)
     service = ControlService(reactor, runner, dispatcher)
     dispatcher.start()
