@@ -173,6 +173,11 @@ class FairQueue:
         self._count -= 1
 
 
+def _route_bounds(store) -> tuple[dict[str, int], dict[tuple[str, int], int]]:
+    """The routes' own session bounds by name, and the concentrators' by (host, port)."""
+    return store.route_session_limits(), concentrator_bounds(store)
+
+
 class Dispatcher:
     """Runs the store's jobs in this process (see the module docstring)."""
 
@@ -229,7 +234,7 @@ class Dispatcher:
                    else succeed(0))
         # The routes' own session bounds (concentrators), as the inventory stored them.
         started.addCallback(lambda requeued: self._runner.call(
-            self._runner.store.route_session_limits).addCallback(self._route_limits, requeued))
+            _route_bounds, self._runner.store).addCallback(self._route_limits, requeued))
 
         def go(requeued):
             if requeued:
@@ -243,12 +248,12 @@ class Dispatcher:
             return requeued
         return started.addCallback(go)
 
-    def _route_limits(self, limits: dict[str, int], requeued):
-        self.bounds.route_limits = dict(limits)
+    def _route_limits(self, limits, requeued):
+        route_limits, concentrators = limits
+        self.bounds.route_limits = dict(route_limits)
         # Each concentrator's link bounds every session on it too (engine/concentrators.py).
-        return self._runner.call(concentrator_bounds, self._runner.store).addCallback(
-            lambda bounds: apply_concentrator_bounds(self._reactor, bounds)).addCallback(
-            lambda _: requeued)
+        apply_concentrator_bounds(self._reactor, concentrators)
+        return requeued
 
     def stop(self) -> None:
         self._stopped = True
