@@ -242,7 +242,7 @@ async def test_the_concentrator_s_bound_holds_for_every_session_on_its_link(tmp_
         apply_concentrator_bounds(reactor, bounds)
         devices = [d.address for d in inventory.devices]
         start = NOW - timedelta(days=3)
-        # Event-log fetches do not pass the dispatcher: the link alone keeps them to two.
+        # Driver calls made outside the dispatcher: the link alone keeps them to two.
         results = await gatherResults([read_events(reactor, d, start, NOW, LIMITS)
                                        for d in devices])
         assert len(results) == 5 and concentrator.segment.peak == 2

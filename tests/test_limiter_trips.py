@@ -16,8 +16,11 @@ from cimhes.cim.end_device_event_types import event_type_for
 from cimhes.drivers import driver_for
 from cimhes.drivers.controls import ControlCommand, ControlKind, ControlStatus
 from cimhes.drivers.limits import SessionLimits
-from cimhes.engine.events import EventReadingService, EventStore
+from cimhes.engine.dispatch import Dispatcher
+from cimhes.engine.event_fetches import EventFetchService
+from cimhes.engine.events import EventStore
 from cimhes.engine.inventory import Inventory
+from cimhes.engine.limits import EngineSettings
 from cimhes.engine.store import Store, StoreRunner
 from cimhes.fixtures import meter_model
 from cimhes.fixtures.meter_controls import (
@@ -95,7 +98,13 @@ def meter():
 def events_service(tmp_path):
     store = Store(f"sqlite:///{tmp_path / 'events.sqlite'}")
     runner = StoreRunner(reactor, store)
-    yield store, EventReadingService(reactor, runner, EventStore(store), limits=LIMITS)
+    dispatcher = Dispatcher(reactor, runner, EngineSettings(min_device_gap=0),
+                            session_limits=LIMITS, connections_per_second=0)
+    events = EventStore(store)
+    fetches = EventFetchService(reactor, runner, dispatcher, events)
+    dispatcher.start()
+    yield store, fetches, events
+    dispatcher.stop()
     runner.stop()
     store.close()
 
@@ -106,7 +115,7 @@ def events_service(tmp_path):
 async def test_a_limit_below_the_demand_trips_the_meter_and_its_events_are_read(
         meter, events_service, mode, after):
     fleet, inventory, clock = meter
-    store, events = events_service
+    store, fetches, events = events_service
     store.load_inventory(inventory)
     [device] = [d.address for d in inventory.devices]
     fleet.state(METER).disconnector.control_mode = mode
@@ -121,9 +130,11 @@ async def test_a_limit_below_the_demand_trips_the_meter_and_its_events_are_read(
     under_s = fleet.state(METER).limiter.min_under_threshold_duration  # default 60 s
     clock[0] = NOW + timedelta(seconds=60 + under_s + 30)
 
-    outcome = await events.read([device], NOW, clock[0], logs=["disconnector"])
+    outcome = await fetches.read([device], NOW, clock[0], logs=["disconnector"])
     assert not outcome.errors
-    found = [(e.created, e.device_code, e.event_type) for e in outcome.events
+    stored = [e for e, _ in events.events(device.mrid, NOW, clock[0])]
+    assert len(stored) == outcome.events
+    found = [(e.created, e.device_code, e.event_type) for e in stored
              if e.device_code != f"{LOG}:67"]  # 67: the SET itself (threshold changed)
     tripped, restored = NOW + timedelta(seconds=60), NOW + timedelta(seconds=60 + under_s)
     want = [(tripped, f"{LOG}:65", event_type_for(65)), (tripped, f"{LOG}:64", event_type_for(64)),
@@ -132,7 +143,6 @@ async def test_a_limit_below_the_demand_trips_the_meter_and_its_events_are_read(
         want.append((restored, f"{LOG}:69", event_type_for(69)))
     assert sorted(found) == sorted(want)
     assert event_type_for(65) == "3.15.261.139" and event_type_for(66) == "3.15.261.216"
-    assert outcome.stored == len(outcome.events)
 
     state = await driver.read(reactor, device, [DISCONNECTOR_STATE], None, None, LIMITS)
     assert [r.value for r in state.meter_reading.readings] == [after.value]
