@@ -63,13 +63,16 @@ def pending_count(store) -> int:
 
 class EventRelay:
     def __init__(self, reactor, connection, store_runner, *, batch: int = DEFAULT_BATCH,
-                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT):
+                 max_in_flight: int = DEFAULT_MAX_IN_FLIGHT, on_confirmed=None):
+        """``on_confirmed(message_id)``, if given, is called as the broker confirms each message
+        (bench/amqp.py times the confirms with it)."""
         self._reactor = reactor
         self._runner = store_runner
         self._batch = batch
         self._max_in_flight = max(batch, max_in_flight)
         self._generation = 0
         self._stopped = False
+        self._on_confirmed = on_confirmed
         self.counts = {"published": 0, "publish failures": 0}
         connection.on_open(self._opened)
 
@@ -94,7 +97,7 @@ class EventRelay:
 
     @inlineCallbacks
     def _run(self, channel, generation):
-        state = _Flight()
+        state = _Flight(self._on_confirmed)
         while generation == self._generation and not self._stopped and channel.is_open:
             if state.failed:
                 # Something was refused: let the rest settle, then start again from the oldest
@@ -104,7 +107,7 @@ class EventRelay:
                 self.counts["publish failures"] += state.failed
                 log.warning("%d events were not confirmed by the broker; they stay in the "
                             "outbox", state.failed)
-                state = _Flight()
+                state = _Flight(self._on_confirmed)
                 if channel.is_open:
                     yield self._sleep(1)
                 continue
@@ -121,8 +124,8 @@ class EventRelay:
                 continue
             if not rows:
                 yield self._flush(state)
-                if not state.in_flight:
-                    # Idle: read from the oldest row again next time, so a row committed out
+                if not state.in_flight and not state.confirmed:
+                    # Idle (nothing in flight, every confirmed row deleted): read from the oldest row again next time, so a row committed out
                     # of id order (PostgreSQL, several writing processes) is not passed over.
                     state.last = 0
                 if not state.confirmed:
@@ -135,7 +138,7 @@ class EventRelay:
                     pika.BasicProperties(delivery_mode=2, message_id=message_id,
                                          content_type="application/xml", type="EndDeviceEvents"),
                     mandatory=True)
-                state.sent(row_id, confirm)
+                state.sent(row_id, message_id, confirm)
             yield self._flush(state)
         yield state.settled()
         yield self._flush(state)
@@ -157,20 +160,23 @@ class EventRelay:
 class _Flight:
     """The messages of one run of the relay between publish and confirm."""
 
-    def __init__(self):
+    def __init__(self, on_confirmed=None):
+        self._on_confirmed = on_confirmed
         self.last = 0  # id of the last row published
         self.in_flight = 0
         self.confirmed: list[int] = []
         self.failed = 0
         self._waiting: list[Deferred] = []
 
-    def sent(self, row_id: int, confirm: Deferred) -> None:
+    def sent(self, row_id: int, message_id: str, confirm: Deferred) -> None:
         self.in_flight += 1
-        confirm.addCallbacks(self._confirmed, self._refused, callbackArgs=(row_id,))
+        confirm.addCallbacks(self._confirmed, self._refused, callbackArgs=(row_id, message_id))
 
-    def _confirmed(self, _result, row_id):
+    def _confirmed(self, _result, row_id, message_id):
         self.in_flight -= 1
         self.confirmed.append(row_id)
+        if self._on_confirmed is not None:
+            self._on_confirmed(message_id)
         self._wake()
 
     def _refused(self, _failure):
