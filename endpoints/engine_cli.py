@@ -33,6 +33,7 @@ _ENGINE_FLAGS: dict[str, str] = {
     "retry_jitter": "random share added to each wait (0.2: up to 20%%)",
     "reread_delay": "seconds between re-reads of missing intervals",
     "poll_interval": "seconds between looks for jobs other processes wrote",
+    "request_session_share": "part of --sessions one request may hold while another waits",
 }
 
 

@@ -2,8 +2,15 @@
 
 Order. Claimed jobs wait in a `FairQueue`: strictly by priority (controls, on-demand, then
 scheduled), and within a priority round-robin between the requests the jobs serve, one job per
-request per turn, so a one-meter call is never stuck behind a 5,000-meter one. The store's
-`claim` hands jobs out in the same order, so the fairness holds beyond the prefetched few.
+request per turn (a request just arrived takes the next turn), so a one-meter call is never
+stuck behind a 5,000-meter one. The store's `claim` hands jobs out in the same order, so the
+fairness holds beyond the prefetched few. The share: while another request of the same
+priority has a job that may start, no request starts a session beyond its share of the
+session bound (`EngineSettings.request_session_share` of `max_sessions`, at least one; a
+session counts against the request of the job it was started for); a lone request, or one
+whose rivals all wait on something else (their device, route or gap), may use every session.
+Running sessions are never cut short: a request holding more than its share when another
+arrives gives the slots back as its sessions end, and each goes to the waiting request.
 
 Sessions. A job starts only when `ConnectionBounds` allows its device (sessions open at once,
 per route, the gap since the device's last connection); a refused job stays queued and the
@@ -33,7 +40,7 @@ import os
 import random
 import socket
 import uuid
-from collections import OrderedDict, deque
+from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
@@ -123,27 +130,45 @@ class FairQueue:
         self._by_device.setdefault(job.device.mrid, []).append(job)
         self._count += 1
 
-    def take(self, wait_for: Callable[[Job], float | None]) -> tuple[Job | None, float | None]:
+    def take(self, wait_for: Callable[[Job], float | None],
+             holds_share: Callable[[str], bool] = lambda key: False,
+             ) -> tuple[Job | None, float | None]:
         """The first job `wait_for` lets start now (0), and its request's turn passes; else
-        None and the soonest positive wait reported (None if every job waits on a session)."""
+        None and the soonest positive wait reported (None if every job waits on a session).
+        A request that `holds_share` (it has its share of the sessions open) is passed over
+        while a request of the same priority has a job that may start now; it gets the
+        session only when none has."""
         soonest: float | None = None
         blocked: set[tuple[str, str | None]] = set()
         for priority in sorted(self._levels):
             requests = self._levels[priority]
+            passed_over: tuple[Job, str] | None = None
             for key in list(requests):
+                holding = holds_share(key)
+                if holding and passed_over is not None:
+                    continue  # one candidate over its share is enough to fall back on
                 for job in requests[key]:
                     if (job.device.mrid, job.route) in blocked:
                         continue
                     wait = wait_for(job)
                     if wait == 0:
-                        self._remove(job)
-                        if key in requests:
-                            requests.move_to_end(key)
-                        return job, None
+                        if holding:
+                            passed_over = (job, key)
+                            break
+                        return self._taken(job, key), None
                     blocked.add((job.device.mrid, job.route))
                     if wait is not None and (soonest is None or wait < soonest):
                         soonest = wait
+            if passed_over is not None:
+                return self._taken(*passed_over), None
         return None, soonest
+
+    def _taken(self, job: Job, key: str) -> Job:
+        requests = self._levels[job.priority]
+        self._remove(job)
+        if key in requests:
+            requests.move_to_end(key)
+        return job
 
     def take_device(self, mrid: str, joins: Callable[[Job], bool]) -> list[Job]:
         """Every waiting job for device `mrid` that `joins` accepts (to share one session)."""
@@ -200,6 +225,10 @@ class Dispatcher:
         self._security = security  # for HLS-GMAC meters: system title, counter book
         self._queue = FairQueue()
         self._in_session = 0  # jobs (not sessions) being worked on
+        # Sessions open per request (the request of the job a session was started for), and
+        # how many one request may hold while another waits.
+        self._open_by_request: Counter[str] = Counter()
+        self.session_share = self.settings.session_share(max_sessions)
         self._waiters: dict[int, list[Deferred]] = {}
         self._writer = ReadingWriter(runner, self._now)
         self._settling: list[tuple[Completion, JobOutcome]] = []
@@ -212,6 +241,8 @@ class Dispatcher:
         self.sessions_started = 0
         # Called after each batch of jobs is settled (a progress display's cue).
         self.on_settled: Callable[[], object] | None = None
+        # Called with the job a session was just started for (its sessions_of counted).
+        self.on_session_started: Callable[[Job], object] | None = None
         # observer.device_read(device, error or None) after each session: the device status,
         # metrics and failure log (engine/device_status.py).
         self._observer = observer
@@ -348,6 +379,25 @@ class Dispatcher:
         return self._runner.call(self.jobs.claim, self.engine_id, room, self._now(),
                                  kinds=("read", *self.runners, *self.session_runners))
 
+    def sessions_of(self, request_key: str) -> int:
+        """Sessions open now for request `request_key`."""
+        return self._open_by_request[request_key]
+
+    def _holds_share(self, request_key: str) -> bool:
+        return self._open_by_request[request_key] >= self.session_share
+
+    def _opened(self, job: Job) -> None:
+        self._open_by_request[job.request_key] += 1
+        if self.on_session_started is not None:
+            self.on_session_started(job)
+
+    def _closed(self, request_key: str) -> None:
+        left = self._open_by_request[request_key] - 1
+        if left > 0:
+            self._open_by_request[request_key] = left
+        else:
+            del self._open_by_request[request_key]
+
     def _may_start(self, job: Job) -> float | None:
         """0 if `job`'s session may start now (see ConnectionBounds.wait_for)."""
         return self.bounds.wait_for(job.device.mrid, job.route)
@@ -373,7 +423,7 @@ class Dispatcher:
         while not self._stopped:
             if self.bounds.open >= self.bounds.max_sessions:
                 return  # no job may start (take would ask each queued one, to hear the same)
-            job, wait = self._queue.take(self._may_start)
+            job, wait = self._queue.take(self._may_start, self._holds_share)
             if job is None:
                 if wait is not None:
                     self._wake_at(wait)
@@ -391,7 +441,9 @@ class Dispatcher:
     def _start_session(self, batch: list[Job]) -> None:
         device = batch[0].device
         route = batch[0].route
+        key = batch[0].request_key
         self.bounds.started(device.mrid, route)
+        self._opened(batch[0])
         self.sessions_started += 1
         self._in_session += len(batch)
         reading_types, start, end = _merged(batch)
@@ -406,6 +458,7 @@ class Dispatcher:
 
         def ended(result):
             self.bounds.ended(device.mrid, route)
+            self._closed(key)
             self._session_ended(route)
             if self._observer is not None:
                 self._observer.device_read(
@@ -426,6 +479,7 @@ class Dispatcher:
     def _start_run(self, job: Job) -> None:
         device, route = job.device, job.route
         self.bounds.started(device.mrid, route)
+        self._opened(job)
         self.sessions_started += 1
         self._in_session += 1
         try:
@@ -436,6 +490,7 @@ class Dispatcher:
 
         def ended(result):
             self.bounds.ended(device.mrid, route)
+            self._closed(job.request_key)
             if isinstance(result, Failure):
                 log.error("%s job %d for %s failed: %s", job.kind, job.id, device.mrid,
                           redaction.log_line(result))

@@ -30,6 +30,9 @@ class EngineSettings:
     `on_demand_attempts` times (its caller is waiting). Re-reads of missing intervals wait
     `reread_delay` seconds between rounds, until complete or the run's deadline.
     `poll_interval`: how often the store is asked for jobs that fell due or came from elsewhere.
+    `request_session_share`: the part of the session bound one request may hold while another
+    request of its priority has a job that could start (a lone request may use every session;
+    engine/dispatch.py, "Order").
     """
 
     max_sessions_per_route: int = 16
@@ -42,6 +45,7 @@ class EngineSettings:
     retry_jitter: float = 0.2
     reread_delay: float = 900.0
     poll_interval: float = 5.0
+    request_session_share: float = 0.5
 
     def __post_init__(self) -> None:
         for name in ("max_sessions_per_route", "prefetch", "max_attempts", "on_demand_attempts"):
@@ -54,10 +58,18 @@ class EngineSettings:
                 raise ValueError(f"engine setting {name} must not be negative")
         if self.poll_interval <= 0:
             raise ValueError("engine setting poll_interval must be positive")
+        if not 0 < self.request_session_share <= 1:
+            raise ValueError("engine setting request_session_share must be above 0 and at most "
+                             f"1, got {self.request_session_share}")
 
     @classmethod
     def names(cls) -> list[str]:
         return [f.name for f in fields(cls)]
+
+    def session_share(self, max_sessions: int) -> int:
+        """Sessions one request may hold while another waits: `request_session_share` of
+        `max_sessions`, at least 1."""
+        return max(1, int(self.request_session_share * max_sessions))
 
     def retry_wait(self, attempts: int, random: Callable[[], float]) -> float:
         """Seconds before attempt `attempts + 1`: exponential backoff with jitter, capped."""
