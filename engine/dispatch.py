@@ -69,7 +69,8 @@ from cimhes.engine.store import ReadingWriter, StoreRunner
 log = logging.getLogger(__name__)
 
 URGENT_CLAIM = 50  # a new request of at most this many jobs is claimed at once (`wake`)
-SETTLE_BATCH = 200  # job outcomes written per store transaction
+SETTLE_BATCH = 100  # job outcomes written per store transaction
+CLAIM_BATCH = 250  # jobs claimed per store transaction
 
 # AARE result 1: rejected-permanent (a wrong password stays wrong): not worth a retry.
 _REJECTED_PERMANENT = 1
@@ -335,31 +336,37 @@ class Dispatcher:
             claimed.addCallback(got).addErrback(
                 lambda f: log.error("claiming jobs failed: %s", redaction.log_line(f)))
         self._dispatch()
-        self._claim()
+        self._claim(force=True)
 
     # -- claiming ----------------------------------------------------------------------------
 
-    def _claim(self) -> None:
-        # At least enough to fill every session: a session bound above the prefetch would
-        # otherwise never be reached (bench/sessions.py, 5,000 sessions).
-        room = (max(self.settings.prefetch, self.bounds.max_sessions) - len(self._queue)
-                - self._in_session)
-        if room <= 0:
+    def _claim(self, force: bool = False) -> None:
+        """Claim jobs up to the target (the prefetch, at least every session's worth). Each
+        claim is a unit of work of at most CLAIM_BATCH jobs, and an ended session or a settled
+        batch asks for one only once half the target is free (`force`: new jobs were written,
+        claim now): a claim per ended session cost the store's thread as much as the writes,
+        and every small request's store work waited behind them."""
+        target = max(self.settings.prefetch, self.bounds.max_sessions)
+        room = target - len(self._queue) - self._in_session
+        if room <= 0 or (not force and room < target // 2):
             return
         if self._claiming:
-            self._wanted_claim = True
+            self._wanted_claim = self._wanted_claim or force  # new jobs: claim again after
             return
         self._claiming = True
         self._wanted_claim = False
-        claimed = self._claim_call(room)
+        size = min(room, CLAIM_BATCH)
+        claimed = self._claim_call(size)
 
         def got(result):
             jobs, next_due = result
             for job in jobs:
                 self._queue.push(job)
-            if next_due is not None:
+            # A job due later sets the timer; one due now that did not fit is claimed once
+            # sessions free room (a timer at once would claim again at every turn).
+            if next_due is not None and next_due > self._now():
                 self._wake_at((next_due - self._now()).total_seconds())
-            return len(jobs) == room
+            return len(jobs) == size
 
         def done(full):
             self._claiming = False
@@ -368,7 +375,7 @@ class Dispatcher:
                 return None
             self._dispatch()
             if full or self._wanted_claim:
-                self._claim()
+                self._claim(force=self._wanted_claim)
             return None
         claimed.addCallback(got).addBoth(done)
 
