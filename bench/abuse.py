@@ -191,7 +191,8 @@ def scenario_big(workdir, fleet, inventory, args) -> None:
     for label, extra in (("device limit raised to the fleet", ["--max-devices-per-request",
                                                                str(len(mrids)), *longer]),
                          ("default device limit (1000)", [])):
-        server = Server(workdir, fleet.inventory_path, args.http_port, *extra)
+        server = Server(workdir, fleet.inventory_path, args.http_port, *extra,
+                        *args.serve_option)
         try:
             idle = small_call_latencies(server, probe, 5)
             before = server.rss()
@@ -253,7 +254,7 @@ def raw_exchange(host, port, data_chunks, timeout=30):
 
 
 def scenario_door(workdir, fleet, inventory, args) -> None:
-    server = Server(workdir, fleet.inventory_path, args.http_port)
+    server = Server(workdir, fleet.inventory_path, args.http_port, *args.serve_option)
     try:
         tmp_before = shutil.disk_usage(tempfile.gettempdir()).used
         head = (f"POST /cim/GetMeterReadings HTTP/1.1\r\nHost: x\r\nContent-Type: text/xml\r\n"
@@ -335,6 +336,9 @@ def main() -> int:
     parser.add_argument("--port", type=int, default=15059, help="the fleet's DLMS port")
     parser.add_argument("--http-port", type=int, default=18080)
     parser.add_argument("--only", choices=("big", "door"))
+    parser.add_argument("--serve-option", action="append", default=[], metavar="FLAG",
+                        help="a flag for `cimhes serve` (repeat; e.g. "
+                             "--serve-option=--request-session-share=0.25)")
     parser.add_argument("--workdir", help="parent of the run's work directory (default: the "
                                           "system's temporary directory)")
     args = parser.parse_args()
