@@ -27,7 +27,7 @@ from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
 from twisted.python.failure import Failure
 
-from cimhes.cim.codec import CodecError
+from cimhes.cim.codec import CodecError, parse_xml
 from cimhes.cim.codec import end_device_controls as codec
 from cimhes.cim.end_device_controls import (
     ControlAction,
@@ -48,7 +48,13 @@ from cimhes.cim.message import (
     reply_header,
 )
 from cimhes.cim.meter_readings import DeviceRef
-from cimhes.drivers.controls import ControlCommand, ControlKind, ControlStatus
+from cimhes.drivers.controls import (
+    ControlCommand,
+    ControlKind,
+    ControlStatus,
+    command_from_json,
+    command_to_json,
+)
 from cimhes.drivers.errors import (
     ControlCancelled,
     ControlExpired,
@@ -59,7 +65,7 @@ from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender, asyn
 from cimhes.endpoints.meter_readings import caller_of
 from cimhes.endpoints.auth import SoapGuard
 from cimhes.endpoints.soap_resource import CimFault, SoapResource, soap_application
-from cimhes.engine import request_log
+from cimhes.engine import pending_replies, request_log
 from cimhes.engine.admission import Admission, Refused
 from cimhes.engine.control_batches import kinds_of_batch
 from cimhes.engine.reading import DEVICE_ERROR_CODES, ReadOutcome
@@ -229,18 +235,28 @@ class EndDeviceControlsDoor:
         elif header.async_reply:
             # What is scheduled is stored before the acknowledgment, which names it (so it
             # can be cancelled before it runs); the rest runs after.
+            # The reply owed is stored before the acknowledgment (engine/pending_replies.py):
+            # a restart before the scheduled time carries it on (`resume_replies`).
             try:
                 outcome, pending = yield self._admit_and_schedule(request, who)
+                progress = owed_progress(request, outcome, pending, who, devices_asked)
+                reply_id = yield self._store.call(
+                    pending_replies.add, self._store.store, noun=codec.NOUN, request_id=logged,
+                    reply_address=header.reply_address,
+                    correlation_id=header.correlation_id or header.message_id,
+                    request_xml=etree.tostring(element, encoding="unicode"), progress=progress,
+                    now=self._now())
             except BaseException:
                 admitted.release()
                 raise
-            self._then_reply(self._execute_then_wait(request, who, pending, outcome), request,
-                             logged, admitted, devices_asked).addErrback(
-                lambda f: log.error("asynchronous control request failed: %s", f.getTraceback()))
-            return codec.encode_response(self._response(request, Reply(
+            # Encoded before the outcome's own half starts changing `outcome`.
+            ack = codec.encode_response(self._response(request, Reply(
                 ReplyResult.OK, errors=(_ACK,) + tuple(
                     e for e in outcome.errors if e.code == ErrorCode.ACKNOWLEDGED),
                 ids=_ids(outcome)), outcome.made))
+            self._owed(reply_id, request, logged, outcome, progress, admitted).addErrback(
+                lambda f: log.error("asynchronous control request failed: %s", f.getTraceback()))
+            return ack
         else:
             work = self._carry_out(request, who)
         if header.async_reply:
@@ -276,10 +292,81 @@ class EndDeviceControlsDoor:
         return answer
 
     @inlineCallbacks
-    def _execute_then_wait(self, request, who, pending, outcome: _Outcome):
-        yield self._execute(request, who, pending, outcome)
-        yield self._scheduled_outcomes(outcome)
-        return outcome
+    def _owed(self, reply_id: int, request, logged, outcome: _Outcome, progress: dict,
+              admitted=None):
+        """The asynchronous half of a Create, from where its `pending_reply` row stands: carry
+        out the controls due at once (each stored as a batch in the row's own transaction, or
+        already stored: then waited for), wait for the scheduled ones, post the outcome to the
+        ReplyAddress and mark the row sent. Run after the acknowledgment, and by
+        `resume_replies` after a restart."""
+        header = request.header
+        try:
+            for position, item in enumerate(progress["immediate"]):
+                control = request.controls[item["index"]]
+                batch_id = item.get("batch_id")
+                if batch_id is not None:  # stored by an earlier process: its jobs are durable
+                    for _mrid, result in (yield self._settled(batch_id)):
+                        self._count(result, outcome)
+                else:
+                    try:
+                        batch = yield self._controls.execute(
+                            item["mrids"], command_from_json(item["command"]),
+                            user=progress["user"],
+                            correlation_id=header.correlation_id or header.message_id,
+                            on_stored=lambda session, batch_id, position=position:
+                            pending_replies.record_batch(session, reply_id, position, batch_id))
+                    except ValueError as exc:
+                        self._unusable(control, item["mrids"], exc, outcome)
+                        continue
+                    batch_id = batch.batch_id
+                    for result in batch.outcomes:
+                        self._count(result, outcome)
+                outcome.made.append(replace(control, mrid=batch_id, end_devices=tuple(
+                    DeviceRef(mrid=m) for m in item["mrids"]), end_device_groups=()))
+            yield self._scheduled_outcomes(outcome)
+        finally:
+            if admitted is not None:
+                admitted.release()
+        element = yield self._finish(request, logged, outcome, progress["devices_asked"])
+        delivered = yield self._replies.send(header.reply_address, element,
+                                             header.correlation_id or header.message_id)
+        if delivered:
+            yield self._store.call(pending_replies.mark_sent, self._store.store, reply_id,
+                                   self._now())
+        else:
+            log.error("the outcome of asynchronous control request %s stays owed to %s; the "
+                      "next start posts it again", header.correlation_id or header.message_id,
+                      header.reply_address)
+
+    @inlineCallbacks
+    def resume_replies(self):
+        """Carry on every asynchronous Create reply a previous process left owed (at start)."""
+        owed = yield self._store.call(pending_replies.unsent, self._store.store, codec.NOUN)
+        for reply in owed:
+            try:
+                request, outcome = self._restored(reply)
+            except (CodecError, KeyError, ValueError, IndexError) as exc:
+                log.error("asynchronous reply %d to %s cannot be carried on: %s", reply.id,
+                          reply.reply_address, exc)
+                continue
+            log.info("carrying on the asynchronous reply %s to %s (left owed by the previous "
+                     "process)", reply.correlation_id, reply.reply_address)
+            self._owed(reply.id, request, reply.request_id, outcome, reply.progress).addErrback(
+                lambda f: log.error("a resumed asynchronous control reply failed: %s",
+                                    f.getTraceback()))
+        return len(owed)
+
+    def _restored(self, reply) -> tuple:
+        _operation, request = codec.decode_request(parse_xml(reply.request_xml.encode()))
+        progress = reply.progress
+        made = [replace(request.controls[index], mrid=batch_id, end_devices=tuple(
+            DeviceRef(mrid=m) for m in mrids), end_device_groups=())
+            for index, batch_id, mrids in progress["made"]]
+        return request, _Outcome(
+            errors=[_error_from_json(e) for e in progress["errors"]], made=made,
+            done=progress["done"], failed=progress["failed"],
+            scheduled=[(batch_id, datetime.fromisoformat(at))
+                       for batch_id, at in progress["scheduled"]])
 
     @inlineCallbacks
     def _then_reply(self, work: Deferred, request, logged, admitted, devices_asked):
@@ -421,15 +508,21 @@ class EndDeviceControlsDoor:
         outcome.errors = [e for e in outcome.errors
                           if not (e.code == ErrorCode.ACKNOWLEDGED and e.id in scheduled)]
         for batch_id, _at in outcome.scheduled:
-            while True:
-                results = yield self._controls.batch(batch_id)
-                if all(result is not None for _mrid, result in results):
-                    break
-                yield deferLater(self._reactor, self._limits.poll_interval, lambda: None)
+            results = yield self._settled(batch_id)
             outcome.done -= len(results)
             for _mrid, result in results:
                 self._count(result, outcome)
         outcome.scheduled = []
+
+    @inlineCallbacks
+    def _settled(self, batch_id: str):
+        """[(mRID, outcome)] of batch ``batch_id`` once every device's control has finished,
+        looked up in the store every `ControlRequestLimits.poll_interval`."""
+        while True:
+            results = yield self._controls.batch(batch_id)
+            if all(result is not None for _mrid, result in results):
+                return results
+            yield deferLater(self._reactor, self._limits.poll_interval, lambda: None)
 
     def _command(self, control: EndDeviceControl) -> tuple[ControlCommand, datetime | None]:
         """The driver's command for ``control`` and when to run it (None: now)."""
@@ -553,6 +646,45 @@ def _ids(outcome: _Outcome) -> tuple[ObjectId, ...]:
                  for c in outcome.made if c.mrid)
 
 
+def owed_progress(request, outcome: _Outcome, pending, who: str, devices_asked: int) -> dict:
+    """The `pending_reply` progress of an asynchronous Create just acknowledged (JSON): the
+    outcome so far and the controls still to carry out at once, by their place in the request."""
+    def index_of(control, start: int) -> int:
+        for i in range(start, len(request.controls)):
+            c = request.controls[i]
+            if c is control or (c.control_type, c.parameters, c.reason) == (
+                    control.control_type, control.parameters, control.reason):
+                return i
+        raise ValueError(f"control {control.control_type} is not in the request")
+
+    made, start = [], 0
+    for control in outcome.made:  # the scheduled ones, in the request's order
+        start = index_of(control, start)
+        made.append([start, control.mrid, [d.mrid for d in control.end_devices]])
+        start += 1
+    return {"user": who, "devices_asked": devices_asked, "done": outcome.done,
+            "failed": outcome.failed, "errors": [_error_to_json(e) for e in outcome.errors],
+            "made": made,
+            "scheduled": [[batch_id, at.isoformat()] for batch_id, at in outcome.scheduled],
+            "immediate": [{"index": index_of(control, 0), "mrids": list(mrids),
+                           "command": command_to_json(command)}
+                          for control, mrids, command in pending]}
+
+
+def _error_to_json(error: Error) -> dict:
+    return {"code": error.code, "level": error.level.value, "reason": error.reason,
+            "details": error.details, "xpath": error.xpath, "id": error.id,
+            "id_kind": error.id_kind.value if error.id_kind is not None else None,
+            "object_type": error.object_type}
+
+
+def _error_from_json(data: dict) -> Error:
+    return Error(data["code"], level=ErrorLevel(data["level"]), reason=data["reason"],
+                 details=data["details"], xpath=data["xpath"], id=data["id"],
+                 id_kind=IdKind(data["id_kind"]) if data["id_kind"] is not None else None,
+                 object_type=data["object_type"])
+
+
 # How queue/requests.py names an AMQP caller: by the user_id property RabbitMQ verified.
 AMQP_CALLER = "amqp user "
 
@@ -638,6 +770,10 @@ def mount(head_end, reactor, settings, cim) -> EndDeviceControlsDoor:
         replies=ReplySender(reactor, head_end.callback_session, wsdl_file=REPLY_WSDL,
                             operation=REPLY_OPERATION),
         reply_addresses=ReplyAddressPolicy(settings.reply_addresses))
+    if getattr(head_end, "role", "all") != "engine":  # the doors' processes owe the replies
+        reactor.callWhenRunning(lambda: door.resume_replies().addErrback(
+            lambda f: log.error("resuming asynchronous control replies failed: %s",
+                                f.getTraceback())))
     cim.putChild(WSDL_NAME.encode(), SoapResource(
         end_device_controls_application(door), WSDL_FILE,
         SoapGuard(head_end.doorkeeper, OPERATION_ROLES, codec.encode_fault),

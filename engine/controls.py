@@ -233,11 +233,15 @@ class ControlService:
 
     @inlineCallbacks
     def execute(self, mrids: Sequence[str], command: ControlCommand, *, user: str | None,
-                correlation_id: str | None, at: datetime | None = None):
+                correlation_id: str | None, at: datetime | None = None,
+                on_stored: Callable[[Session, str], None] | None = None):
         """Deferred[ControlBatch]: one outcome per asked mRID, in order, once every device's
         job has finished (ran, or was cancelled). Unknown mRIDs are FAILED with
-        `UnknownDevice`. Bad parameters: ValueError before anything is stored."""
-        batch_id, jobs, unknown = yield self._store_batch(mrids, command, user, correlation_id, at)
+        `UnknownDevice`. Bad parameters: ValueError before anything is stored.
+        ``on_stored(session, batch_id)`` runs in the transaction that stores the jobs (what
+        must be known of the batch if the process dies while it runs: engine/pending_replies.py)."""
+        batch_id, jobs, unknown = yield self._store_batch(mrids, command, user, correlation_id,
+                                                          at, on_stored)
         waiting = [self._wait(job_id) for job_id in jobs.values()]
         self.dispatcher.submitted(list(jobs.values()))  # an api process hands them out
         finished = yield gatherResults(waiting)
@@ -279,7 +283,7 @@ class ControlService:
     # -- inside ------------------------------------------------------------------------------
 
     @inlineCallbacks
-    def _store_batch(self, mrids, command, user, correlation_id, at):
+    def _store_batch(self, mrids, command, user, correlation_id, at, on_stored=None):
         command = checked(command)
         if at is not None and at.tzinfo is None:
             raise ValueError("at must be a timezone-aware datetime")
@@ -305,6 +309,8 @@ class ControlService:
                     job_id=row.id, kind=command.kind.value, command=stored, user=user,
                     correlation_id=correlation_id, due_at=due, attempts_started=0)
                     for row in rows])
+                if on_stored is not None:
+                    on_stored(session, batch_id)
 
             ids, _ = yield self._runner.call(
                 self.dispatcher.jobs.create_request, batch_id, REQUEST_KIND,

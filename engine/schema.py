@@ -33,6 +33,7 @@ MODEL_MODULES = (
     "cimhes.engine.controls",
     "cimhes.engine.feeder_outages",
     "cimhes.engine.route_leases",
+    "cimhes.engine.pending_replies",
 )
 
 log = logging.getLogger(__name__)

@@ -11,6 +11,7 @@ from datetime import datetime, timedelta, timezone
 
 import pytest
 import pytest_twisted
+import sqlalchemy
 import zeep
 from lxml import etree
 from spyne import AnyXml, ServiceBase, rpc
@@ -117,7 +118,7 @@ def _close(head_end, fleet):
 def head_end(tmp_path_factory, mdm):
     """One head-end and fleet for the module's tests; each test switches meters of its own
     (by index) so none sees another's."""
-    fleet = start_fleet(reactor, 9, clock=now, base_index=FIRST_METER, port=0)
+    fleet = start_fleet(reactor, 10, clock=now, base_index=FIRST_METER, port=0)
     head_end = _head_end(tmp_path_factory.mktemp("controls"), fleet, mdm,
                          (ControlLimit("disconnect", "user", 1000, 60.0),))
     yield head_end
@@ -387,6 +388,53 @@ async def test_a_scheduled_disconnect_runs_at_its_time(head_end):
         await deferLater(reactor, 0.5, lambda: None)
     assert [(m, o.status.value) for m, o in results] == [(meter, "done")]
     assert await _output_state(_device(head_end, 7)) is False
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_async_request_with_a_control_now_and_one_later_replies_once_with_both(
+        head_end, mdm):
+    """Its reply owed is kept in the store (engine/pending_replies.py): the control due now is
+    recorded as its batch when stored, the reply marked sent once the MDM took it."""
+    client = await deferToThread(_served_client, head_end.base_url)
+    meter = head_end.meters[9]["mrid"]
+    later = now() + timedelta(seconds=2)
+    received = len(mdm.received)
+    ack = await deferToThread(client.service.CreateEndDeviceControls, Header=_header(
+        AsyncReplyFlag=True, ReplyAddress=f"{mdm.base}/mdm/ReplyEndDeviceControls",
+        CorrelationID="corr-both"), Payload={"EndDeviceControls": {"EndDeviceControl": [
+            {"EndDeviceControlType": {"ref": DISCONNECT}, "EndDevices": [{"mRID": meter}]},
+            {"EndDeviceControlType": {"ref": CONNECT}, "EndDevices": [{"mRID": meter}],
+             "primaryDeviceTiming": {"interval": {"start": later}}}]}})
+    assert ack.Reply.Result == "OK"
+    assert [e.code for e in ack.Reply.Error] == ["0.3", "0.3"]  # accepted; the later one
+    (scheduled,) = ack.Payload.EndDeviceControls.EndDeviceControl
+    for _ in range(60):
+        if len(mdm.received) > received:
+            break
+        await deferLater(reactor, 0.5, lambda: None)
+    (element,) = [e for e in mdm.received[received:]]
+    outcome = codec.decode_response(element)
+    assert outcome.header.correlation_id == "corr-both"
+    assert outcome.reply.result is ReplyResult.OK, outcome.reply
+    assert [(c.control_type, [d.mrid for d in c.end_devices]) for c in outcome.controls] == [
+        (CONNECT, [meter]), (DISCONNECT, [meter])]
+    assert outcome.controls[0].mrid == scheduled.mRID
+    assert await _output_state(_device(head_end, 9)) is True  # disconnected, then connected
+    from cimhes.engine import pending_replies
+
+    for _ in range(20):
+        (owed,) = [r for r in (await head_end.store_runner.call(
+            pending_replies.unsent, head_end.store, "EndDeviceControls"))
+            if r.correlation_id == "corr-both"] or [None]
+        if owed is None:
+            break
+        await deferLater(reactor, 0.25, lambda: None)
+    assert owed is None  # marked sent
+    with head_end.store.engine.connect() as connection:
+        progress = connection.execute(sqlalchemy.select(
+            pending_replies.PendingReplyRecord.progress).where(
+            pending_replies.PendingReplyRecord.correlation_id == "corr-both")).scalar_one()
+    assert [item["batch_id"] for item in progress["immediate"]] == [outcome.controls[1].mrid]
 
 
 def test_every_control_action_has_a_role_and_a_mixed_request_needs_each():
