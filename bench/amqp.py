@@ -135,7 +135,7 @@ def cimhes_run(args, url, with_amqp: bool, fsync: bool = False):
     store.load_inventory(devices)
     runner = StoreRunner(reactor, store)
     intake = PushIntake(runner, TimedEventStore(store), devices)
-    journal = PushJournal(folder / "push-journal", fsync=fsync, reactor=reactor)
+    journal = PushJournal(folder / "push-journal", fsync=fsync)
     intake.use_journal(journal)  # as `cimhes serve` takes pushes (endpoints/push_options.py)
     listening = reactor.listenTCP(0, PushListenerFactory(reactor, intake), backlog=PUSH_BACKLOG,
                                   interface="127.0.0.1")

@@ -51,7 +51,7 @@ def add_push_options(parser, default_port: int = DEFAULT_PUSH_PORT) -> None:
                         metavar="BYTES", help="past this the journal takes no new push (logged; "
                         f"default {DEFAULT_MAX_BYTES})")
     parser.add_argument("--push-journal-fsync", action="store_true",
-                        help="fsync the journal once per reactor turn (survives a power loss; "
+                        help="fsync the journal on a thread of its own as records are written (survives a power loss; "
                              "costs CPU and latency, bench/README.md)")
     parser.add_argument("--no-push-journal", action="store_true",
                         help="take pushes without the journal (a killed process loses the ones "
@@ -91,7 +91,7 @@ def listen_for_pushes(reactor, head_end, args):
     said = {"host": host}
     if not args.no_push_journal:
         journal = PushJournal(journal_directory(args), max_bytes=args.push_journal_max_bytes,
-                              fsync=args.push_journal_fsync, reactor=reactor)
+                              fsync=args.push_journal_fsync)
         reactor.addSystemEventTrigger("after", "shutdown", journal.close)
         head_end.push_intake.use_journal(journal)
         # Before the listener opens: what a killed process had read is taken first.

@@ -27,9 +27,10 @@ start a torn record (a write cut by a power loss) ends the reading of its segmen
 
 Durability. `os.write` puts a record in the kernel's page cache before the push is parsed, so
 a killed process (SIGKILL, a crash) loses nothing it has read. A power loss loses what the
-kernel had not written back: with ``fsync=True`` the journal is fsynced once per reactor turn
-that appended (group fsync; its cost is measured in bench/amqp.py --journal-fsync and
-recorded in bench/README.md). Bytes the kernel accepted but the process never read are beyond
+kernel had not written back: with ``fsync=True`` a thread of the journal's own fsyncs it as soon
+as records were written since its last fsync (group fsync: the reactor never waits for the disk;
+a push is parsed while its record is being synced; its cost is measured by bench/amqp.py --fsync
+and recorded in bench/README.md). Bytes the kernel accepted but the process never read are beyond
 any journal: see engine/push_recovery.py.
 """
 from __future__ import annotations
@@ -37,6 +38,7 @@ from __future__ import annotations
 import logging
 import os
 import struct
+import threading
 import time
 import zlib
 from dataclasses import dataclass
@@ -65,20 +67,24 @@ class JournalEntry:
 
 class PushJournal:
     """Append, mark done, replay. Blocking file writes of a few dozen octets (page cache): cheap
-    enough for the reactor thread; with ``fsync`` the group fsync runs on it too (measured)."""
+    enough for the reactor thread; with ``fsync`` the fsyncs run on a thread of their own."""
 
     def __init__(self, directory: str | os.PathLike, *, max_bytes: int = DEFAULT_MAX_BYTES,
                  segment_bytes: int = DEFAULT_SEGMENT_BYTES, fsync: bool = False,
-                 reactor=None, clock=time.time) -> None:
+                 clock=time.time) -> None:
         if max_bytes <= 0 or segment_bytes <= 0:
             raise JournalError("push journal sizes must be positive")
         self.directory = Path(directory)
         self.max_bytes = max_bytes
         self.segment_bytes = min(segment_bytes, max_bytes)
         self._fsync = fsync
-        self._reactor = reactor
+        # The fsync thread and the reactor share the current segment's descriptor: the lock is
+        # held while it is fsynced, closed or replaced (rotation, close: rare).
+        self._lock = threading.Lock()
+        self._dirty = threading.Event()
+        self._closing = False
+        self._syncer = None
         self._clock = clock
-        self._fsync_due = False
         try:
             self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
             os.chmod(self.directory, 0o700)
@@ -97,6 +103,10 @@ class PushJournal:
         self.stopped_cleanly = True  # no journal yet: nothing was running
         self.last_commit: float | None = None
         self._unfinished = self._read_back()
+        if fsync:
+            self._syncer = threading.Thread(target=self._sync_loop, daemon=True,
+                                            name="cimhes-push-journal-fsync")
+            self._syncer.start()
         # Running: from now on a stop that is not `close` shows (a done mark dated as the last
         # commit, so it does not move what the next start takes for the last commit).
         at = self.last_commit if self.last_commit is not None else self._clock()
@@ -207,11 +217,17 @@ class PushJournal:
             return
         self._write(_HEADER.pack(_CLOSED, 0, self._watermark, self._clock(), zlib.crc32(b"")),
                     None)
-        if self._fd is not None:
-            if self._fsync_due:
-                os.fsync(self._fd)
-            os.close(self._fd)
-            self._fd = None
+        if self._syncer is not None:
+            self._closing = True
+            self._dirty.set()
+            self._syncer.join()
+            self._syncer = None
+        with self._lock:
+            if self._fd is not None:
+                if self._fsync:
+                    os.fsync(self._fd)
+                os.close(self._fd)
+                self._fd = None
 
     # ------------------------------------------------------------------ files
 
@@ -223,27 +239,29 @@ class PushJournal:
         segment[1] += len(record)
         if sequence is not None:
             segment[2] = sequence
-        if self._fsync and not self._fsync_due:
-            self._fsync_due = True
-            if self._reactor is None:
-                self._sync()
-            else:
-                self._reactor.callLater(0, self._sync)
+        if self._syncer is not None:
+            self._dirty.set()
 
-    def _sync(self) -> None:
-        self._fsync_due = False
-        if self._fd is not None:
-            os.fsync(self._fd)
+    def _sync_loop(self) -> None:
+        while True:
+            self._dirty.wait()
+            self._dirty.clear()
+            with self._lock:
+                if self._fd is not None:
+                    os.fsync(self._fd)
+            if self._closing:
+                return
 
     def _open_segment(self, first: int) -> None:
-        if self._fd is not None:
-            if self._fsync_due:
-                self._sync()
-            os.close(self._fd)
         while first in self._segments:  # a done record may open a segment: never reuse a name
             first += 1
         path = self.directory / f"{first:020d}{_SUFFIX}"
-        self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+        with self._lock:
+            if self._fd is not None:
+                if self._fsync:
+                    os.fsync(self._fd)
+                os.close(self._fd)
+            self._fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
         self._segments[first] = [path, 0, first - 1]
         self._current = first
         self._collect()
