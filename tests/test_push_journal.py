@@ -87,11 +87,14 @@ def test_a_stop_without_close_is_told_apart_from_a_clean_one(tmp_path):
     assert not PushJournal(tmp_path / "j").stopped_cleanly
 
 
-def test_fsync_mode_writes_the_same_journal(tmp_path):
-    journal = PushJournal(tmp_path / "j", fsync=True)
-    journal.append("peer", b"\x0fsynced")
+def test_fsync_mode_writes_the_same_journal_across_segments(tmp_path):
+    journal = PushJournal(tmp_path / "j", fsync=True, segment_bytes=150)
+    apdus = [b"\x0f" + bytes([i]) * 40 for i in range(12)]  # a new segment every two
+    for apdu in apdus:
+        journal.append("peer", apdu)
     journal.close()
-    assert [e.apdu for e in PushJournal(tmp_path / "j").unfinished()] == [b"\x0fsynced"]
+    again = PushJournal(tmp_path / "j")
+    assert [e.apdu for e in again.unfinished()] == apdus and again.stopped_cleanly
 
 
 @pytest_twisted.ensureDeferred
