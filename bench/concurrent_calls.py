@@ -240,7 +240,8 @@ def main() -> int:
                         help="record the head-end with py-spy (per thread, idle included) during "
                              "the first --profile-seconds of the load into FILE: collapsed stacks, "
                              "or a timeline (chrometrace) when FILE ends in .json")
-    parser.add_argument("--profile-seconds", type=float, default=4.0)
+    parser.add_argument("--profile-seconds", type=float, default=4.0,
+                        help="seconds recorded by --profile from the start of the load")
     parser.add_argument("--port", type=int, default=18080)
     parser.add_argument("--meter-port", type=int, default=14159)
     args = parser.parse_args()
