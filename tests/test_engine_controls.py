@@ -144,9 +144,14 @@ async def test_execute_waits_for_a_cancelled_scheduled_batch(fleet, store):
     try:
         at = now() + timedelta(seconds=60)
         waiting = service.execute([mrid(FIRST)], DISCONNECT, user="op", correlation_id=None, at=at)
-        await task.deferLater(reactor, 0.2, lambda: None)
-        keys = await store[1].call(dispatcher.jobs.requests)
-        batch_id = next(key for key, kind, _ in keys if kind == "control")
+        batch_id = None
+        for _ in range(100):  # the batch's job is written on the store thread: wait for it
+            keys = await store[1].call(dispatcher.jobs.requests)
+            batch_id = next((key for key, kind, _ in keys if kind == "control"), None)
+            if batch_id is not None:
+                break
+            await task.deferLater(reactor, 0.1, lambda: None)
+        assert batch_id is not None, "the scheduled control's job was never written"
         assert await service.cancel(batch_id, user="op") == [mrid(FIRST)]
         batch = await waiting
         assert batch.batch_id == batch_id
