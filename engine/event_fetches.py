@@ -38,7 +38,7 @@ from cimhes.drivers.idis_events import EVENT_LOGS, read_events
 from cimhes.engine import redaction
 from cimhes.engine.dispatch import Dispatcher, RunResult
 from cimhes.engine.jobs import Job, JobState, NewJob, Priority
-from cimhes.engine.reading import DEVICE_ERROR_CODES
+from cimhes.engine.reading import BULK_JOBS, DEVICE_ERROR_CODES
 from cimhes.engine.store import StoreRunner
 
 JOB_KIND = "events"
@@ -133,7 +133,9 @@ class EventFetchService:
             attempts = (settings.on_demand_attempts if priority <= Priority.ON_DEMAND
                         else settings.max_attempts)
         key = key or f"events:{uuid.uuid4()}"
-        ids, _ = yield self._runner.call(
+        # A large request's job rows go in the store's bulk lane, as a large read's do.
+        submit = self._runner.call_bulk if len(known) > BULK_JOBS else self._runner.call
+        ids, _ = yield submit(
             self.dispatcher.jobs.create_request, key, REQUEST_KIND,
             [NewJob(mrid, logs, start, end, route=routes.get(mrid), kind=JOB_KIND)
              for mrid in known],
