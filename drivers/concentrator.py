@@ -247,4 +247,5 @@ class ConcentratorRoute:
 
 
 __all__ = ["GATEWAY_REQUEST", "GATEWAY_RESPONSE", "DEFAULT_MAX_SESSIONS", "Gateway",
-           "GatewayError", "GatewayMux", "Delivered", "Stray", "StreamBroken", "ChannelKey", "ConcentratorRoute", "gateway_of", "parse_gateway_apdu"]
+           "GatewayError", "GatewayMux", "Delivered", "Stray", "StreamBroken", "ChannelKey",
+           "ConcentratorRoute", "gateway_of", "parse_gateway_apdu"]

@@ -52,6 +52,7 @@ import enum
 import logging
 import secrets
 import struct
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from typing import Any, Union
@@ -107,6 +108,27 @@ SET_REQUEST_NORMAL = 1
 ACTION_REQUEST_NORMAL = 1
 _SET_NORMAL = struct.Struct(">BBBH6sBB")     # tag, kind, invoke, class, OBIS, attribute, no selection
 _ACTION_NORMAL = struct.Struct(">BBBH6sB")   # tag, kind, invoke, class, OBIS, method
+# SET and ACTION with block transfer (Green Book 9.3: Set-Request-With-First-Datablock [2],
+# Set-Request-With-Datablock [3]; Action-Request-With-First-Pblock [4], Action-Request-With-
+# Pblock [6]), each block a DataBlock-SA (last-block BOOLEAN, block-number Unsigned32, raw-data
+# OCTET STRING) carrying the next piece of the one encoded value; the meter acknowledges each
+# but the last (Set-Response-Datablock [2] / Action-Response-Next-Pblock [4], with the block's
+# number) and answers the last with the result (Set-Response-Last-Datablock [3], result and
+# number / Action-Response-Normal).
+SET_REQUEST_FIRST_DATABLOCK = 2
+SET_REQUEST_WITH_DATABLOCK = 3
+ACTION_REQUEST_FIRST_PBLOCK = 4
+ACTION_REQUEST_WITH_PBLOCK = 6
+SET_RESPONSE_DATABLOCK = 2
+SET_RESPONSE_LAST_DATABLOCK = 3
+ACTION_RESPONSE_NEXT_PBLOCK = 4
+# Conformance bits (bit 0 = the first byte's most significant) of block transfer with SET and
+# with ACTION.
+CONFORMANCE_BLOCK_SET = 12
+CONFORMANCE_BLOCK_ACTION = 13
+_SET_FIRST_BLOCK = struct.Struct(">BBBH6sBBBI")  # ..., attribute, no selection, last, number
+_ACTION_FIRST_BLOCK = struct.Struct(">BBBH6sBBI")  # ..., method, last, number
+_NEXT_BLOCK = struct.Struct(">BBBBI")  # tag, kind, invoke, last, number
 
 # APDU tags (Green Book, xDLMS / ACSE APDUs) of the answers this client expects.
 AARE = 0x61
@@ -188,10 +210,12 @@ ASSOCIATION_LN_CLASS = 15
 ASSOCIATION_LN = bytes((0, 0, 40, 0, 0, 255))  # the current association
 REPLY_TO_HLS_AUTHENTICATION = 1  # method 1 of the association LN object
 CHALLENGE_SIZE = 16  # CtoS, within the 8..64 octets the Green Book allows
-# Conformance a ciphered session proposes: get, set, selective-access, block-transfer-with-get,
-# action (for reply_to_HLS_authentication and the controls).
-HLS_CONFORMANCE = ((1 << (23 - 11)) | (1 << (23 - 19)) | (1 << (23 - 20)) | (1 << (23 - 21))
-                   | (1 << (23 - 23)))
+# Conformance a ciphered session proposes: get, set, selective-access, block transfer with
+# get, set and action, action (for reply_to_HLS_authentication and the controls).
+HLS_CONFORMANCE = ((1 << (23 - 11)) | (1 << (23 - 12)) | (1 << (23 - 13)) | (1 << (23 - 19))
+                   | (1 << (23 - 20)) | (1 << (23 - 21)) | (1 << (23 - 23)))
+# What ciphering adds to an APDU at most: tag, length (3), security control, counter (4), tag (12).
+CIPHERING_OVERHEAD = 21
 CLIENT_MAX_PDU_SIZE = 0xFFFF
 
 log = logging.getLogger(__name__)
@@ -280,7 +304,9 @@ class ActionResult:
 
 @dataclass(frozen=True)
 class NextBlockRequest:
-    """The meter sent one block of a long GET; `data` asks for the next one and must be sent."""
+    """A block transfer goes on: the meter sent one block of a long GET (`data` asks for the
+    next), or acknowledged one block of a long SET or ACTION (`data` is the next block).
+    `data` must be sent."""
 
     data: bytes
 
@@ -350,6 +376,10 @@ class ClientSession:
         self._state = State.IDLE
         self._buffer = bytearray()
         self._blocks: list[tuple[int, bytes]] = []  # (block number, raw-data) of a long GET
+        # A long SET or ACTION being sent: (next-block request kind, the value's octets not yet
+        # sent, the number of the block last sent, octets per block).
+        self._sending: tuple[int, bytes, int, int] | None = None
+        self.conformance: int | None = None  # negotiated, from the AARE
         self._invoke_id = 0
         self._next_invoke = 1
         self.max_pdu_size: int | None = None
@@ -430,27 +460,46 @@ class ClientSession:
             _cosem_datetime_octets(end), _ALL_COLUMNS)))
 
     def set(self, class_id: int, obis: str, attribute: int, value: bytes) -> bytes:
-        """SET one attribute (normal, no selective access) to `value`, one A-XDR encoded Data
+        """SET one attribute (no selective access) to `value`, one A-XDR encoded Data
         (`cimhes.drivers.axdr` builds it). A request larger than the meter's negotiated PDU
-        size would need SET with block transfer, which this client does not do: refused here
-        (`LocalProtocolError`) rather than sent to be refused."""
+        size goes with block transfer (Set-Request-With-First-Datablock, then
+        With-Datablock after each acknowledgement: `NextBlockRequest` events) when the meter
+        granted it, else it is refused here (`LocalProtocolError`) rather than sent to be
+        refused."""
         self._expect_state(State.ASSOCIATED, "set")
         invoke = self._next_invoke_id()
-        apdu = _SET_NORMAL.pack(SET_REQUEST, SET_REQUEST_NORMAL, INVOKE_PRIORITY | invoke,
+        priority = INVOKE_PRIORITY | invoke
+        apdu = _SET_NORMAL.pack(SET_REQUEST, SET_REQUEST_NORMAL, priority,
                                 class_id, _logical_name(obis), attribute, 0) + value
-        self._check_fits(apdu, f"SET {obis} attribute {attribute}")
-        return self._start(State.AWAITING_SET, invoke, apdu)
+        what = f"SET {obis} attribute {attribute}"
+        if self._fits(apdu):
+            return self._start(State.AWAITING_SET, invoke, apdu)
+        self._check_blocks(CONFORMANCE_BLOCK_SET, apdu, what)
+        return self._first_block(State.AWAITING_SET, invoke, value, SET_REQUEST_WITH_DATABLOCK,
+                                 lambda last: _SET_FIRST_BLOCK.pack(
+                                     SET_REQUEST, SET_REQUEST_FIRST_DATABLOCK, priority,
+                                     class_id, _logical_name(obis), attribute, 0, last, 1))
 
     def action(self, class_id: int, obis: str, method: int, parameter: bytes | None) -> bytes:
-        """Invoke `method` of an object (ACTION-Request-Normal) with `parameter`, one A-XDR
-        encoded Data, or none."""
+        """Invoke `method` of an object with `parameter`, one A-XDR encoded Data, or none
+        (ACTION-Request-Normal; a parameter too large for the meter's PDU size goes with
+        block transfer, Action-Request-With-First-Pblock then With-Pblock, as for `set`)."""
         self._expect_state(State.ASSOCIATED, "action")
         invoke = self._next_invoke_id()
+        priority = INVOKE_PRIORITY | invoke
         apdu = _ACTION_NORMAL.pack(ACTION_REQUEST, ACTION_REQUEST_NORMAL,
-                                   INVOKE_PRIORITY | invoke, class_id, _logical_name(obis), method)
+                                   priority, class_id, _logical_name(obis), method)
         apdu += b"\x00" if parameter is None else b"\x01" + parameter
-        self._check_fits(apdu, f"ACTION {obis} method {method}")
-        return self._start(State.AWAITING_ACTION, invoke, apdu)
+        what = f"ACTION {obis} method {method}"
+        if self._fits(apdu) or parameter is None:
+            self._check_fits(apdu, what)
+            return self._start(State.AWAITING_ACTION, invoke, apdu)
+        self._check_blocks(CONFORMANCE_BLOCK_ACTION, apdu, what)
+        return self._first_block(State.AWAITING_ACTION, invoke, parameter,
+                                 ACTION_REQUEST_WITH_PBLOCK,
+                                 lambda last: _ACTION_FIRST_BLOCK.pack(
+                                     ACTION_REQUEST, ACTION_REQUEST_FIRST_PBLOCK, priority,
+                                     class_id, _logical_name(obis), method, last, 1))
 
     def release(self) -> bytes:
         self._expect_state(State.ASSOCIATED, "release")
@@ -509,19 +558,71 @@ class ClientSession:
     def _start_get(self, invoke: int, apdu: bytes) -> bytes:
         return self._start(State.AWAITING_DATA, invoke, apdu)
 
-    def _start(self, state: State, invoke: int, apdu: bytes) -> bytes:
+    def _start(self, state: State, invoke: int, apdu: bytes, keep_sending: bool = False) -> bytes:
         self._blocks = []
+        if not keep_sending:
+            self._sending = None
         self._invoke_id = invoke
         self._state = state
         return self._protect(self._frame(apdu))
 
+    def _room(self) -> int | None:
+        """Octets a plain APDU may have to fit the meter's PDU size once protected."""
+        if self.max_pdu_size is None:
+            return None
+        return self.max_pdu_size - (CIPHERING_OVERHEAD if self._channel is not None else 0)
+
+    def _fits(self, apdu: bytes) -> bool:
+        room = self._room()
+        return room is None or len(apdu) <= room
+
     def _check_fits(self, apdu: bytes, what: str) -> None:
-        # Ciphering adds up to 20 octets (tag, length, SC, IC, tag).
-        size = len(apdu) + (20 if self._channel is not None else 0)
-        if self.max_pdu_size is not None and size > self.max_pdu_size:
+        if not self._fits(apdu):
             raise LocalProtocolError(
-                f"{what} is {size} octets, more than the meter's PDU size {self.max_pdu_size}; "
-                "SET/ACTION with block transfer is not supported")
+                f"{what} is {len(apdu)} octets, more than the {self._room()} the meter's PDU "
+                f"size {self.max_pdu_size} leaves")
+
+    def _check_blocks(self, bit: int, apdu: bytes, what: str) -> None:
+        """Block transfer for this service must be granted, and the blocks must carry data."""
+        if self.conformance is None or not self.conformance & (1 << (23 - bit)):
+            raise LocalProtocolError(
+                f"{what} is {len(apdu)} octets, more than the {self._room()} the meter's PDU "
+                f"size {self.max_pdu_size} leaves, and the meter did not grant block transfer "
+                "for it")
+        if self._room() < _SET_FIRST_BLOCK.size + 4:
+            raise LocalProtocolError(f"{what}: the meter's PDU size {self.max_pdu_size} leaves "
+                                     "no room for a data block")
+
+    def _block_size(self, header: int) -> int:
+        """Octets of raw-data in a block whose fixed part is `header` octets: the APDU fills the
+        room, the raw-data's length octets included (as gurux-dlms splits them)."""
+        room = self._room() - header
+        return room - len(encode_ber_length(room - 1))
+
+    def _first_block(self, state: State, invoke: int, value: bytes, next_kind: int,
+                     header: Callable[[int], bytes]) -> bytes:
+        size = self._block_size(len(header(0)))
+        chunk, rest = value[:size], value[size:]
+        apdu = header(0) + encode_ber_length(len(chunk)) + chunk
+        self._sending = (next_kind, rest, 1, self._block_size(_NEXT_BLOCK.size))
+        return self._start(state, invoke, apdu, keep_sending=True)
+
+    def _next_block(self, acknowledged: bytes) -> Event:
+        """The meter acknowledged block `number` (4 octets) of the long SET/ACTION: the next."""
+        kind, rest, sent, size = self._sending
+        number = int.from_bytes(acknowledged, "big")
+        if number != sent:
+            return self._fail_request(f"the meter acknowledged block {number}, block {sent} "
+                                      "was sent")
+        if not rest:
+            return self._fail_request(f"the meter acknowledged block {number}, the last one, "
+                                      "as if more were to come")
+        chunk, rest = rest[:size], rest[size:]
+        tag = SET_REQUEST if kind == SET_REQUEST_WITH_DATABLOCK else ACTION_REQUEST
+        self._sending = (kind, rest, sent + 1, size)
+        apdu = (_NEXT_BLOCK.pack(tag, kind, INVOKE_PRIORITY | self._invoke_id, 0 if rest else 1,
+                                 sent + 1) + encode_ber_length(len(chunk)) + chunk)
+        return NextBlockRequest(self._protect(self._frame(apdu)))
 
     def _frame(self, apdu: bytes) -> bytes:
         """The wrapper frame carrying `apdu` (inside a gateway-request behind a concentrator)."""
@@ -639,6 +740,7 @@ class ClientSession:
     def _fail_request(self, reason: str) -> ProtocolError:
         """The request in flight failed; go back to where it started, association intact."""
         self._blocks = []
+        self._sending = None
         if self._state in (State.ASSOCIATING, State.AUTHENTICATING):
             self._state = State.IDLE
         elif self._state in (State.AWAITING_DATA, State.AWAITING_SET, State.AWAITING_ACTION,
@@ -679,6 +781,7 @@ class ClientSession:
             return self._fail_request(f"AARE holds no InitiateResponse: {self._raw(initiate)}")
         self._state = State.ASSOCIATED
         self.max_pdu_size = int.from_bytes(initiate[10:12], "big")
+        self.conformance = int.from_bytes(initiate[7:10], "big")
         if self._gurux is not None:
             self._gurux.settings.maxPduSize = self.max_pdu_size
         return Associated(self.max_pdu_size)
@@ -733,6 +836,7 @@ class ClientSession:
         if len(initiate) < 14 or initiate[0] != 0x08 or initiate[1] != 0:
             return self._fail_request(f"AARE holds no InitiateResponse: {self._raw(initiate)}")
         self.max_pdu_size = int.from_bytes(initiate[10:12], "big")
+        self.conformance = int.from_bytes(initiate[7:10], "big")
         self._server_challenge = challenge
         self._state = State.AUTHENTICATION_DUE
         return AuthenticationRequired()
@@ -797,9 +901,25 @@ class ClientSession:
         return self._fail_request(f"get-response of kind {kind} was not asked for")
 
     def _on_set_response(self, apdu: bytes) -> Event:
-        """Set-Response-Normal: tag, kind 1, invoke-id, Data-Access-Result."""
+        """Set-Response-Normal: tag, kind 1, invoke-id, Data-Access-Result; during a long SET
+        Set-Response-Datablock (kind 2, the block number) and Set-Response-Last-Datablock
+        (kind 3, the result and the block number)."""
         if apdu[0] != SET_RESPONSE:
             return self._fail_request(f"expected set-response, got {_apdu_name(apdu[0])}")
+        if len(apdu) >= 3 and apdu[2] & 0x0F != self._invoke_id:
+            return self._fail_request(
+                f"set-response {apdu[:3].hex()} does not answer invoke-id {self._invoke_id}")
+        if self._sending is not None and len(apdu) == 7 and apdu[1] == SET_RESPONSE_DATABLOCK:
+            return self._next_block(apdu[3:7])
+        if self._sending is not None and len(apdu) == 8 and apdu[1] == SET_RESPONSE_LAST_DATABLOCK:
+            number, (_, rest, sent, _) = int.from_bytes(apdu[4:8], "big"), self._sending
+            if apdu[3] == 0 and (rest or number != sent):
+                return self._fail_request(f"set-response-last-datablock for block {number} "
+                                          f"while block {sent} was sent, {len(rest)} octets left")
+            self._sending = None
+            self._state = State.ASSOCIATED
+            return SetResult(apdu[3])
+        self._sending = None  # a normal answer (a refusal) ends a long SET too
         if len(apdu) != 4 or apdu[1] != 1:
             return self._fail_request(f"set-response {self._raw(apdu)} is not a "
                                       "set-response-normal")
@@ -814,6 +934,16 @@ class ClientSession:
         return parameters (Get-Data-Result: data, or a data-access-result)."""
         if apdu[0] != ACTION_RESPONSE:
             return self._fail_request(f"expected action-response, got {_apdu_name(apdu[0])}")
+        if (self._sending is not None and len(apdu) == 7
+                and apdu[1] == ACTION_RESPONSE_NEXT_PBLOCK):
+            if apdu[2] & 0x0F != self._invoke_id:
+                return self._fail_request(f"action-response {apdu[:3].hex()} does not answer "
+                                          f"invoke-id {self._invoke_id}")
+            return self._next_block(apdu[3:7])
+        if self._sending is not None and self._sending[1] and apdu[1] == 1 and len(apdu) >= 5 \
+                and apdu[3] == 0:
+            return self._fail_request("action-response success before the last pblock was sent")
+        self._sending = None
         if len(apdu) < 5 or apdu[1] != 1:
             return self._fail_request(f"action-response {self._raw(apdu)} is not an "
                                       "action-response-normal")

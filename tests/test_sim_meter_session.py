@@ -30,9 +30,10 @@ AARQ_LOW = "6036" + CONTEXT + "8a020780" + "8b0760857405080201" + "ac0a8008" + b
 AARQ_WRONG_PASSWORD = AARQ_LOW.replace(b"12345678".hex(), b"12345679".hex())
 AARQ_LOWEST = "601d" + CONTEXT + INITIATE
 AARE_ACCEPTED = ("6129" + CONTEXT + "a203020100" + "a305a103020100"
-                 # InitiateResponse: DLMS 6, negotiated conformance 00101D (block-transfer-with-get,
-                 # get, set, selective-access, action), server max PDU 1024, vaa-name 7
-                 + "be10040e0800065f1f040000101d04000007")
+                 # InitiateResponse: DLMS 6, negotiated conformance 001C1D (block transfer with
+                 # get, set and action, get, set, selective-access, action), server max PDU
+                 # 1024, vaa-name 7
+                 + "be10040e0800065f1f0400001c1d04000007")
 RLRQ = "6203800100"
 GET_CLOCK_TIME = "c001c1" "0008" "0000010000ff" "02" "00"
 
