@@ -42,7 +42,8 @@ class TestVhost:
         """(URL, password) of a new user of this vhost with a random password (deleted with it;
         its name is `extra_user`)."""
         self.extra_user = f"{self.name}-user"
-        password = secrets.token_urlsafe(12)
+        # hex: a URL-safe token may begin with "-", which rabbitmqctl reads as an option
+        password = "p" + secrets.token_hex(12)
         rabbitmqctl("add_user", self.extra_user, password)
         rabbitmqctl("set_permissions", "-p", self.name, self.extra_user, ".*", ".*", ".*")
         parts = urlsplit(self.url)
