@@ -18,7 +18,10 @@ is not the close mark), the head-end reads the power events back from the meters
 
 The reads run beside the listener, at most ``concurrency`` sessions at once (default 20, so a
 storm still in progress keeps most of the process); an unreadable meter is logged by name and
-counted. Not covered: a meter with no committed push in the lookback and no feeder mate that
+counted. They go to the meters directly, not through the engine's event-fetch jobs
+(engine/event_fetches.py): a concentrator's route limit does not apply to them, and a read cut by
+another stop is not resumed (moving them onto ``EventFetchService.submit`` needs the same-meter,
+time and type rule above where that service stores). Not covered: a meter with no committed push in the lookback and no feeder mate that
 pushed (its pushes were all in the lost bytes); a push of an event that reaches the head-end
 after its log copy was stored (only a meter's own retry could do that) is a second row.
 """
