@@ -41,10 +41,11 @@ class TestVhost:
     def user_url(self) -> tuple[str, str]:
         """(URL, password) of a new user of this vhost with a random password (deleted with it;
         its name is `extra_user`)."""
-        self.extra_user = f"{self.name}-user"
+        user = f"{self.name}-user"
         # hex: a URL-safe token may begin with "-", which rabbitmqctl reads as an option
         password = "p" + secrets.token_hex(12)
-        rabbitmqctl("add_user", self.extra_user, password)
+        rabbitmqctl("add_user", user, password)
+        self.extra_user = user  # only once it exists: delete() removes it
         rabbitmqctl("set_permissions", "-p", self.name, self.extra_user, ".*", ".*", ".*")
         parts = urlsplit(self.url)
         netloc = f"{quote(self.extra_user, safe='')}:{password}@{parts.hostname}:{parts.port or 5672}"
