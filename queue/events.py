@@ -11,7 +11,8 @@ with a durable queue), so a message no DMS queue is bound for is kept, not dropp
 Pipelined: up to ``max_in_flight`` messages (default 2,000) are unconfirmed at once. The relay
 reads the next rows (those after the last one it published) while earlier confirms are still
 coming (the broker confirms ranges of delivery tags at once, ``multiple``), and deletes confirmed
-rows in groups, one statement for all that were confirmed meanwhile. (A row committed out of id
+rows in groups, one statement for all that were confirmed meanwhile, in the store's bulk lane
+(behind the event writes, which are on the alarms' way; the relay does not wait for it). (A row committed out of id
 order, possible on PostgreSQL with several writing processes, is read at the next idle moment,
 when the relay reads from the oldest row again.) A message the broker
 refuses (nack) or that a closing channel leaves unconfirmed keeps its row: the relay waits for
@@ -27,6 +28,7 @@ import logging
 import pika
 from sqlalchemy import delete, func, select
 from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python.failure import Failure
 
 from cimhes.engine import event_outbox
 from cimhes.engine.store import OutboxMessage
@@ -103,7 +105,7 @@ class EventRelay:
                 # Something was refused: let the rest settle, then start again from the oldest
                 # row left (the confirmed ones are deleted first, so they are not sent again).
                 yield state.settled()
-                yield self._flush(state)
+                yield self._flushed(state)
                 self.counts["publish failures"] += state.failed
                 log.warning("%d events were not confirmed by the broker; they stay in the "
                             "outbox", state.failed)
@@ -123,10 +125,11 @@ class EventRelay:
                 yield self._sleep(5)
                 continue
             if not rows:
-                yield self._flush(state)
-                if not state.in_flight and not state.confirmed:
-                    # Idle (nothing in flight, every confirmed row deleted): read from the oldest row again next time, so a row committed out
-                    # of id order (PostgreSQL, several writing processes) is not passed over.
+                self._flush(state)
+                if not state.in_flight and not state.confirmed and state.deleting is None:
+                    # Idle (nothing in flight, every confirmed row deleted): read from the oldest
+                    # row again next time, so a row committed out of id order (PostgreSQL,
+                    # several writing processes) is not passed over.
                     state.last = 0
                 if not state.confirmed:
                     yield self._sleep(IDLE_POLL)
@@ -139,22 +142,38 @@ class EventRelay:
                                          content_type="application/xml", type="EndDeviceEvents"),
                     mandatory=True)
                 state.sent(row_id, message_id, confirm)
-            yield self._flush(state)
+            self._flush(state)
         yield state.settled()
-        yield self._flush(state)
+        yield self._flushed(state)
 
-    @inlineCallbacks
-    def _flush(self, state):
-        """Delete the rows confirmed so far (one statement)."""
-        if not state.confirmed:
+    def _flush(self, state) -> None:
+        """Start deleting the rows confirmed so far, in one statement in the store's bulk lane
+        (after the event writes waiting there: the delete is not on any alarm's way), unless a
+        delete is under way (the next one takes what was confirmed meanwhile)."""
+        if state.deleting is not None or not state.confirmed:
             return
         done, state.confirmed = state.confirmed, []
-        try:
-            yield self._runner.call(_delete, self._runner.store, done)
-        except Exception as exc:  # noqa: BLE001 (kept: published again later, same MessageID)
-            log.error("deleting %d published events from the outbox failed: %s", len(done), exc)
-            return
-        self.counts["published"] += len(done)
+
+        def finished(result):
+            state.deleting = None
+            if isinstance(result, Failure):  # kept: published again later, same MessageID
+                log.error("deleting %d published events from the outbox failed: %s", len(done),
+                          result.getErrorMessage())
+            else:
+                self.counts["published"] += len(done)
+
+        state.deleting = self._runner.call_bulk(_delete, self._runner.store, done)
+        state.deleting.addBoth(finished)
+
+    @inlineCallbacks
+    def _flushed(self, state):
+        """Wait until every confirmed row is deleted."""
+        while state.deleting is not None or state.confirmed:
+            self._flush(state)
+            if state.deleting is not None:
+                waiting = Deferred()
+                state.deleting.addBoth(lambda result: waiting.callback(None) or result)
+                yield waiting
 
 
 class _Flight:
@@ -165,6 +184,7 @@ class _Flight:
         self.last = 0  # id of the last row published
         self.in_flight = 0
         self.confirmed: list[int] = []
+        self.deleting: Deferred | None = None  # the delete of confirmed rows under way
         self.failed = 0
         self._waiting: list[Deferred] = []
 
