@@ -23,8 +23,8 @@ store's thread (`StoreRunner.call`).
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timedelta
 from enum import Enum, IntEnum
 
 from sqlalchemy import (
@@ -42,6 +42,7 @@ from sqlalchemy import (
 from sqlalchemy.orm import Mapped, Session, mapped_column, sessionmaker
 
 from cimhes.drivers import DeviceAddress
+from cimhes.engine.reread import expected_times, interval_length, missing_ranges, span
 from cimhes.engine.store import Base, Device, EpochMillis, ReadingRecord, Store
 
 
@@ -122,6 +123,10 @@ class NewJob:
     end: datetime | None = None
     route: str | None = None
     kind: str = "read"
+    # What the store already holds decides these (`JobStore.narrowed_to_missing`): the part of
+    # the window still to read, or that nothing is (the job is created done, no session).
+    read_window: tuple[datetime, datetime] | None = None
+    already_stored: bool = False
 
 
 @dataclass
@@ -224,12 +229,15 @@ class JobStore:
             session.add(request)
             session.flush()
             rows = [JobRecord(
-                request_id=request.id, kind=job.kind, state=JobState.QUEUED.value,
+                request_id=request.id, kind=job.kind,
+                state=(JobState.DONE if job.already_stored else JobState.QUEUED).value,
                 priority=priority, device_mrid=job.device_mrid, route=job.route,
                 reading_types=list(job.reading_types), window_start=job.start,
-                window_end=job.end, read_start=job.start, read_end=job.end, attempts=0,
+                window_end=job.end, read_start=(job.read_window or (job.start, job.end))[0],
+                read_end=(job.read_window or (job.start, job.end))[1], attempts=0,
                 max_attempts=max_attempts, rereads=0, next_attempt_at=not_before or now,
-                deadline=deadline, created_at=now) for job in jobs]
+                deadline=deadline, created_at=now,
+                finished_at=now if job.already_stored else None) for job in jobs]
             session.add_all(rows)
             session.flush()
             if attach is not None:
@@ -374,6 +382,52 @@ class JobStore:
                 if result.rowcount:
                     applied.append(c.job_id)
         return applied
+
+    def narrowed_to_missing(self, jobs: Sequence[NewJob]) -> list[NewJob]:
+        """The read jobs of a collection, each narrowed to what the store does not hold yet
+        over its window: a meter that pushed its whole profile (or was read already) gets a job
+        created done, one that pushed part of it a read window spanning its gaps only, one
+        with nothing stored its job as given. Only jobs whose reading types are all interval
+        types over a closed window are narrowed (a register has no grid to be complete on).
+        One grouped count over the window finds the complete and the untouched meters; only
+        the partly stored ones are looked at interval by interval."""
+        def steps_of(job: NewJob) -> dict[str, timedelta] | None:
+            if job.kind != "read" or not job.reading_types or job.start is None \
+                    or job.end is None:
+                return None
+            steps = {t: interval_length(t) for t in job.reading_types}
+            return None if any(step is None for step in steps.values()) else steps
+
+        narrowable = [(job, steps) for job in jobs if (steps := steps_of(job)) is not None]
+        if not narrowable:
+            return list(jobs)
+        start = min(job.start for job, _ in narrowable)
+        end = max(job.end for job, _ in narrowable)
+        types = sorted({t for job, _ in narrowable for t in job.reading_types})
+        wanted = {job.device_mrid for job, _ in narrowable}
+        with self._session() as session:
+            counts = {(mrid, t): n for mrid, t, n in session.execute(
+                select(Device.mrid, ReadingRecord.reading_type, func.count())
+                .join(Device, Device.id == ReadingRecord.device_id)
+                .where(ReadingRecord.reading_type.in_(types), ReadingRecord.timestamp > start,
+                       ReadingRecord.timestamp <= end)
+                .group_by(Device.mrid, ReadingRecord.reading_type)) if mrid in wanted}
+        narrowed: dict[int, NewJob] = {}
+        for job, steps in narrowable:
+            if not any((job.device_mrid, t) in counts for t in steps):
+                continue  # nothing stored: read it all
+            if job.start != start or job.end != end or any(
+                    counts.get((job.device_mrid, t), 0)
+                    < len(expected_times(start, end, step)) for t, step in steps.items()):
+                stored = self.stored_times(job.device_mrid, list(steps), job.start, job.end)
+                gaps = {t: missing_ranges(job.start, job.end, step, stored[t])
+                        for t, step in steps.items()}
+                window = span(gaps)
+            else:
+                window = None
+            narrowed[id(job)] = (replace(job, already_stored=True) if window is None
+                                 else replace(job, read_window=window))
+        return [narrowed.get(id(job), job) for job in jobs]
 
     def stored_times(self, device_mrid: str, reading_types: Sequence[str], start: datetime,
                      end: datetime) -> dict[str, set[datetime]]:

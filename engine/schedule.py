@@ -244,6 +244,8 @@ class Scheduler:
             members = self._members(schedule.group)
             jobs = [NewJob(mrid, schedule.reading_types, start, end, route=route)
                     for mrid, route in members] if schedule.reading_types else []
+            # What meters pushed (or an earlier read brought) is not read again.
+            jobs = self._dispatcher.jobs.narrowed_to_missing(jobs)
             if schedule.event_logs is not None:
                 jobs += [NewJob(mrid, schedule.event_logs, start, end, route=route,
                                 kind=EVENTS_JOB) for mrid, route in members]

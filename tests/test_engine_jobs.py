@@ -323,3 +323,47 @@ def test_missing_intervals_are_re_read_exactly_until_complete(engine):
     assert reports[devices[1].mrid].missing == gappy.missing
     progress = dispatcher.jobs.progress("nightly")
     assert (progress.counts, progress.incomplete) == ({"done": 2}, 1)
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_collection_reads_only_what_the_meters_did_not_push(engine):
+    from decimal import Decimal
+
+    from cimhes.cim.meter_readings import DeviceRef, IntervalBlock, IntervalReading, MeterReading
+    from cimhes.engine.schedule import ScheduleConfig, Scheduler
+
+    fleet, make_dispatcher, store, runner = engine
+    running, devices = fleet(3)
+    whole, gappy, silent = devices
+    times = [DAY[0] + timedelta(minutes=15 * (i + 1)) for i in range(96)]
+    gap = (DAY[0] + timedelta(hours=3), DAY[0] + timedelta(hours=5))
+    pushed = {whole.mrid: times, gappy.mrid: [t for t in times if not gap[0] < t <= gap[1]]}
+    store.save_meter_readings([MeterReading(DeviceRef(mrid), (), tuple(
+        IntervalBlock(t, tuple(IntervalReading(at, Decimal(7)) for at in kept))
+        for t in (PLUS_A_PROFILE, MINUS_A_PROFILE))) for mrid, kept in pushed.items()],
+        METER_CLOCK, source="push")
+    dispatcher = make_dispatcher()
+    config = ScheduleConfig.from_dict({"schedules": [
+        {"name": "nightly", "cron": "30 0 * * *", "group": "all", "window": "previous-day",
+         "reading_types": [PLUS_A_PROFILE, MINUS_A_PROFILE], "deadline_hours": 6}]})
+    scheduler = Scheduler(reactor, runner, dispatcher, config, now=lambda: METER_CLOCK)
+    schedule = config.schedule("nightly")
+    accepted = running.accepted()
+    key, _ids, _ = yield scheduler.create_run(schedule, schedule.latest_fire(METER_CLOCK))
+
+    def finished():
+        return dispatcher.jobs.progress(key).counts == {"done": 3}
+    yield _until(finished)
+    reports = {r.device_mrid: r for r in dispatcher.jobs.reports(key)}
+    # The meter that pushed its whole day was not called at all; the other two were, once.
+    assert reports[whole.mrid].attempts == 0
+    assert reports[gappy.mrid].attempts == reports[silent.mrid].attempts == 1
+    assert running.accepted() - accepted == 2
+    for reading_type in (PLUS_A_PROFILE, MINUS_A_PROFILE):
+        stored = dict(store.stored_values(gappy.mrid, reading_type))
+        assert len(stored) == 96
+        # Outside the gap the pushed values stand: only 03:00-05:00 was read from the meter.
+        assert {at for at, value in stored.items() if value == Decimal(7)} == set(
+            pushed[gappy.mrid])
+        assert len(store.stored_values(silent.mrid, reading_type)) == 96
+        assert {v for _, v in store.stored_values(whole.mrid, reading_type)} == {Decimal(7)}
