@@ -61,12 +61,13 @@ from cimhes.drivers.errors import (
     ControlNotConfirmed,
     UnknownDevice,
 )
-from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender, async_refusal
+from cimhes.endpoints.arrival import ArrivalDesk
+from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
 from cimhes.endpoints.meter_readings import caller_of
 from cimhes.endpoints.auth import SoapGuard
 from cimhes.endpoints.soap_resource import CimFault, SoapResource, soap_application
 from cimhes.engine import pending_replies, request_log
-from cimhes.engine.admission import Admission, Refused
+from cimhes.engine.admission import Admission
 from cimhes.engine.control_batches import kinds_of_batch
 from cimhes.engine.reading import DEVICE_ERROR_CODES, ReadOutcome
 from cimhes.engine.store import StoreRunner
@@ -169,6 +170,7 @@ class EndDeviceControlsDoor:
         self._admission = admission or Admission()
         self._replies = replies
         self._reply_addresses = reply_addresses or ReplyAddressPolicy()
+        self._arrivals = ArrivalDesk(store, self._admission, replies, self._reply_addresses)
 
     # ------------------------------------------------------------------------- the operations
 
@@ -209,26 +211,17 @@ class EndDeviceControlsDoor:
         who = user or caller or header.user_id or "anonymous"
         devices_asked = sum(len(c.end_devices) + len(c.end_device_groups)
                             for c in request.controls)
-        logged = yield self._store.call(
-            request_log.arrived, self._store.store, message_id=header.message_id,
-            correlation_id=header.correlation_id, noun=codec.NOUN, verb=header.verb.value,
-            source=header.source, received_at=received_at, devices_asked=devices_asked)
-        if expected is None:
-            outcome = _Outcome(errors=[Error(
-                ErrorCode.UNSUPPORTED_REQUEST, reason=f"{operation.name} is not carried out by "
-                "this head-end: it creates controls (CreateEndDeviceControls) and cancels "
-                "scheduled ones (CancelEndDeviceControls)")], made=[])
-            return (yield self._finish(request, logged, outcome, devices_asked))
-        refusal = async_refusal(header, self._replies, self._reply_addresses)
-        admitted = None
-        if refusal is None:
-            try:
-                admitted = self._admission.admit(caller or who,
-                                                 0 if header.async_reply else devices_asked)
-            except Refused as refused:
-                refusal = refused.error
-        if refusal is not None:
-            return (yield self._finish(request, logged, _Outcome(errors=[refusal], made=[]),
+        unsupported = None if expected is not None else Error(
+            ErrorCode.UNSUPPORTED_REQUEST, reason=f"{operation.name} is not carried out by "
+            "this head-end: it creates controls (CreateEndDeviceControls) and cancels "
+            "scheduled ones (CancelEndDeviceControls)")
+        arrival = yield self._arrivals.arrive(
+            header, noun=codec.NOUN, verb=header.verb.value, received_at=received_at,
+            devices_asked=devices_asked, caller=caller or user, refusal=unsupported)
+        logged, admitted = arrival.logged, arrival.admitted
+        if arrival.refusal is not None:
+            return (yield self._finish(request, logged,
+                                       _Outcome(errors=[arrival.refusal], made=[]),
                                        devices_asked))
         if operation is codec.CANCEL:
             work = self._cancel(request, who)

@@ -33,13 +33,14 @@ from cimhes.cim.end_device_events import PAGE_OPTION, EndDeviceEventsResponse, E
 from cimhes.cim.header_limits import check_header
 from cimhes.cim.message import Error, ErrorCode, ErrorLevel, Reply, ReplyResult, reply_header
 from cimhes.cim.meter_readings import MESSAGE_COUNT_PROPERTY, MESSAGE_INDEX_PROPERTY
-from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender, async_refusal
+from cimhes.endpoints.arrival import ArrivalDesk
+from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
 from cimhes.endpoints.auth import SoapGuard
 from cimhes.endpoints.publisher import EVENTS_OPERATION, EVENTS_WSDL, MdmPublisher
 from cimhes.endpoints.meter_readings import caller_of
 from cimhes.endpoints.soap_resource import CimFault, SoapResource, soap_application
 from cimhes.engine import publishing, request_log
-from cimhes.engine.admission import Admission, Refused
+from cimhes.engine.admission import Admission
 from cimhes.engine.event_queries import EventOutcome, EventRequestLimits, EventRequestService
 from cimhes.engine.users import Role
 
@@ -66,6 +67,7 @@ class GetEndDeviceEventsDoor:
         self._admission = admission or Admission()
         self._replies = replies
         self._reply_addresses = reply_addresses or ReplyAddressPolicy()
+        self._arrivals = ArrivalDesk(runner, self._admission, replies, self._reply_addresses)
         self._now = now or (lambda: datetime.now(timezone.utc))
 
     @property
@@ -86,20 +88,12 @@ class GetEndDeviceEventsDoor:
             # Later parts come from the store, where the first call put what it read.
             request = replace(request, source=EventSource.STORE)
         asked = len(request.meters) + len(request.end_device_groups)
-        logged = yield self._store.call(
-            request_log.arrived, self._store.store, message_id=request.header.message_id,
-            correlation_id=request.header.correlation_id, noun="EndDeviceEvents", verb="get",
-            source=request.header.source, received_at=received_at, devices_asked=asked)
-        refusal = async_refusal(request.header, self._replies, self._reply_addresses)
-        admitted = None
-        if refusal is None:
-            try:
-                admitted = self._admission.admit(caller or request.header.user_id or "anonymous",
-                                                 0 if request.header.async_reply else asked)
-            except Refused as refused:
-                refusal = refused.error
-        if refusal is not None:
-            outcome = EventOutcome(errors=[refusal], devices_asked=asked)
+        arrival = yield self._arrivals.arrive(
+            request.header, noun="EndDeviceEvents", verb="get", received_at=received_at,
+            devices_asked=asked, caller=caller)
+        logged, admitted = arrival.logged, arrival.admitted
+        if arrival.refusal is not None:
+            outcome = EventOutcome(errors=[arrival.refusal], devices_asked=asked)
         elif request.header.async_reply:
             self._select_then_reply(request, logged, admitted).addErrback(
                 lambda f: log.error("asynchronous GetEndDeviceEvents failed: %s",

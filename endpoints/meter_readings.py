@@ -34,10 +34,11 @@ from cimhes.cim.meter_readings import (
     ReadingSource,
     split_into_messages,
 )
-from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender, async_refusal
+from cimhes.endpoints.arrival import ArrivalDesk
+from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
 from cimhes.cim.header_limits import check_header
 from cimhes.endpoints.soap_resource import CimFault, soap_application
-from cimhes.engine.admission import Admission, Refused
+from cimhes.engine.admission import Admission
 from cimhes.engine.reading import ReadOutcome
 from cimhes.engine.reading_sources import ReadingRequestService
 from cimhes.engine import request_log
@@ -102,10 +103,7 @@ class GetMeterReadingsDoor:
         self._reactor = reactor or default_reactor
         self._limits = limits or ReadingRequestLimits()
         self._admission = admission or Admission()
-
-    def _refusal(self, request) -> Error | None:
-        """The Error for a request refused before any meter is read, else None."""
-        return async_refusal(request.header, self._replies, self._reply_addresses)
+        self._arrivals = ArrivalDesk(store, self._admission, replies, self._reply_addresses)
 
     def _read_within_limit(self, request, admitted):
         """Deferred[ReadOutcome | None]: the outcome, or None once the sync time limit passes
@@ -144,25 +142,14 @@ class GetMeterReadingsDoor:
             # Later parts come from the store, where the first call put what it read, so every
             # part describes the same readings.
             request = replace(request, source=ReadingSource.STORE)
-        refusal = self._refusal(request)
         asked = (len(request.end_devices) + len(request.usage_points)
                  + len(request.end_device_groups))
-        # Logged as it arrives: a crash before the answer leaves it "interrupted" at restart.
-        logged = yield self._store.call(
-            request_log.arrived, self._store.store, message_id=request.header.message_id,
-            correlation_id=request.header.correlation_id, noun="MeterReadings", verb="get",
-            source=request.header.source, received_at=received_at, devices_asked=asked)
-        admitted = None
-        if refusal is None:
-            try:
-                # An asynchronous request holds no connection: only the caller's pending count
-                # bounds it, not the synchronous size limit.
-                admitted = self._admission.admit(caller or request.header.user_id or "anonymous",
-                                                 0 if request.header.async_reply else asked)
-            except Refused as refused:
-                refusal = refused.error
-        if refusal is not None:
-            outcome = ReadOutcome(errors=[refusal], devices_asked=asked)
+        arrival = yield self._arrivals.arrive(
+            request.header, noun="MeterReadings", verb="get", received_at=received_at,
+            devices_asked=asked, caller=caller)
+        logged, admitted = arrival.logged, arrival.admitted
+        if arrival.refusal is not None:
+            outcome = ReadOutcome(errors=[arrival.refusal], devices_asked=asked)
         elif request.header.async_reply:
             self._read_then_reply(request, logged, admitted).addErrback(
                 lambda f: log.error("asynchronous reading failed: %s", f.getTraceback()))
