@@ -786,6 +786,10 @@ class ReadingWriter:
 
     # ~0.1 s of SQLite upserts: the store thread is never held long by one batch.
     MAX_BATCH_VALUES = 5_000
+    # A request with at most this many meters' readings waiting, beside one with more, is
+    # written in a batch of its own in the store's first lane (a small call beside a large
+    # request's backlog waits for its own rows only); every other batch is round-robin.
+    FEW = 4
 
     def __init__(self, runner: StoreRunner, now):
         self._runner = runner
@@ -793,11 +797,13 @@ class ReadingWriter:
         # Waiting readings per key (the request they serve), taken round-robin into batches.
         self._queued: dict[object, deque[tuple[MeterReading, Deferred]]] = {}
         self._writing = False
+        self._small_turn = True  # the next batch may be the small requests' own
 
     def save(self, meter_reading: MeterReading, key: object = None) -> Deferred:
         """Deferred firing once these readings are stored (failing if the store failed).
         Readings of different `key`s (requests) share each batch round-robin, so a small
-        request's values are in the next batch, not behind a large one's backlog."""
+        request's values are in the next batch, not behind a large one's backlog; a request
+        with few waiting beside a larger one gets a batch of its own, every other turn."""
         stored = Deferred()
         self._queued.setdefault(key, deque()).append((meter_reading, stored))
         if not self._writing:
@@ -807,14 +813,21 @@ class ReadingWriter:
     def _write_queued(self) -> None:
         # At most MAX_BATCH_VALUES values a transaction (a meter's readings are not split):
         # each bulk unit stays short, so the store's other work waits for little.
+        keys = list(self._queued)
+        few = [key for key in keys if len(self._queued[key]) <= self.FEW]
+        small = self._small_turn and 0 < len(few) < len(keys)
+        self._small_turn = not small
+        if small:
+            keys = few
         batch: list[tuple[MeterReading, Deferred]] = []
         values = 0
-        while self._queued and values < self.MAX_BATCH_VALUES:
-            for key in list(self._queued):
+        while keys and values < self.MAX_BATCH_VALUES:
+            for key in list(keys):
                 waiting = self._queued[key]
                 meter_reading, stored = waiting.popleft()
                 if not waiting:
                     del self._queued[key]
+                    keys.remove(key)
                 batch.append((meter_reading, stored))
                 values += len(meter_reading.readings) + sum(
                     len(b.readings) for b in meter_reading.interval_blocks)
@@ -823,7 +836,8 @@ class ReadingWriter:
         self._writing = bool(batch)
         if not batch:
             return
-        written = self._runner.run_bulk("save_meter_readings", [m for m, _ in batch], self._now())
+        run = self._runner.run if small else self._runner.run_bulk
+        written = run("save_meter_readings", [m for m, _ in batch], self._now())
 
         def settle(result):
             for _, stored in batch:

@@ -195,3 +195,41 @@ def test_a_request_arriving_while_a_large_one_holds_every_session_gets_each_free
 def _tick():
     from twisted.internet import task
     return task.deferLater(reactor, 0.005, lambda: None)
+
+
+# -- the readings' writes ----------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_a_small_requests_readings_are_written_in_a_batch_of_their_own_beside_a_backlog(tmp_path):
+    from decimal import Decimal
+
+    from cimhes.cim.meter_readings import DeviceRef, MeterReading, Reading
+    from cimhes.engine.store import ReadingWriter
+
+    store = Store(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    runner = StoreRunner(reactor, store)
+    meters = [DeviceAddress(mrid=f"meter-{i}", name=f"m{i}", device_type="idis-meter",
+                            host="127.0.21.1") for i in range(12)]
+    store.load_inventory(meters)
+    writer = ReadingWriter(runner, lambda: METER_CLOCK)
+    writer.MAX_BATCH_VALUES = 2  # two meters' one value each per batch
+
+    def reading(meter):
+        return MeterReading(DeviceRef(mrid=meter.mrid),
+                            (Reading(PLUS_A, Decimal("1.5"), METER_CLOCK),))
+    order: list[str] = []
+    try:
+        # The first large reading starts a write; nine more queue behind it, then the small one.
+        saved = [writer.save(reading(m), "large").addCallback(
+            lambda _, mrid=m.mrid: order.append(mrid)) for m in meters[:10]]
+        saved.append(writer.save(reading(meters[11]), "small").addCallback(
+            lambda _: order.append("small")))
+        yield gatherResults(saved)
+    finally:
+        runner.stop()
+    # Round-robin alone would have put it beside the large request's second meter, a batch
+    # that ends with both; it went alone, right after the batch that was being written.
+    assert order[:2] == ["meter-0", "small"]
+    assert sorted(order) == sorted([m.mrid for m in meters[:10]] + ["small"])
+    assert len(store.stored_values("meter-11", PLUS_A)) == 1
+    store.close()
