@@ -2,10 +2,19 @@
 from __future__ import annotations
 
 import os
+import signal
 
 import pytest
 
 from .databases import POSTGRES_ENV, PostgresServer, postgres_or_skip
+
+# Started in the background by a non-interactive shell (`cmd &`, as CI runners may), pytest
+# inherits SIGINT ignored, and so would every cimhes process a test starts: Python installs no
+# KeyboardInterrupt handler, Twisted then none of its own, and the tests that stop `demo` or
+# `serve` with Ctrl-C (SIGINT) would wait for an exit that never comes. A handled SIGINT here is
+# reset to the default in each child at exec, as in an interactive shell.
+if signal.getsignal(signal.SIGINT) is signal.SIG_IGN:
+    signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
 @pytest.fixture(scope="session")
