@@ -7,27 +7,22 @@ from __future__ import annotations
 import signal
 import sqlite3
 import subprocess
-import time
 from datetime import datetime, timedelta, timezone
 
-import pytest
 import pytest_twisted
-from spyne import AnyXml, ServiceBase, rpc
 from twisted.internet import reactor
 from twisted.internet.task import deferLater
 from twisted.internet.threads import deferToThread
-from twisted.web.resource import Resource
-from twisted.web.server import Site
 
 from cimhes.cim.codec import end_device_controls as codec
 from cimhes.cim.message import ReplyResult
 from cimhes.drivers import DeviceAddress
-from cimhes.endpoints.soap_resource import SoapResource, soap_application
 from cimhes.fixtures.fleet import start_fleet, write_inventory
 
 from .credentials import zeep_client
 from .test_cli import CIMHES, _start, _stop
-from .test_end_device_controls import DISCONNECT, MdmReceiver, _control, _output_state
+from .test_end_device_controls import DISCONNECT, _control, _output_state
+from .test_end_device_controls import mdm  # noqa: F401 (the MDM's ReplyEndDeviceControls)
 
 METER = 5335 + 60  # 127.0.22.61: the facade's loopback range
 USER, PASSWORD = "switcher", "switcher-password-1"
@@ -36,28 +31,6 @@ AHEAD = timedelta(seconds=20)  # the control's time after the request: both star
 
 def now() -> datetime:
     return datetime.now(timezone.utc)
-
-
-@pytest.fixture
-def mdm():
-    receiver = MdmReceiver()
-
-    class ReplyEndDeviceControlsService(ServiceBase):
-        @rpc(AnyXml, _body_style="bare", _in_message_name="EndDeviceControlsResponseMessage",
-             _returns=AnyXml, _operation_name="ReplyEndDeviceControls")
-        def ReplyEndDeviceControls(ctx, element):
-            return receiver.take(element)
-
-    root, folder = Resource(), Resource()
-    root.putChild(b"mdm", folder)
-    folder.putChild(b"ReplyEndDeviceControls", SoapResource(
-        soap_application(ReplyEndDeviceControlsService,
-                         tns=codec.NS_END_DEVICE_CONTROLS_MESSAGE, name="ReplyEndDeviceControls"),
-        "ReplyEndDeviceControls.wsdl"))
-    port = reactor.listenTCP(0, Site(root), interface="127.0.0.1")
-    receiver.base = f"http://127.0.0.1:{port.getHost().port}"
-    yield receiver
-    pytest_twisted.blockon(port.stopListening())
 
 
 def _rows(db, query):

@@ -28,28 +28,13 @@ from cimhes.engine.store import Device, EndDeviceEventRecord
 from .brokers import RABBITMQ_ENV, TestVhost
 from .credentials import zeep_client
 from .databases import postgres_or_skip
+from .test_scale_out import _cimhes, _ready
 
 HOST = "127.0.24.1"  # this file's loopback range
 USER, PASSWORD = "split-mdm", "split-mdm-password"
 DISCONNECT = "3.31.0.23"
 CONTROL_STATE = "0.0.0.6.0.1.43.0.0.0.0.0.0.0.0.0.0.0"  # 0 disconnected, 1 connected
 METERS = 3
-
-
-def _cimhes(*args: str) -> subprocess.Popen:
-    return subprocess.Popen([sys.executable, "-m", "cimhes.endpoints.cli", *args],
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def _ready(process: subprocess.Popen, timeout: float = 60.0) -> dict:
-    line: list[str] = []
-    reader = threading.Thread(target=lambda: line.append(process.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(timeout)
-    if not line or not line[0]:
-        process.kill()
-        raise AssertionError(f"no ready line: {process.stderr.read()[-3000:]}")
-    return json.loads(line[0])
 
 
 def _until(condition, within: float, what: str):
