@@ -10,16 +10,43 @@ bounds it, not the synchronous size limit.
 """
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
+from typing import Any
 
-from twisted.internet.defer import inlineCallbacks
+from twisted.internet.defer import Deferred, inlineCallbacks
+from twisted.python.failure import Failure
 
 from cimhes.cim.message import Error
 from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender, async_refusal
 from cimhes.engine import request_log
 from cimhes.engine.admission import Admission, Pass, Refused
 from cimhes.engine.store import StoreRunner
+
+log = logging.getLogger(__name__)
+
+
+def within_limit(reactor, work: Deferred, seconds: float, admitted: Pass, what: str,
+                 late: Callable[[], Any] = lambda: None) -> Deferred:
+    """Deferred of `work`'s result, or of `late()` once `seconds` pass first (a synchronous
+    request's time limit): the work goes on either way, and a failure it ends with after the
+    answer was given is logged as "`what` answered late failed". The admission's pass is
+    released when the work ends, not when the caller is answered."""
+    answer = Deferred()
+
+    def done(result):
+        admitted.release()
+        if not answer.called:
+            timer.cancel()
+            answer.errback(result) if isinstance(result, Failure) else answer.callback(result)
+        elif isinstance(result, Failure):
+            log.error("%s answered late failed: %s", what, result.getTraceback())
+
+    timer = reactor.callLater(seconds, lambda: answer.called or answer.callback(late()))
+    work.addBoth(done)
+    return answer
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,6 @@ from spyne import AnyXml, ServiceBase, rpc
 from twisted.internet import reactor as default_reactor
 from twisted.internet.defer import Deferred, inlineCallbacks
 from twisted.internet.task import deferLater
-from twisted.python.failure import Failure
 
 from cimhes.cim.codec import CodecError, parse_xml
 from cimhes.cim.codec import end_device_controls as codec
@@ -61,7 +60,7 @@ from cimhes.drivers.errors import (
     ControlNotConfirmed,
     UnknownDevice,
 )
-from cimhes.endpoints.arrival import ArrivalDesk
+from cimhes.endpoints.arrival import ArrivalDesk, within_limit
 from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
 from cimhes.endpoints.meter_readings import caller_of
 from cimhes.endpoints.auth import SoapGuard
@@ -257,7 +256,8 @@ class EndDeviceControlsDoor:
                 lambda f: log.error("asynchronous control request failed: %s", f.getTraceback()))
             return codec.encode_response(self._response(request, Reply(ReplyResult.OK,
                                                                        errors=(_ACK,)), ()))
-        outcome = yield self._within_limit(work, admitted)
+        outcome = yield within_limit(self._reactor, work, self._limits.sync_time_limit,
+                                         admitted, "a control")
         if outcome is None:
             outcome = _Outcome(errors=[Error(
                 ErrorCode.TIMED_OUT, reason=f"no answer within the synchronous time limit of "
@@ -265,24 +265,6 @@ class EndDeviceControlsDoor:
                 "and each device's outcome is recorded in the audit trail")], made=[],
                 failed=devices_asked)
         return (yield self._finish(request, logged, outcome, devices_asked))
-
-    def _within_limit(self, work: Deferred, admitted) -> Deferred:
-        """Deferred[_Outcome | None]: the outcome, or None once the sync time limit passes (the
-        work goes on)."""
-        answer = Deferred()
-
-        def done(result):
-            admitted.release()
-            if not answer.called:
-                timer.cancel()
-                answer.errback(result) if isinstance(result, Failure) else answer.callback(result)
-            elif isinstance(result, Failure):
-                log.error("a control answered late failed: %s", result.getTraceback())
-
-        timer = self._reactor.callLater(self._limits.sync_time_limit,
-                                        lambda: answer.called or answer.callback(None))
-        work.addBoth(done)
-        return answer
 
     @inlineCallbacks
     def _owed(self, reply_id: int, request, logged, outcome: _Outcome, progress: dict,

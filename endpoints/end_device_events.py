@@ -20,8 +20,7 @@ from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
 from spyne import AnyXml, ServiceBase, rpc
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.python.failure import Failure
+from twisted.internet.defer import inlineCallbacks
 
 from cimhes.cim.codec import CodecError
 from cimhes.cim.codec.end_device_events import (
@@ -33,7 +32,7 @@ from cimhes.cim.end_device_events import PAGE_OPTION, EndDeviceEventsResponse, E
 from cimhes.cim.header_limits import check_header
 from cimhes.cim.message import Error, ErrorCode, ErrorLevel, Reply, ReplyResult, reply_header
 from cimhes.cim.meter_readings import MESSAGE_COUNT_PROPERTY, MESSAGE_INDEX_PROPERTY
-from cimhes.endpoints.arrival import ArrivalDesk
+from cimhes.endpoints.arrival import ArrivalDesk, within_limit
 from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
 from cimhes.endpoints.auth import SoapGuard
 from cimhes.endpoints.publisher import EVENTS_OPERATION, EVENTS_WSDL, MdmPublisher
@@ -118,27 +117,13 @@ class GetEndDeviceEventsDoor:
     def _select_within_limit(self, request, admitted):
         """Deferred[EventOutcome]: the selection, or a 4.1 outcome once the sync time limit
         passes (a log read goes on, and stores what it gets)."""
-        answer = Deferred()
-
-        def done(result):
-            admitted.release()
-            if not answer.called:
-                timer.cancel()
-                answer.errback(result) if isinstance(result, Failure) else answer.callback(result)
-            elif isinstance(result, Failure):
-                log.error("an event read answered late failed: %s", result.getTraceback())
-
-        def late():
-            if not answer.called:
-                answer.callback(EventOutcome(errors=[Error(
-                    code=ErrorCode.TIMED_OUT,
-                    reason=f"no answer within the synchronous time limit of "
-                           f"{self.limits.sync_time_limit:g} s; the meters' logs are still "
-                           "being read and their events stored")]))
-
-        timer = self._reactor.callLater(self.limits.sync_time_limit, late)
-        self._events.select(request).addBoth(done)
-        return answer
+        return within_limit(self._reactor, self._events.select(request),
+                            self.limits.sync_time_limit, admitted, "an event read",
+                            late=lambda: EventOutcome(errors=[Error(
+                                code=ErrorCode.TIMED_OUT,
+                                reason=f"no answer within the synchronous time limit of "
+                                       f"{self.limits.sync_time_limit:g} s; the meters' logs "
+                                       "are still being read and their events stored")]))
 
     def _response(self, request, reply: Reply, events=(), properties=()) -> EndDeviceEventsResponse:
         header = replace(reply_header(request.header, self._now(), source=SOURCE),

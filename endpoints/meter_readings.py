@@ -15,8 +15,7 @@ from datetime import datetime, timezone
 
 from spyne import AnyXml, ServiceBase, rpc
 from twisted.internet import reactor as default_reactor
-from twisted.internet.defer import Deferred, inlineCallbacks
-from twisted.python.failure import Failure
+from twisted.internet.defer import inlineCallbacks
 from twisted.internet.threads import deferToThread
 
 from cimhes.cim.codec import (
@@ -34,7 +33,7 @@ from cimhes.cim.meter_readings import (
     ReadingSource,
     split_into_messages,
 )
-from cimhes.endpoints.arrival import ArrivalDesk
+from cimhes.endpoints.arrival import ArrivalDesk, within_limit
 from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
 from cimhes.cim.header_limits import check_header
 from cimhes.endpoints.soap_resource import CimFault, soap_application
@@ -105,27 +104,6 @@ class GetMeterReadingsDoor:
         self._admission = admission or Admission()
         self._arrivals = ArrivalDesk(store, self._admission, replies, self._reply_addresses)
 
-    def _read_within_limit(self, request, admitted):
-        """Deferred[ReadOutcome | None]: the outcome, or None once the sync time limit passes
-        (the read goes on, and stores what it gets)."""
-        answer = Deferred()
-
-        def done(result):
-            admitted.release()
-            if not answer.called:
-                timer.cancel()
-                if isinstance(result, Failure):
-                    answer.errback(result)
-                else:
-                    answer.callback(result)
-            elif isinstance(result, Failure):
-                log.error("a read answered late failed: %s", result.getTraceback())
-
-        timer = self._reactor.callLater(self._limits.sync_time_limit,
-                                        lambda: answer.called or answer.callback(None))
-        self._readings.read(request, self._limits.stream_above_meters).addBoth(done)
-        return answer
-
     @inlineCallbacks
     def get_meter_readings(self, element, caller: str | None = None):
         """`caller` is who is asking (`caller_of`); without one the request counts against its
@@ -159,7 +137,9 @@ class GetMeterReadingsDoor:
             return (yield encode_off_the_reactor(self._response(request, Reply(
                 ReplyResult.OK, errors=(ack,)), ())))
         else:
-            outcome = yield self._read_within_limit(request, admitted)
+            outcome = yield within_limit(
+                self._reactor, self._readings.read(request, self._limits.stream_above_meters),
+                self._limits.sync_time_limit, admitted, "a read")
             if outcome is None:
                 outcome = ReadOutcome(errors=[Error(
                     code=ErrorCode.TIMED_OUT,
