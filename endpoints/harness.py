@@ -118,6 +118,19 @@ def _post(target: Target, data: bytes, content_type="text/xml; charset=utf-8",
     return response.status_code, body[0]
 
 
+@dataclass(frozen=True)
+class NounMessages:
+    """What the harness checks an answer by, per noun: the message namespace its Response and
+    Fault messages live in, the noun's name in their element names, and the schema."""
+
+    wrapper: str
+    noun: str
+    schema: str
+
+
+READINGS = NounMessages(WRAPPER, "MeterReadings", GET_SCHEMA)
+
+
 def _reply_of(element: etree._Element, wrapper: str = WRAPPER
               ) -> tuple[str, list[tuple[str, str | None]]]:
     reply = element.find(f"{{{wrapper}}}Reply")
@@ -127,33 +140,36 @@ def _reply_of(element: etree._Element, wrapper: str = WRAPPER
     return result, errors
 
 
-def _expect_response(status: int, element: etree._Element) -> tuple[str, list]:
-    if element.tag != f"{{{WRAPPER}}}MeterReadingsResponseMessage":
-        raise ScenarioFailed(f"HTTP {status}: expected a MeterReadingsResponseMessage, got "
-                             f"{element.tag}")
-    _validate(element, GET_SCHEMA, "the reply")
-    return _reply_of(element)
+def _expect_response(status: int, element: etree._Element,
+                     messages: NounMessages = READINGS) -> tuple[str, list]:
+    """The answer is the noun's ResponseMessage, valid against its schema: (Result, Errors)."""
+    expected = f"{messages.noun}ResponseMessage"
+    if element.tag != f"{{{messages.wrapper}}}{expected}":
+        raise ScenarioFailed(f"HTTP {status}: expected a {expected}, got {element.tag}")
+    _validate(element, messages.schema, "the reply")
+    return _reply_of(element, messages.wrapper)
 
 
-def _expect_fault_or_failed(status: int, element: etree._Element, codes: set[str]) -> None:
-    """The standard allows either a SOAP Fault carrying the FaultMessage or a FAILED reply."""
+def _expect_fault_or_failed(status: int, element: etree._Element, codes: set[str],
+                            messages: NounMessages = READINGS) -> str:
+    """The standard allows either a SOAP Fault carrying the noun's FaultMessage or a FAILED
+    reply; either must carry one of ``codes``. Returns "FAILED with <the codes found>"."""
     if element.tag == f"{{{SOAP_ENV}}}Fault":
+        fault = f"{messages.noun}FaultMessage"
         detail = element.find("detail")
-        if detail is None or len(detail) != 1:
-            raise ScenarioFailed("a SOAP Fault without the WSDL's FaultMessage in its detail")
-        message = detail[0]
-        if message.tag != f"{{{WRAPPER}}}MeterReadingsFaultMessage":
-            raise ScenarioFailed(f"the fault's detail is {message.tag}, not MeterReadingsFaultMessage")
-        _validate(message, GET_SCHEMA, "the fault's detail")
-        result, errors = _reply_of(message)
+        if detail is None or len(detail) != 1 or detail[0].tag != f"{{{messages.wrapper}}}{fault}":
+            raise ScenarioFailed(f"a SOAP Fault without the WSDL's {fault} in its detail")
+        _validate(detail[0], messages.schema, "the fault's detail")
+        result, errors = _reply_of(detail[0], messages.wrapper)
     else:
-        result, errors = _expect_response(status, element)
+        result, errors = _expect_response(status, element, messages)
     if result != "FAILED":
         raise ScenarioFailed(f"Result is {result}; a request that cannot be served is FAILED")
     found = {code for code, _ in errors}
     if not found & codes:
         raise ScenarioFailed(f"Error codes {sorted(found)}; expected one of {sorted(codes)} "
                              "(IEC 61968-100)")
+    return f"FAILED with {', '.join(sorted(found & codes))}"
 
 
 def _request(target: Target, end_devices, reading_types, start=None, end=None,

@@ -27,19 +27,21 @@ from cimhes.cim.end_device_controls import (
 from cimhes.cim.message import Header, Verb
 from cimhes.cim.meter_readings import DeviceRef
 from cimhes.endpoints.harness import (
-    SOAP_ENV,
+    NounMessages,
     ScenarioFailed,
     Target,
     _envelope,
+    _expect_fault_or_failed,
+    _expect_response,
     _needs_meter,
     _post,
-    _reply_of,
     _validate,
 )
 
 SCHEMA = codec.MESSAGE_SCHEMA
 WRAPPER = codec.NS_END_DEVICE_CONTROLS_MESSAGE
 ACTION = "http://iec.ch/TC57/2011/EndDeviceControls/{}"
+CONTROLS = NounMessages(WRAPPER, "EndDeviceControls", SCHEMA)
 
 
 def _service(target: Target) -> str:
@@ -61,33 +63,12 @@ def _send(target: Target, operation, element) -> tuple[int, etree._Element]:
 
 
 def _response(status: int, element) -> tuple[str, list, etree._Element]:
-    if element.tag != f"{{{WRAPPER}}}EndDeviceControlsResponseMessage":
-        raise ScenarioFailed(f"HTTP {status}: expected an EndDeviceControlsResponseMessage, got "
-                             f"{element.tag}")
-    _validate(element, SCHEMA, "the reply")
-    result, errors = _reply_of(element, WRAPPER)
+    result, errors = _expect_response(status, element, CONTROLS)
     return result, errors, element
 
 
 def _failed(status: int, element, codes: set[str]) -> str:
-    """A SOAP Fault carrying the EndDeviceControlsFaultMessage, or a FAILED reply, with one of
-    ``codes``."""
-    if element.tag == f"{{{SOAP_ENV}}}Fault":
-        detail = element.find("detail")
-        if detail is None or len(detail) != 1 or (
-                detail[0].tag != f"{{{WRAPPER}}}EndDeviceControlsFaultMessage"):
-            raise ScenarioFailed("a SOAP Fault without the EndDeviceControlsFaultMessage in "
-                                 "its detail")
-        _validate(detail[0], SCHEMA, "the fault's detail")
-        result, errors = _reply_of(detail[0], WRAPPER)
-    else:
-        result, errors, _ = _response(status, element)
-    if result != "FAILED":
-        raise ScenarioFailed(f"Result is {result}; a request that cannot be carried out is FAILED")
-    found = {code for code, _ in errors}
-    if not found & codes:
-        raise ScenarioFailed(f"Error codes {sorted(found)}; expected one of {sorted(codes)}")
-    return f"FAILED with {sorted(found & codes)[0]}"
+    return _expect_fault_or_failed(status, element, codes, CONTROLS)
 
 
 def _disconnect(meters, start=None) -> EndDeviceControl:

@@ -17,7 +17,7 @@ from datetime import datetime, timedelta, timezone
 import requests
 from lxml import etree
 
-from cimhes.cim.codec import NS_MESSAGE, CodecError, parse_xml
+from cimhes.cim.codec import NS_MESSAGE, parse_xml
 from cimhes.cim.codec.end_device_events import (
     NS_END_DEVICE_EVENTS,
     NS_END_DEVICE_EVENTS_MESSAGE,
@@ -29,13 +29,24 @@ from cimhes.cim.codec.end_device_events import (
 from cimhes.cim.end_device_events import EndDeviceEvent, GetEndDeviceEvents
 from cimhes.cim.message import Header, Verb
 from cimhes.cim.meter_readings import DeviceRef
-from cimhes.endpoints.harness import SOAP_ENV, ScenarioFailed, Target, _envelope, _validate
+from cimhes.endpoints.harness import (
+    SOAP_ENV,
+    NounMessages,
+    ScenarioFailed,
+    Target,
+    _envelope,
+    _expect_fault_or_failed,
+    _expect_response,
+    _post,
+    _validate,
+)
 
 GET_ACTION = "http://iec.ch/TC57/2011/GetEndDeviceEvents/GetEndDeviceEvents"
 CREATED_ACTION = "http://iec.ch/TC57/2011/EndDeviceEvents/CreatedEndDeviceEvents"
 GET_SCHEMA = "GetEndDeviceEventsMessage.xsd"
 EVENT_SCHEMA = "EndDeviceEventsMessage.xsd"
 WRAPPER = NS_GET_END_DEVICE_EVENTS_MESSAGE
+EVENTS = NounMessages(WRAPPER, "EndDeviceEvents", GET_SCHEMA)
 POWER_DOWN = "3.26.38.85"  # EndDeviceEventType of IDIS event 1 (docs/events.md)
 
 
@@ -54,54 +65,8 @@ def _request(meters, *, start=None, end=None, event_types=(), header: Header | N
     return element
 
 
-def _post(target: Target, data: bytes) -> tuple[int, etree._Element]:
-    response = target.session.post(_service(target), data=data, timeout=target.timeout, headers={
-        "Content-Type": "text/xml; charset=utf-8", "SOAPAction": f'"{GET_ACTION}"'})
-    try:
-        root = parse_xml(response.content)
-    except CodecError as exc:
-        raise ScenarioFailed(f"HTTP {response.status_code}: the answer is not usable XML "
-                             f"({exc.reason})") from None
-    body = root.find(f"{{{SOAP_ENV}}}Body")
-    if root.tag != f"{{{SOAP_ENV}}}Envelope" or body is None or len(body) != 1:
-        raise ScenarioFailed(f"HTTP {response.status_code}: not a SOAP 1.1 Envelope with one "
-                             "Body element")
-    return response.status_code, body[0]
-
-
-def _reply_of(element: etree._Element) -> tuple[str, list[tuple[str, str | None]]]:
-    reply = element.find(f"{{{WRAPPER}}}Reply")
-    return reply.findtext(f"{{{NS_MESSAGE}}}Result"), [
-        (e.findtext(f"{{{NS_MESSAGE}}}code"), e.findtext(f"{{{NS_MESSAGE}}}ID"))
-        for e in reply.findall(f"{{{NS_MESSAGE}}}Error")]
-
-
-def _expect_response(status: int, element: etree._Element):
-    if element.tag != f"{{{WRAPPER}}}EndDeviceEventsResponseMessage":
-        raise ScenarioFailed(f"HTTP {status}: expected an EndDeviceEventsResponseMessage, got "
-                             f"{element.tag}")
-    _validate(element, GET_SCHEMA, "the reply")
-    return _reply_of(element)
-
-
-def _expect_fault_or_failed(status: int, element: etree._Element, codes: set[str]) -> str:
-    if element.tag == f"{{{SOAP_ENV}}}Fault":
-        detail = element.find("detail")
-        if detail is None or len(detail) != 1 or \
-                detail[0].tag != f"{{{WRAPPER}}}EndDeviceEventsFaultMessage":
-            raise ScenarioFailed("a SOAP Fault without the WSDL's EndDeviceEventsFaultMessage "
-                                 "in its detail")
-        _validate(detail[0], GET_SCHEMA, "the fault's detail")
-        result, errors = _reply_of(detail[0])
-    else:
-        result, errors = _expect_response(status, element)
-    if result != "FAILED":
-        raise ScenarioFailed(f"Result is {result}; a request that cannot be served is FAILED")
-    found = {code for code, _ in errors}
-    if not found & codes:
-        raise ScenarioFailed(f"Error codes {sorted(found)}; expected one of {sorted(codes)} "
-                             "(IEC 61968-100)")
-    return f"FAILED with {', '.join(sorted(found & codes))}"
+def _post_get(target: Target, data: bytes) -> tuple[int, etree._Element]:
+    return _post(target, data, action=GET_ACTION, service=_service(target))
 
 
 def scenario_events_wsdl(target: Target) -> str:
@@ -120,9 +85,9 @@ def scenario_events(target: Target) -> str:
     if not target.meters:
         raise ScenarioFailed("no meter to ask for: give --meter MRID")
     end = datetime.now(timezone.utc).replace(microsecond=0)
-    status, element = _post(target, _envelope(_request(target.meters[:1],
+    status, element = _post_get(target, _envelope(_request(target.meters[:1],
                                                        start=end - timedelta(days=7), end=end)))
-    result, errors = _expect_response(status, element)
+    result, errors = _expect_response(status, element, EVENTS)
     if result != "OK":
         raise ScenarioFailed(f"Result {result} with Errors {errors} for a week of "
                              f"{target.meters[0]}'s events")
@@ -140,8 +105,8 @@ def _utc(text: str | None) -> str:
 
 
 def scenario_events_unknown_meter(target: Target) -> str:
-    status, element = _post(target, _envelope(_request([f"harness-no-such-meter-{uuid.uuid4()}"])))
-    return _expect_fault_or_failed(status, element, {"2.4"})
+    status, element = _post_get(target, _envelope(_request([f"harness-no-such-meter-{uuid.uuid4()}"])))
+    return _expect_fault_or_failed(status, element, {"2.4"}, EVENTS)
 
 
 def scenario_events_bad_period(target: Target) -> str:
@@ -149,22 +114,22 @@ def scenario_events_bad_period(target: Target) -> str:
     element = _request(target.meters[:1] or ["x"], start=end - timedelta(days=1), end=end)
     interval = element.find(f".//{{{NS_GET_END_DEVICE_EVENTS}}}scheduleInterval")
     interval.find(f"{{{NS_GET_END_DEVICE_EVENTS}}}start").text = (end + timedelta(days=1)).isoformat()
-    status, answer = _post(target, _envelope(element))
-    return _expect_fault_or_failed(status, answer, {"1.8", "2.12"})
+    status, answer = _post_get(target, _envelope(element))
+    return _expect_fault_or_failed(status, answer, {"1.8", "2.12"}, EVENTS)
 
 
 def scenario_events_bad_type(target: Target) -> str:
     element = _request(target.meters[:1] or ["x"], event_types=[POWER_DOWN])
     element.find(f".//{{{NS_GET_END_DEVICE_EVENTS}}}EndDeviceEventType/"
                  f"{{{NS_GET_END_DEVICE_EVENTS}}}mRID").text = "power-down"
-    status, answer = _post(target, _envelope(element))
-    return _expect_fault_or_failed(status, answer, {"1.8", "2.2", "2.3"})
+    status, answer = _post_get(target, _envelope(element))
+    return _expect_fault_or_failed(status, answer, {"1.8", "2.2", "2.3"}, EVENTS)
 
 
 def scenario_events_wrong_verb(target: Target) -> str:
     element = _request(["x"], header=Header(verb=Verb.CREATE, noun="EndDeviceEvents"))
-    status, answer = _post(target, _envelope(element))
-    return _expect_fault_or_failed(status, answer, {"2.9"})
+    status, answer = _post_get(target, _envelope(element))
+    return _expect_fault_or_failed(status, answer, {"2.9"}, EVENTS)
 
 
 EVENT_SCENARIOS: list[tuple[str, str, Callable[[Target], str]]] = [
