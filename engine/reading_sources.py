@@ -338,13 +338,8 @@ class ReadingRequestService:
             stored = yield self._store.call(stored_meter_readings, self._store.store, slices,
                                             reading_types)
             for index, piece in enumerate(slices):
-                missing = missing_reading_types(stored.get(index), piece, reading_types)
-                if not missing:
-                    continue
-                if request.source is ReadingSource.STORE:
-                    outcome.errors.extend(self._unavailable(piece, code) for code in missing)
-                else:
-                    to_read[(piece.start, piece.end, tuple(missing))].append(index)
+                self._route_missing(request, outcome, to_read, index, piece,
+                                    missing_reading_types(stored.get(index), piece, reading_types))
 
         read: dict[int, MeterReading] = {}
         failed: set[int] = set()
@@ -379,6 +374,17 @@ class ReadingRequestService:
         outcome.devices_failed += len({slices[i].device.mrid for i in failed} - answered)
         return outcome
 
+    def _route_missing(self, request, outcome: ReadOutcome, to_read: dict, index: int,
+                       piece: Slice, missing: list[str]) -> None:
+        """What the store lacks for one slice: an Error per type when only the store may answer,
+        otherwise a read of those types from the meter (grouped by period and types)."""
+        if not missing:
+            return
+        if request.source is ReadingSource.STORE:
+            outcome.errors.extend(self._unavailable(piece, code) for code in missing)
+        else:
+            to_read[(piece.start, piece.end, tuple(missing))].append(index)
+
     @inlineCallbacks
     def _read_into_store(self, request, outcome: ReadOutcome, slices: list[Slice],
                          reading_types: list[str]):
@@ -395,13 +401,7 @@ class ReadingRequestService:
                                                     batch, reading_types)
                 for index, (missing, count) in enumerate(found, start=first):
                     counts[index] = count
-                    piece = slices[index]
-                    if not missing:
-                        continue
-                    if request.source is ReadingSource.STORE:
-                        outcome.errors.extend(self._unavailable(piece, code) for code in missing)
-                    else:
-                        to_read[(piece.start, piece.end, tuple(missing))].append(index)
+                    self._route_missing(request, outcome, to_read, index, slices[index], missing)
 
         unstored: dict[int, MeterReading] = {}
         fresh: list[MeterReading] = []
