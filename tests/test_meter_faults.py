@@ -131,17 +131,19 @@ async def test_a_faulty_meter_is_one_error_naming_it_and_leaves_nothing_behind(k
         # A first read warms the store up (SQLite opens its WAL files on the first write).
         assert (await service.read(request(devices[:1]))).result is ReplyResult.OK
         assert await settled(lambda: fleet.open_connections() == 0)
+        async def timed(devices_read):
+            started = reactor.seconds()
+            result = await service.read(request(devices_read))
+            return result, reactor.seconds() - started
+
         # The good meters alone, timed in this run: what the machine's load makes of a read.
-        started = reactor.seconds()
-        assert (await service.read(request(devices[:GOOD]))).result is ReplyResult.OK
-        good_alone = reactor.seconds() - started
+        good, good_alone = await timed(devices[:GOOD])
+        assert good.result is ReplyResult.OK
         assert await settled(lambda: fleet.open_connections() == 0)
         descriptors = await quiet_descriptors()
         timers = set(reactor.getDelayedCalls())
 
-        started = reactor.seconds()
-        outcome = await service.read(request(devices))
-        took = reactor.seconds() - started
+        outcome, took = await timed(devices)
 
         assert outcome.result is ReplyResult.PARTIAL
         assert sorted(m.meter.mrid for m in outcome.meter_readings) == sorted(
@@ -157,6 +159,14 @@ async def test_a_faulty_meter_is_one_error_naming_it_and_leaves_nothing_behind(k
         assert f"{bad.host}:{bad.port}" in error.reason
         # The fault ends within its own timeout: beside the good meters' reads it adds no more
         # than that (a hang or a re-armed timer would add seconds), however loaded the machine.
+        if took >= may_take + 2 * good_alone + 0.5:
+            # A load spike on a shared machine, or a hang: time both reads once more. A hang
+            # or a re-armed timer is there again; a spike is not.
+            assert await settled(lambda: fleet.open_connections() == 0)
+            good, good_alone = await timed(devices[:GOOD])
+            assert await settled(lambda: fleet.open_connections() == 0)
+            again, took = await timed(devices)
+            assert [e.code for e in again.errors] == [code]
         assert took < may_take + 2 * good_alone + 0.5, (took, good_alone)
 
         # Nothing left behind, once the sockets' closing has run its course (bounded wait).
