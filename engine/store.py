@@ -318,6 +318,11 @@ class Store:
         self._session = sessionmaker(self.engine, expire_on_commit=False)
         self._upsert_readings = _upsert_readings(self.engine.dialect.name)
         self._upsert_readings_positional = _positional_sql(self._upsert_readings, self.engine)
+        # PostgreSQL through psycopg 3: rows as tuples by binary COPY (engine/reading_copy.py).
+        self._copy_readings = None
+        if self.engine.dialect.name == "postgresql" and self.engine.dialect.driver == "psycopg":
+            from cimhes.engine.reading_copy import copy_readings
+            self._copy_readings = copy_readings
 
     def load_inventory(self, inventory: Inventory | Iterable[DeviceAddress]) -> int:
         """Insert or update the inventory's devices (by mRID), routes and groups (by name) and
@@ -461,8 +466,10 @@ class Store:
             # On SQLite the DB-API's executemany runs the compiled upsert itself, rows as
             # tuples with each instant converted once (a fleet's intervals share their times):
             # SQLAlchemy's per-row parameter processing cost more than SQLite's insert
-            # (bench/store_readings.py). Elsewhere the Core statement, rows as dicts.
-            positional = self._upsert_readings_positional
+            # (bench/store_readings.py). On PostgreSQL the same tuples go by COPY
+            # (engine/reading_copy.py). Elsewhere the Core statement, rows as dicts.
+            copy = self._copy_readings
+            positional = self._upsert_readings_positional or (copy and "copy")
             if positional is not None:
                 millis: dict[datetime, int] = {}
                 to_millis = EpochMillis().process_bind_param
@@ -504,7 +511,9 @@ class Store:
                     for interval in block.readings:
                         rows.append(row(device_id, reading_type, stamp(interval.timestamp),
                                         str(interval.value), read_at_key, source))
-            if rows and positional is not None:
+            if rows and copy is not None:
+                copy(session.connection(), rows)
+            elif rows and positional is not None:
                 session.connection().exec_driver_sql(positional, rows)
             elif rows:
                 session.connection().execute(self._upsert_readings, rows)

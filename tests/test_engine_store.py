@@ -112,6 +112,40 @@ def test_a_large_batch_mixing_new_repeated_and_corrected_values(store):
     assert [c[:2] for c in _corrections(store)] == [("17", "17.5"), ("17", "17.5")]
 
 
+def test_one_batch_giving_the_same_interval_twice_keeps_the_last_value_and_traces_it(store):
+    """Two reads of one meter in one batch (two sessions' readings written together): as if
+    saved one after the other, the later value replaces the earlier with a trace."""
+    store.save_meter_readings([_profile(METERS[0], ["1", "2"]), _profile(METERS[1], ["5"]),
+                               _profile(METERS[0], ["1", "2.5", "3"])], END)
+    assert [v for _, v in store.stored_values(METERS[0].mrid, PROFILE)] == \
+        [Decimal("1"), Decimal("2.5"), Decimal("3")]
+    assert [v for _, v in store.stored_values(METERS[1].mrid, PROFILE)] == [Decimal("5")]
+    assert [c[:2] for c in _corrections(store)] == [("2", "2.5")]
+
+
+def test_many_meters_in_one_batch_each_keep_their_own_rows(store):
+    """The bulk path (PostgreSQL: COPY into a staging table) keeps device, type, time, value,
+    read time and source of every row."""
+    meters = [DeviceAddress(mrid=f"00000000-0000-5000-8000-{k:012d}", name=f"B{k}",
+                            device_type="idis-meter", host="127.13.0.20") for k in range(10, 40)]
+    store.load_inventory(meters)
+    read_at = END + timedelta(hours=3, milliseconds=7)
+    given = store.save_meter_readings(
+        [MeterReading(DeviceRef(mrid=m.mrid), [Reading(REGISTER, Decimal(k) / 8, END)],
+                      [IntervalBlock(PROFILE, [IntervalReading(END + timedelta(minutes=15 * n),
+                                                              Decimal(f"{k}.{n}"))
+                                               for n in range(96)])])
+         for k, m in enumerate(meters)], read_at, source="push")
+    assert given == 30 * 97
+    for k, meter in enumerate(meters):
+        assert store.stored_values(meter.mrid, REGISTER) == [(END, Decimal(k) / 8)]
+        assert store.stored_values(meter.mrid, PROFILE) == [
+            (END + timedelta(minutes=15 * n), Decimal(f"{k}.{n}")) for n in range(96)]
+    with store.engine.connect() as connection:
+        assert set(connection.execute(select(ReadingRecord.read_at, ReadingRecord.source))) == \
+            {(read_at, "push")}
+
+
 def test_readings_of_a_device_not_in_the_inventory_are_refused_and_nothing_is_stored(store):
     stranger = DeviceAddress(mrid="ffffffff-0000-5000-8000-000000000000", name="X",
                              device_type="idis-meter", host="127.13.0.9")
