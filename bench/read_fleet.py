@@ -5,9 +5,12 @@ the load profile's capture objects and a 24-hour window of its buffer by range (
 transfer), release. The fleet runs in its own process (`cimhes simulate`), so the CPU figures
 below belong to the reading process alone:
 
-- cimhes: one GetMeterReadings for every meter through `MeterReadingService` on a fresh SQLite
-  store (`Store` + `StoreRunner`), as a SOAP request would arrive at the engine; CPU is the whole
-  reading process (getrusage RUSAGE_SELF: the reactor thread and the store's worker thread).
+- cimhes: one GetMeterReadings for every meter through `MeterReadingService` on a fresh store
+  (`Store` + `StoreRunner`; SQLite by default, or a database of its own on the PostgreSQL server
+  `--store` names), as a SOAP request would arrive at the engine; CPU is the whole reading
+  process (getrusage RUSAGE_SELF: the reactor thread and the store's worker thread). On
+  PostgreSQL the database server's CPU is printed beside it (`ServerCPU`): its backends for the
+  bench's database, and the whole server (every process of it, other clients included).
 - baseline: a synchronous, sequential gurux client (one blocking socket per meter, gurux's own
   getData/updateValue decoding), in the same process, on the same meters and window.
 
@@ -15,6 +18,7 @@ Every run checks that every meter answered in full and that the two sides read t
 a run that does not is aborted, not reported.
 
     python bench/read_fleet.py [--meters 1000] [--concurrency 200] [--delay 0|0.1]
+        [--store postgresql+psycopg://postgres@127.0.0.1:55432/postgres]
 """
 from __future__ import annotations
 
@@ -83,6 +87,109 @@ def thread_cpu(ident: int) -> float:
     return time.clock_gettime(time.pthread_getcpuclockid(ident))
 
 
+class ServerCPU:
+    """A PostgreSQL server's CPU, from /proc (the server must run on this machine): the
+    backends connected to one database (those alive at the end; one that exited meanwhile, an
+    autovacuum worker, is only in the whole-server figure), and the whole server: the
+    postmaster with every child it reaped, plus its live children."""
+
+    def __init__(self, admin_url: str, database: str):
+        from sqlalchemy import create_engine
+
+        self._admin = create_engine(admin_url, isolation_level="AUTOCOMMIT", poolclass=_null_pool())
+        self._database = database
+        with self._admin.connect() as connection:
+            backend = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+        self.postmaster = _proc_stat(backend)[1] if _proc_stat(backend) else None
+
+    def sample(self) -> tuple[dict[int, float], float] | None:
+        """(CPU seconds of each backend of the database, CPU seconds of the whole server)."""
+        if self.postmaster is None:
+            return None
+        with self._admin.connect() as connection:
+            pids = connection.exec_driver_sql(
+                "SELECT pid FROM pg_stat_activity WHERE datname = %(d)s",
+                {"d": self._database}).scalars().all()
+        backends = {pid: stat[0] for pid in pids if (stat := _proc_stat(pid))}
+        whole = _proc_stat(self.postmaster, children=True)[0]
+        for entry in Path("/proc").iterdir():
+            if entry.name.isdigit() and (stat := _proc_stat(int(entry.name))) \
+                    and stat[1] == self.postmaster:
+                whole += stat[0]
+        return backends, whole
+
+    @staticmethod
+    def spent(before, after) -> tuple[float, float]:
+        (backends_before, whole_before), (backends_after, whole_after) = before, after
+        backends = sum(cpu - backends_before.get(pid, 0.0) for pid, cpu in backends_after.items())
+        return backends, whole_after - whole_before
+
+    def close(self) -> None:
+        self._admin.dispose()
+
+
+def _null_pool():
+    from sqlalchemy.pool import NullPool
+    return NullPool
+
+
+def _proc_stat(pid: int, children: bool = False) -> tuple[float, int] | None:
+    """(user + system CPU seconds, parent pid) of a process, with its reaped children's CPU
+    if `children`; None if it is not (or no longer) there."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except (FileNotFoundError, ProcessLookupError, IndexError):
+        return None
+    ticks = int(fields[11]) + int(fields[12])
+    if children:
+        ticks += int(fields[13]) + int(fields[14])
+    return ticks / os.sysconf("SC_CLK_TCK"), int(fields[1])
+
+
+class PostgresDatabases:
+    """Databases of the bench's own on the server `--store` names (made, migrated, dropped)."""
+
+    def __init__(self, url: str):
+        from sqlalchemy import create_engine
+        from sqlalchemy.engine import make_url
+
+        self.admin_url = make_url(url)
+        self._admin = create_engine(self.admin_url, isolation_level="AUTOCOMMIT",
+                                    poolclass=_null_pool())
+        self._made: list[str] = []
+
+    def create(self) -> tuple[str, str]:
+        """A new database at every head revision: (its URL, its name)."""
+        import secrets
+
+        from sqlalchemy import create_engine
+
+        from cimhes.engine import schema
+
+        name = f"cimhes_bench_{os.getpid()}_{secrets.token_hex(3)}"
+        with self._admin.connect() as connection:
+            connection.exec_driver_sql(f'CREATE DATABASE "{name}"')
+        self._made.append(name)
+        url = self.admin_url.set(database=name).render_as_string(hide_password=False)
+        engine = create_engine(url)
+        try:
+            schema.upgrade(engine)
+        finally:
+            engine.dispose()
+        return url, name
+
+    def server_version(self) -> str:
+        with self._admin.connect() as connection:
+            return connection.exec_driver_sql("SHOW server_version").scalar_one()
+
+    def drop_all(self) -> None:
+        with self._admin.connect() as connection:
+            for name in self._made:
+                connection.exec_driver_sql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        self._made.clear()
+        self._admin.dispose()
+
+
 class CollectorPauses:
     """Time spent in Python's cyclic collector, per generation, while it is installed."""
 
@@ -133,9 +240,11 @@ PARTS = (
     ("/cim/", "CIM objects (MeterReading, IntervalReading)"),
     ("/sqlalchemy/", "SQLAlchemy"),
     ("/engine/store.py", "engine: store"),
+    ("/engine/reading_copy.py", "engine: store"),
     ("/engine/jobs.py", "engine: job store"),
     ("/engine/", "engine: dispatch, reading, outcomes"),
     ("sqlite3", "sqlite3"),
+    ("/psycopg", "psycopg"),
     ("/decimal", "decimal"),
     ("/datetime", "datetime"),
 )
@@ -296,7 +405,8 @@ def timed_store_class():
 
 async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: int,
                            timeout: float, database: Path, fleet: FleetProcess,
-                           profile: int = 0, name: str = "cimhes engine"):
+                           profile: int = 0, name: str = "cimhes engine",
+                           postgres: PostgresDatabases | None = None):
     from sqlalchemy import func, select
 
     from cimhes.cim.message import Header
@@ -305,7 +415,13 @@ async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: 
     from cimhes.engine.reading import MeterReadingService
     from cimhes.engine.store import ReadingRecord, StoreRunner
 
-    store = timed_store_class()(f"sqlite:///{database}")
+    server = None
+    if postgres is not None:
+        url, database_name = postgres.create()
+        server = ServerCPU(postgres.admin_url.render_as_string(hide_password=False), database_name)
+    else:
+        url = f"sqlite:///{database}"
+    store = timed_store_class()(url)
     store.load_inventory([DeviceAddress(**entry) for entry in inventory])
     runner = StoreRunner(reactor, store)
     try:
@@ -322,11 +438,13 @@ async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: 
             await runner.call(profilers.store.enable)
             profilers.reactor.enable()
         pauses = CollectorPauses()
+        server_before = server.sample() if server else None
         fleet_cpu, cpu, wall = fleet.cpu(), process_cpu(), time.perf_counter()
         store_cpu = thread_cpu(store_thread)
         outcome = await service.read(request)
         wall, cpu = time.perf_counter() - wall, process_cpu() - cpu
         store_cpu = thread_cpu(store_thread) - store_cpu
+        server_after = server.sample() if server else None
         if await runner.call(threading.get_ident) != store_thread:
             raise Aborted("the store's worker thread changed during the read")
         fleet_cpu = fleet.cpu() - fleet_cpu
@@ -345,8 +463,21 @@ async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: 
     finally:
         runner.stop()
         store.close()
+        if server is not None:
+            server.close()
 
     phase = Phase(name, len(inventory), concurrency, wall, cpu, fleet_cpu)
+    if server is not None and server_before and server_after:
+        backends, whole = ServerCPU.spent(server_before, server_after)
+        reads = len(inventory)
+        phase.notes.append(
+            f"database server (PostgreSQL): {backends:.2f} s CPU in this database's backends "
+            f"({1000 * backends / reads:.2f} ms/read), {whole:.2f} s in the whole server "
+            f"({1000 * whole / reads:.2f} ms/read, every process of it: other clients' work "
+            f"included); reading process + backends: {1000 * (cpu + backends) / reads:.2f} ms "
+            f"CPU per read ({reads / (cpu + backends):.0f} reads per CPU-second)")
+    elif server is not None:
+        phase.notes.append("database server's CPU not measured: it is not on this machine")
     save_wall, save_cpu, saves = store.timings["save_meter_readings"]
     phase.notes.append(
         f"store thread: {store_cpu:.2f} s CPU ({1000 * store_cpu / len(inventory):.2f} ms/read: "
@@ -561,13 +692,13 @@ async def one_run(reactor, args, delay: float, workdir: Path) -> None:
         cold, _ = await read_with_cimhes(
             reactor, inventory, window, args.concurrency, args.timeout,
             workdir / f"cimhes-{delay:g}-cold.sqlite", fleet, 0,
-            "cimhes, first read")
+            "cimhes, first read", args.postgres)
         print(f"cimhes first read (configuration unknown) done in {cold.wall:.1f} s",
               flush=True)
         ours, engine = await read_with_cimhes(
             reactor, inventory, window, args.concurrency, args.timeout,
             workdir / f"cimhes-{delay:g}.sqlite", fleet, args.profile,
-            "cimhes, config known")
+            "cimhes, config known", args.postgres)
         sample_size = args.sample_delayed if delay > 0 else args.sample
         sample = spread(inventory, sample_size)
         print(f"cimhes done in {ours.wall:.1f} s; baseline reads {len(sample)} meters "
@@ -631,6 +762,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--gc", choices=["tuned", "default"], default="tuned",
                         help="garbage collector as cimhes serve runs it (tuned), or Python's "
                              "default thresholds")
+    parser.add_argument("--store", default="sqlite", metavar="sqlite|URL",
+                        help="the engine's store: a fresh SQLite file (sqlite, the default), or "
+                             "a PostgreSQL server's URL (postgresql+psycopg://user@host:port/db, "
+                             "db an existing database to connect to): each read gets a database "
+                             "of its own there, made and dropped by the bench")
     parser.add_argument("--profile", type=int, default=0, metavar="N",
                         help="print the N costliest functions of the reactor thread (cProfile)")
     args = parser.parse_args(argv)
@@ -643,10 +779,17 @@ def main(argv: list[str] | None = None) -> int:
     from cimhes.engine.garbage_collection import tune_for_throughput
     from cimhes.fixtures.fleet import raise_file_limit
 
+    args.postgres = None
+    if args.store != "sqlite":
+        if not args.store.startswith("postgresql"):
+            parser.error("--store takes sqlite or a postgresql+psycopg:// URL")
+        args.postgres = PostgresDatabases(args.store)
     limit = raise_file_limit(args.concurrency + 256)
     if args.gc == "tuned":
         tune_for_throughput()  # as cimhes serve and demo do before serving
-    print(machine())
+    print(machine() + (f", PostgreSQL {args.postgres.server_version()} at "
+                       f"{args.postgres.admin_url.render_as_string(hide_password=True)}"
+                       if args.postgres else ""))
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(f"file descriptor limit: {limit}; engine timeout {args.timeout:g} s; garbage collector "
           f"{args.gc}; the fleet runs in a separate process on the same machine")
@@ -654,9 +797,13 @@ def main(argv: list[str] | None = None) -> int:
 
     async def run_all() -> None:
         nonlocal exit_code
-        with tempfile.TemporaryDirectory(prefix="cimhes-bench-") as workdir:
-            for delay in args.delay:
-                await one_run(reactor, args, delay, Path(workdir))
+        try:
+            with tempfile.TemporaryDirectory(prefix="cimhes-bench-") as workdir:
+                for delay in args.delay:
+                    await one_run(reactor, args, delay, Path(workdir))
+        finally:
+            if args.postgres is not None:
+                args.postgres.drop_all()
         exit_code = 0
 
     def start() -> None:
