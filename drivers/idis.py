@@ -20,7 +20,14 @@ from typing import Any
 
 from twisted.internet.defer import Deferred
 
-from cimhes.cim.meter_readings import DeviceRef, IntervalBlock, IntervalReading, MeterReading, Name, Reading
+from cimhes.cim.meter_readings import (
+    DeviceRef,
+    IntervalBlock,
+    MeterReading,
+    Name,
+    Reading,
+    interval_readings,
+)
 from cimhes.drivers.address import DeviceAddress
 from cimhes.drivers.controls import ControlCommand, ControlOutcome, ControlStatus, checked
 from cimhes.drivers.dlms_session import DataAccessError
@@ -302,14 +309,17 @@ def _meter_read_result(device: DeviceAddress, plan: _Plan, answers: _Answers) ->
             if source.is_interval:
                 values, expected = _interval_values(mrid, profile, source, rows, column,
                                                     answers)
-                # cim_value inlined for the block's one exponent (192 values per full read).
+                # cim_value inlined for the block's one exponent (192 values per full read):
+                # raw * 10**exponent is the Decimal 10**exponent times raw, exact.
                 exponent = scaler - source.cim_multiplier
                 if exponent <= 0:
-                    readings_of_block = [IntervalReading(at, Decimal(raw).scaleb(exponent))
-                                         for at, raw in values]
+                    factor = _DECIMAL_POWERS.get(exponent) or Decimal(1).scaleb(exponent)
+                    readings_of_block = interval_readings(
+                        (at, factor * raw) for at, raw in values)
                 else:
-                    readings_of_block = [IntervalReading(at, Decimal(raw * 10 ** exponent))
-                                         for at, raw in values]
+                    factor = 10 ** exponent
+                    readings_of_block = interval_readings(
+                        (at, Decimal(raw * factor)) for at, raw in values)
                 blocks.append(IntervalBlock(reading_type, readings_of_block))
             else:
                 values, expected = _billing_values(mrid, profile, rows, column, answers)
@@ -336,6 +346,10 @@ def _meter_read_result(device: DeviceAddress, plan: _Plan, answers: _Answers) ->
     meter_reading = MeterReading(DeviceRef(mrid, (Name(device.name),)), readings, blocks,
                                  answers.window)
     return MeterReadResult(meter_reading, tuple(errors))
+
+
+# 10**exponent as the Decimal with that exponent (Decimal("0.001") for -3), for the usual ones.
+_DECIMAL_POWERS = {exponent: Decimal(1).scaleb(exponent) for exponent in range(-12, 1)}
 
 
 def _interval_values(mrid: str, profile: str, source: CosemSource, rows: list, column: int,
