@@ -15,7 +15,6 @@ a str of "0"/"1"; array and structure list.
 
 from __future__ import annotations
 
-import operator
 import struct
 from typing import Any
 
@@ -153,38 +152,38 @@ _FORMATS = {5: "i", 6: "I", 13: "b", 15: "b", 16: "h", 17: "B", 18: "H", 20: "q"
 
 
 def _element_layout(data: bytes, offset: int) -> tuple | None:
-    """(struct, tag field indexes, their values, value field indexes, is_structure) for the
-    element at `offset`, or None if it holds anything but scalars and short octet-strings."""
+    """(struct of the element's values, its tag octets as (position, value) pairs,
+    is_structure) for the element at `offset`, or None if it holds anything but scalars and
+    short octet-strings. The struct skips the tag octets ("x"): it unpacks values only."""
     tag = data[offset] if offset < len(data) else None
     fmt = [">"]
-    tag_fields: list[int] = []
-    tag_values: list[int] = []
-    value_fields: list[int] = []
+    tags: list[tuple[int, int]] = []
+    position = 0  # of the next octet within the element
 
     def scalar(at: int) -> int | None:
+        nonlocal position
         item_tag = data[at] if at < len(data) else None
         code = _FORMATS.get(item_tag)
         if code is not None:
-            tag_fields.append(len(fmt) - 1)
-            tag_values.append(item_tag)
-            value_fields.append(len(fmt))
-            fmt.extend(("B", code))
-            return at + 1 + struct.calcsize(">" + code)
+            size = struct.calcsize(">" + code)
+            tags.append((position, item_tag))
+            fmt.extend(("x", code))
+            position += 1 + size
+            return at + 1 + size
         if item_tag == OCTET_STRING and at + 1 < len(data) and data[at + 1] < 0x80:
             size = data[at + 1]
-            tag_fields.extend((len(fmt) - 1, len(fmt)))
-            tag_values.extend((OCTET_STRING, size))
-            value_fields.append(len(fmt) + 1)
-            fmt.extend(("B", "B", f"{size}s"))
+            tags.extend(((position, OCTET_STRING), (position + 1, size)))
+            fmt.extend(("xx", f"{size}s"))
+            position += 2 + size
             return at + 2 + size
         return None
 
     if tag == STRUCTURE:
         if offset + 1 >= len(data) or not 0 < data[offset + 1] < 0x80:
             return None
-        tag_fields.extend((0, 1))
-        tag_values.extend((STRUCTURE, data[offset + 1]))
-        fmt.extend(("B", "B"))
+        tags.extend(((0, STRUCTURE), (1, data[offset + 1])))
+        fmt.append("xx")
+        position = 2
         at = offset + 2
         for _ in range(data[offset + 1]):
             at = scalar(at)
@@ -192,36 +191,30 @@ def _element_layout(data: bytes, offset: int) -> tuple | None:
                 return None
         is_structure = True
     else:
-        at = scalar(offset)
-        if at is None:
+        if scalar(offset) is None:
             return None
         is_structure = False
-    layout = struct.Struct("".join(fmt))
-    # (indexes count unpacked fields: the position in fmt less the leading ">")
-    tags_of = operator.itemgetter(*tag_fields)
-    values_of = operator.itemgetter(*value_fields)
-    expected = tuple(tag_values) if len(tag_values) > 1 else tag_values[0]
-    return layout, tags_of, expected, values_of, is_structure, len(value_fields)
+    return struct.Struct("".join(fmt)), tags, is_structure
 
 
 def _uniform_array(data: bytes, offset: int, count: int) -> tuple[list, int] | None:
     layout = _element_layout(data, offset)
     if layout is None:
         return None
-    row, tags_of, expected, values_of, is_structure, width = layout
-    end = offset + count * row.size
+    row, tags, is_structure = layout
+    size = row.size
+    end = offset + count * size
     if end > len(data):
         return None
-    items = []
-    append = items.append
-    for fields in row.iter_unpack(memoryview(data)[offset:end]):
-        if tags_of(fields) != expected:
+    # Each tag octet checked for every element at once: the element's octet at `position`,
+    # every `size` octets, must all be the first element's.
+    for position, value in tags:
+        if data[offset + position:end:size] != bytes((value,)) * count:
             return None
-        if is_structure:
-            append(list(values_of(fields)) if width > 1 else [values_of(fields)])
-        else:
-            append(values_of(fields))
-    return items, end
+    values = row.iter_unpack(memoryview(data)[offset:end])
+    if is_structure:
+        return list(map(list, values)), end
+    return [value for value, in values], end
 
 
 # --- encoding: each function gives the bytes of one typed value; compose by nesting -----------
