@@ -29,6 +29,7 @@ import errno
 from typing import Any
 
 from twisted.internet import error as neterror
+from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
 from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
 from twisted.internet.protocol import Protocol, connectionDone
@@ -82,7 +83,7 @@ class DlmsConnection(Protocol):
             return pending
         self._pending, self._what = pending, what
         self._answer_bytes = self._answer_blocks = 0
-        self.transport.write(data)
+        send(self.transport, data)
         self._arm_timer()
         return pending
 
@@ -133,7 +134,7 @@ class DlmsConnection(Protocol):
                     f"answer to {self._what} passed {self.limits.max_answer_blocks} blocks; "
                     "connection closed"))
                 return
-            self.transport.write(event.data)
+            send(self.transport, event.data)
             self._arm_timer()
         elif self._pending is None:
             if isinstance(event, DeviceError) and self._unclaimed is None:
@@ -142,8 +143,9 @@ class DlmsConnection(Protocol):
             self._finish(event)
 
     def _finish(self, outcome: Any) -> None:
-        if self._timer is not None:
-            self._cancel_timer()
+        # The response timer stays armed: the next request pushes it back (cheap), where a
+        # cancel and a new callLater per exchange cost the reactor's timer heap. Fired while
+        # no request waits, it does nothing.
         pending, self._pending = self._pending, None
         if isinstance(outcome, DeviceError):
             pending.errback(outcome)
@@ -178,6 +180,8 @@ class DlmsConnection(Protocol):
 
     def _on_timeout(self) -> None:
         self._timer = None
+        if self._pending is None:
+            return  # between requests: nothing was waiting for an answer
         self._fail(Timeout(self.session.device_mrid,
                            f"no answer to {self._what} within "
                            f"{self.limits.response_timeout:g} s"))
@@ -199,6 +203,28 @@ class DlmsConnection(Protocol):
         self._cancel_timers()
         if self.transport is not None:
             self.transport.abortConnection()
+
+
+def send(transport: Any, data: bytes) -> None:
+    """`transport.write(data)`, sent at once when nothing is queued before it.
+
+    Twisted's TCP transport only queues a write and asks epoll for writability; the bytes
+    leave on the reactor's next turn, which then asks epoll to stop watching: two epoll_ctl
+    calls and a reactor turn per request, a sixth of the reactor's CPU per meter read. One
+    request is a few dozen bytes that the socket's empty send buffer takes at once, so they
+    are sent here. Whatever the socket does not take (or any socket error) goes through
+    `transport.write`, which keeps the order and reports the error as it would have."""
+    if (type(transport) is not tcp.Client or transport.dataBuffer or transport._tempDataBuffer
+            or not transport.connected or transport.disconnecting
+            or transport._writeDisconnected):
+        transport.write(data)
+        return
+    try:
+        sent = transport.socket.send(data)
+    except OSError:
+        sent = 0
+    if sent < len(data):
+        transport.write(data[sent:])
 
 
 def connect(reactor: Any, device: DeviceAddress, session: ClientSession,
