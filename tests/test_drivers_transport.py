@@ -10,7 +10,9 @@ from cimhes.drivers import DeviceAddress
 from cimhes.drivers.dlms_session import ClientSession
 from cimhes.drivers.errors import ConnectionFailed, Timeout
 from cimhes.drivers.idis import READING_TYPE_MAP, IdisMeterDriver
-from cimhes.drivers.transport import connect
+from cimhes.drivers.limits import SessionLimits
+from cimhes.drivers.transport import connect, send
+from cimhes.fixtures.fleet import start_fleet
 
 
 class Silent(Protocol):
@@ -31,6 +33,20 @@ class HangsUp(Protocol):
 
     def dataReceived(self, data):
         self.transport.loseConnection()
+
+
+class Collects(Protocol):
+    """A peer that keeps every byte it is sent."""
+
+    def connectionMade(self):
+        self.factory.connections.append(self)
+        self.received = bytearray()
+
+    def connectionLost(self, reason=None):
+        self.factory.lost.append(reason)
+
+    def dataReceived(self, data):
+        self.received += data
 
 
 @pytest.fixture
@@ -100,3 +116,41 @@ async def test_cancelling_a_read_aborts_its_connection(listening):
         await reading
     await sleep(0.05)
     assert len(factory.lost) == 1
+
+
+@pytest_twisted.ensureDeferred
+async def test_what_the_socket_does_not_take_at_once_follows_in_order(listening):
+    # send() writes straight to the socket when nothing is queued; the rest of a write larger
+    # than the socket's buffers, and every write behind it, go through Twisted's queue.
+    meter, factory = listening(Collects)
+    connection = await connect(reactor, meter, ClientSession(meter.mrid), 5.0)
+    big = bytes(range(256)) * (128 * 1024)  # 32 MiB: more than loopback's send and receive buffers
+    send(connection.transport, big)
+    assert connection.transport._tempDataBuffer  # the fallback is what this test is about
+    send(connection.transport, b"tail")
+    for _ in range(200):
+        if len(factory.connections[0].received) >= len(big) + 4:
+            break
+        await sleep(0.05)
+    assert factory.connections[0].received == big + b"tail"
+    connection.close()
+
+
+@pytest_twisted.ensureDeferred
+async def test_an_association_idle_past_the_response_timeout_is_not_timed_out():
+    # The response timer stays armed between exchanges (pushed back by the next request): come
+    # due while no request waits, it must not end the session.
+    fleet = start_fleet(reactor, 1, base_index=1101, port=0)
+    try:
+        meter = DeviceAddress(**fleet.inventory()["meters"][0])
+        session = ClientSession(meter.mrid, meter.client_address, meter.server_address,
+                                meter.security, meter.password)
+        connection = await connect(reactor, meter, session, SessionLimits.of(0.3))
+        await connection.request(session.associate(), "AARQ")
+        await sleep(0.7)
+        clock = await connection.request(session.get(8, "0.0.1.0.0.255", 2), "GET clock")
+        assert isinstance(clock.value, bytes) and len(clock.value) == 12
+        await connection.request(session.release(), "RLRQ")
+        connection.close()
+    finally:
+        await fleet.stop_all()
