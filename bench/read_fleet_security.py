@@ -58,6 +58,33 @@ def process_cpu() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
+def thread_cpu(ident: int) -> float:
+    """CPU seconds of one thread of this process (its own clock, whatever thread asks)."""
+    return time.clock_gettime(time.pthread_getcpuclockid(ident))
+
+
+def store_thread_ident(runner) -> int:
+    """The ident of the store's one worker thread (asked on that thread)."""
+    import threading
+    return runner.call(threading.get_ident)
+
+
+class TimedCounterStore:
+    """Adds up the store thread's CPU inside the counter book's transactions."""
+
+    def __init__(self, counter_store):
+        self.cpu = 0.0
+        self._batch = counter_store.batch
+
+        def batch(operations):
+            started = time.thread_time()
+            try:
+                return self._batch(operations)
+            finally:
+                self.cpu += time.thread_time() - started
+        counter_store.batch = batch
+
+
 def window_now() -> tuple[datetime, datetime]:
     end = datetime.now(UTC).replace(second=0, microsecond=0)
     end -= timedelta(minutes=end.minute % 15)
@@ -219,15 +246,21 @@ async def run(reactor, args) -> None:
         store = Store(f"sqlite:///{workdir / 'bench.sqlite'}")
         store.load_inventory([DeviceAddress(**e) for e in entries])
         runner = StoreRunner(reactor, store)
-        security = HeadEndSecurity(CLIENT_TITLE, StoredCounters(runner, CounterStore(store)))
+        store_thread = await store_thread_ident(runner)
+        counter_store = CounterStore(store)
+        book_timing = TimedCounterStore(counter_store)
+        security = HeadEndSecurity(CLIENT_TITLE, StoredCounters(runner, counter_store))
         service = MeterReadingService(reactor, runner, concurrency=args.concurrency,
                                       timeout=30.0, security=security)
         window = window_now()
         rows = []
+        split = {}
         for label, group in (("cimhes LLS", lls), ("cimhes HLS-GMAC, counters unknown", hls),
                              ("cimhes HLS-GMAC, counters known", hls), ("cimhes LLS again", lls)):
+            store_cpu, book_cpu = thread_cpu(store_thread), book_timing.cpu
             wall, cpu = await engine_read(reactor, service, group, window)
             rows.append((label, len(group), wall, cpu))
+            split[label] = (thread_cpu(store_thread) - store_cpu, book_timing.cpu - book_cpu)
         runner.stop()
         store.close()
 
@@ -249,6 +282,12 @@ async def run(reactor, args) -> None:
     for label, count, wall, cpu in rows:
         print(f"{label:38} {count:6d} {wall:7.2f} {cpu:7.2f} {1000 * cpu / count:11.2f} "
               f"{count / cpu:11.0f}")
+    for label, count, _, cpu in rows:
+        if label in split:
+            store_cpu, book_cpu = split[label]
+            print(f"  {label}: reactor thread {1000 * (cpu - store_cpu) / count:.2f} ms/read, "
+                  f"store thread {1000 * store_cpu / count:.2f} ms/read (of which the counter "
+                  f"book {1000 * book_cpu / count:.2f})")
     per = {label: cpu / count for label, count, _, cpu in rows}
     lls_cpu = (per["cimhes LLS"] + per["cimhes LLS again"]) / 2
     print(f"HLS-GMAC (counters known) / LLS CPU per read: "

@@ -20,7 +20,7 @@ from cimhes.drivers import DeviceAddress
 from cimhes.drivers.security import COUNTERS_PER_SESSION, HeadEndSecurity
 from cimhes.endpoints.site import HeadEnd, HeadEndSettings
 from cimhes.engine.reading import MeterReadingService
-from cimhes.engine.security import CounterStore, StoredCounters
+from cimhes.engine.security import SESSIONS_PER_RESERVATION, CounterStore, StoredCounters
 from cimhes.engine.sealed import SecretBox
 from cimhes.engine.store import Store, StoreRunner
 from cimhes.fixtures import meter_model
@@ -104,20 +104,30 @@ def test_hls_meters_are_read_and_their_counters_kept_across_a_restart(tmp_path, 
     assert reading.readings[0].value == Decimal(
         meter_model.register_raw(serial, meter_model.IMPORT_TOTAL, NOW)) / 1000
     assert len(reading.interval_blocks[0].readings) == 24
-    # No counter was recorded: the head-end read the meter's (5000) as the public client first.
+    # No counter was recorded: the head-end read the meter's (5000) as the public client first,
+    # and took the counters of SESSIONS_PER_RESERVATION sessions from the store at once.
     next_client, last_server = engine.counters.counters(devices[0].mrid)
-    assert next_client == 5001 + COUNTERS_PER_SESSION
-    assert 5001 < first.last_client_counter < next_client
+    assert next_client == 5001 + SESSIONS_PER_RESERVATION * COUNTERS_PER_SESSION
+    assert 5001 < first.last_client_counter < 5001 + COUNTERS_PER_SESSION
     assert last_server == first.next_counter - 1
+    # The next session in this process takes the next block from memory: the meter sees
+    # larger counters, the store's mark (above them) does not move, its last_server does.
+    used = first.last_client_counter
+    outcome = yield engine.read(devices)
+    assert outcome.result is ReplyResult.OK, outcome.errors
+    assert used < 5001 + COUNTERS_PER_SESSION <= first.last_client_counter < next_client
+    assert engine.counters.counters(devices[0].mrid) == (next_client, first.next_counter - 1)
     engine.close()
 
-    # A new process on the same store continues above every counter handed out before.
+    # A new process on the same store skips what the last one held and continues above every
+    # counter handed out before.
     used = first.last_client_counter
     engine = Engine(tmp_path / "hes.sqlite")
     outcome = yield engine.read(devices)
     assert outcome.result is ReplyResult.OK, outcome.errors
     assert first.last_client_counter >= next_client > used
-    assert engine.counters.counters(devices[0].mrid)[0] == next_client + COUNTERS_PER_SESSION
+    assert engine.counters.counters(devices[0].mrid)[0] == (
+        next_client + SESSIONS_PER_RESERVATION * COUNTERS_PER_SESSION)
     assert engine.counters.security_events() == []
     engine.close()
 
@@ -139,7 +149,9 @@ def test_a_book_behind_the_meter_is_resynchronised_from_its_counter_and_the_read
         meter_model.register_raw(device.name, meter_model.IMPORT_TOTAL, NOW)) / 1000
     # Refused once (invocation-counter-error), read as the public client, moved past 7000.
     next_client, _ = engine.counters.counters(device.mrid)
-    assert 7001 < meter.last_client_counter < next_client == 7001 + COUNTERS_PER_SESSION
+    # (The book's mark was above 7000 already, by the range the first attempt reserved.)
+    assert 7001 < meter.last_client_counter < next_client
+    assert next_client - meter.last_client_counter > (SESSIONS_PER_RESERVATION - 1) * COUNTERS_PER_SESSION
     [event] = engine.counters.security_events(device.mrid)
     assert event.kind == "counter-resync"
     assert "invocation-counter-error" in event.detail and "7000" in event.detail
