@@ -44,6 +44,7 @@ from collections import Counter, OrderedDict, deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
+from operator import attrgetter
 
 from twisted.internet.defer import Deferred, succeed
 from twisted.internet.task import LoopingCall
@@ -638,7 +639,7 @@ class Dispatcher:
             return {}
         # What this read brought is stored already (the writer ran first): a type it brought
         # in full has no gap, whatever else the store holds, and costs no query.
-        read = {block.reading_type: {r.timestamp for r in block.readings}
+        read = {block.reading_type: set(map(_timestamp, block.readings))
                 for block in share.meter_reading.interval_blocks}
         gaps = {t: missing_ranges(start, end, step, read.get(t, ())) for t, step in steps.items()}
         short = [t for t, ranges in gaps.items() if ranges]
@@ -647,6 +648,9 @@ class Dispatcher:
             for t in short:
                 gaps[t] = missing_ranges(start, end, steps[t], stored[t])
         return {t: ranges for t, ranges in gaps.items() if ranges}
+
+
+_timestamp = attrgetter("timestamp")
 
 
 def _merged(batch: list[Job]) -> tuple[list[str], datetime | None, datetime | None]:

@@ -41,21 +41,31 @@ def interval_length(reading_type: str) -> timedelta | None:
 
 def expected_times(start: datetime, end: datetime, step: timedelta) -> list[datetime]:
     """The interval ends b on the grid with start < b <= end."""
+    return list(_grid(start, end, step)[0])
+
+
+@functools.lru_cache(maxsize=256)
+def _grid(start: datetime, end: datetime, step: timedelta
+          ) -> tuple[tuple[datetime, ...], frozenset[datetime]]:
+    # A fleet's jobs share their windows: each grid is made once, not once per meter.
     first = _EPOCH + ((start - _EPOCH) // step + 1) * step
     times = []
     at = first
     while at <= end:
         times.append(at)
         at += step
-    return times
+    return tuple(times), frozenset(times)
 
 
 def missing_ranges(start: datetime, end: datetime, step: timedelta,
                    present: Iterable[datetime]) -> list[tuple[datetime, datetime]]:
     """The gaps in (start, end] as re-read windows (b1 - step, bn], in time order."""
-    have = set(present)
+    expected, every = _grid(start, end, step)
+    have = present if isinstance(present, (set, frozenset)) else set(present)
+    if every <= have:
+        return []  # the usual case, a complete read: one set comparison
     ranges: list[tuple[datetime, datetime]] = []
-    for at in expected_times(start, end, step):
+    for at in expected:
         if at in have:
             continue
         if ranges and ranges[-1][1] == at - step:
