@@ -343,27 +343,21 @@ class JobStore:
             # Which of them are still ours, locked (FOR UPDATE; SQLite's one writer holds the
             # whole database already); the finished ones are then written by one statement
             # executed for many rows, retries and re-reads (rare) one by one below.
+            # The two statements are built once (`_SETTLE_OURS`, `_SETTLE_FINISHED`): a batch
+            # costs their execution, not their construction and cache keys.
             ours: set[int] = set()
             ids = [c.job_id for c in completions]
             for at in range(0, len(ids), _IDS_PER_QUERY):
-                ours.update(session.scalars(select(JobRecord.id).where(
-                    JobRecord.id.in_(ids[at:at + _IDS_PER_QUERY]),
-                    JobRecord.state == JobState.RUNNING.value,
-                    JobRecord.claimed_by == engine_id).with_for_update()))
+                ours.update(session.scalars(_SETTLE_OURS, {
+                    "b_ids": ids[at:at + _IDS_PER_QUERY], "b_engine": engine_id}))
             finished = [c for c in completions
                         if c.job_id in ours and c.state is not JobState.QUEUED]
             if finished:
-                table = JobRecord.__table__
                 session.connection().execute(
-                    update(table).where(table.c.id == bindparam("b_id"),
-                                        table.c.state == JobState.RUNNING.value,
-                                        table.c.claimed_by == engine_id)
-                    .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"),
-                            last_error=bindparam("b_error"), missing=bindparam("b_missing"),
-                            finished_at=bindparam("b_finished")),
-                    [{"b_id": c.job_id, "b_state": c.state.value, "b_attempts": c.attempts,
-                      "b_error": c.error[:1024] if c.error else None, "b_missing": c.missing,
-                      "b_finished": c.finished_at} for c in finished])
+                    _SETTLE_FINISHED,
+                    [{"b_id": c.job_id, "b_engine": engine_id, "b_state": c.state.value,
+                      "b_attempts": c.attempts, "b_error": c.error[:1024] if c.error else None,
+                      "b_missing": c.missing, "b_finished": c.finished_at} for c in finished])
                 applied.extend(c.job_id for c in finished)
             for c in completions:
                 if c.job_id not in ours or c.state is not JobState.QUEUED:
@@ -486,6 +480,22 @@ class JobStore:
                 .where(JobRequestRecord.key == key).order_by(JobRecord.id)).all()
             return [JobReport(r.device_mrid, r.state, r.attempts, r.rereads, r.last_error,
                               missing_from_json(r.missing)) for r in rows]
+
+
+# `JobStore.settle`'s statements: which of the jobs given still run for this engine (locked), and
+# each finished one's final state, written only if it still does.
+_SETTLE_OURS = select(JobRecord.id).where(
+    JobRecord.id.in_(bindparam("b_ids", expanding=True)),
+    JobRecord.state == JobState.RUNNING.value,
+    JobRecord.claimed_by == bindparam("b_engine")).with_for_update()
+_SETTLE_FINISHED = (
+    update(JobRecord.__table__)
+    .where(JobRecord.__table__.c.id == bindparam("b_id"),
+           JobRecord.__table__.c.state == JobState.RUNNING.value,
+           JobRecord.__table__.c.claimed_by == bindparam("b_engine"))
+    .values(state=bindparam("b_state"), attempts=bindparam("b_attempts"),
+            last_error=bindparam("b_error"), missing=bindparam("b_missing"),
+            finished_at=bindparam("b_finished")))
 
 
 def missing_to_json(missing: dict[str, list[tuple[datetime, datetime]]]) -> dict | None:
