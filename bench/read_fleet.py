@@ -403,6 +403,36 @@ def timed_store_class():
     return TimedStore
 
 
+# The store thread's units of job bookkeeping, timed like the store's own (`timed_units`).
+JOB_UNITS = (("cimhes.engine.jobs", "JobStore", "create_request"),
+             ("cimhes.engine.jobs", "JobStore", "claim"),
+             ("cimhes.engine.dispatch", "Dispatcher", "_decide_and_settle"))
+
+
+class timed_units:
+    """While in use, JOB_UNITS note their wall and thread CPU time in `store.timings` (they run
+    on the store thread; `_decide_and_settle` includes `JobStore.settle`)."""
+
+    def __init__(self, store) -> None:
+        import importlib
+        self._patched = []
+        for module, owner, name in JOB_UNITS:
+            cls = getattr(importlib.import_module(module), owner)
+            original = getattr(cls, name)
+
+            def timed(*args, _original=original, _name=name, **kwargs):
+                return store._timed(_name, lambda: _original(*args, **kwargs))
+            self._patched.append((cls, name, original))
+            setattr(cls, name, timed)
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for cls, name, original in self._patched:
+            setattr(cls, name, original)
+
+
 async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: int,
                            timeout: float, database: Path, fleet: FleetProcess,
                            profile: int = 0, name: str = "cimhes engine",
@@ -424,6 +454,7 @@ async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: 
     store = timed_store_class()(url)
     store.load_inventory([DeviceAddress(**entry) for entry in inventory])
     runner = StoreRunner(reactor, store)
+    units = timed_units(store)
     try:
         service = MeterReadingService(reactor, runner, concurrency=concurrency, timeout=timeout)
         request = GetMeterReadings(
@@ -461,6 +492,7 @@ async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: 
         if stored != expected:
             raise Aborted(f"cimhes stored {stored} readings, {expected} expected")
     finally:
+        units.__exit__()
         runner.stop()
         store.close()
         if server is not None:
@@ -484,6 +516,17 @@ async def read_with_cimhes(reactor, inventory: list[dict], window, concurrency: 
         f"jobs created, claimed and settled, readings saved), of which save_meter_readings "
         f"{save_wall:.2f} s wall / {save_cpu:.2f} s CPU for {stored} rows in {saves} "
         "transactions, written while meters were still being read")
+    reads = len(inventory)
+    timings = store.timings
+    timed_cpu = sum(timings.get(n, (0, 0))[1] for n in ("save_meter_readings", "create_request",
+                                                        "claim", "_decide_and_settle"))
+    phase.notes.append(
+        "store thread by unit, ms CPU/read: " + ", ".join(
+            f"{label} {1000 * timings[n][1] / reads:.2f}" for n, label in (
+                ("save_meter_readings", "readings saved"),
+                ("create_request", "jobs created"), ("claim", "jobs claimed"),
+                ("_decide_and_settle", "outcomes settled")) if n in timings)
+        + f", the rest {1000 * (store_cpu - timed_cpu) / reads:.2f}")
     reactor_cpu = cpu - store_cpu
     phase.notes.append(
         f"reactor thread (DLMS sessions, driver, engine) and the rest of the process: "

@@ -14,10 +14,13 @@ each on a fresh database, in the same run:
 - upsert, 1% corrected: saved again with every hundredth value changed (each leaves a trace in
   reading_correction, written by the database's trigger);
 - plain sqlite3 (SQLite only): the same rows with the sqlite3 module into an equivalent table,
-  one executemany per batch, the floor under any SQLAlchemy path.
+  one executemany per batch, the floor under any SQLAlchemy path;
+- upsert through Core executemany (PostgreSQL only): the store's upsert as it was sent before
+  the COPY path (engine/reading_copy.py), new rows.
 
-Figures: wall seconds, rows per second (wall), and this process's CPU seconds (on PostgreSQL the
-database's own work is in the server process, so wall is the figure that counts there).
+Figures: wall seconds, rows per second (wall), this process's CPU seconds and per row, and on
+PostgreSQL the CPU of the server backend that did the work (from /proc, when the server runs on
+this machine).
 
     python bench/store_readings.py [--meters 1000] [--batch 1000] [--repeat 2]
         [--postgres ADMIN_URL | --no-postgres]
@@ -108,10 +111,26 @@ def insert_ignoring_duplicates(dialect: str):
 
 
 def timed(store: Store, readings: list[MeterReading], batch: int, read_at: datetime):
+    """(wall, this process's CPU, the server backend's CPU or 0.0 on SQLite) in seconds."""
+    backend = None
+    if store.engine.dialect.name == "postgresql":
+        # The store's one pooled connection (one thread): its backend does the server's work.
+        with store.engine.connect() as connection:
+            backend = connection.exec_driver_sql("SELECT pg_backend_pid()").scalar_one()
+    server = _backend_cpu(backend)
     started, cpu = time.perf_counter(), time.process_time()
     for first in range(0, len(readings), batch):
         store.save_meter_readings(readings[first:first + batch], read_at)
-    return time.perf_counter() - started, time.process_time() - cpu
+    return (time.perf_counter() - started, time.process_time() - cpu,
+            _backend_cpu(backend) - server)
+
+
+def _backend_cpu(pid: int | None) -> float:
+    """CPU seconds of a PostgreSQL backend on this machine (0.0 if none, or not here)."""
+    if pid is None or not os.path.exists(f"/proc/{pid}/stat"):
+        return 0.0
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def run_paths(new_database, devices, readings, fixed, batch: int) -> dict[str, tuple[float, float]]:
@@ -122,9 +141,18 @@ def run_paths(new_database, devices, readings, fixed, batch: int) -> dict[str, t
         store.load_inventory(devices)
         store._upsert_readings = insert_ignoring_duplicates(store.engine.dialect.name)
         store._upsert_readings_positional = _positional_sql(store._upsert_readings, store.engine)
+        store._copy_readings = None  # PostgreSQL: the statement itself, through Core
         results["insert, ignore duplicates"] = timed(store, readings, batch, END)
     finally:
         store.close()
+    if _is_postgresql(new_database):
+        store = Store(new_database())
+        try:
+            store.load_inventory(devices)
+            store._copy_readings = None
+            results["upsert via Core executemany"] = timed(store, readings, batch, END)
+        finally:
+            store.close()
     store = Store(new_database())
     try:
         store.load_inventory(devices)
@@ -135,6 +163,10 @@ def run_paths(new_database, devices, readings, fixed, batch: int) -> dict[str, t
     finally:
         store.close()
     return results
+
+
+def _is_postgresql(new_database) -> bool:
+    return getattr(new_database, "postgresql", False)
 
 
 def _check(store: Store, rows: int, corrections: int) -> None:
@@ -168,7 +200,7 @@ def floor_sqlite3(path: Path, readings: list[MeterReading], batch: int) -> tuple
         with db:
             db.executemany("INSERT OR IGNORE INTO reading (device_id, reading_type, timestamp, "
                            "value, read_at) VALUES (?, ?, ?, ?, ?)", rows)
-    elapsed = time.perf_counter() - started, time.process_time() - cpu
+    elapsed = time.perf_counter() - started, time.process_time() - cpu, 0.0
     db.close()
     return elapsed
 
@@ -198,18 +230,21 @@ class PostgresDatabases:
             return connection.exec_driver_sql("SHOW server_version").scalar_one()
 
 
-def best(runs: list[dict[str, tuple[float, float]]]) -> dict[str, tuple[float, float]]:
+def best(runs: list[dict[str, tuple[float, ...]]]) -> dict[str, tuple[float, ...]]:
     return {name: min(run[name] for run in runs) for name in runs[0]}
 
 
 def show(title: str, figures: dict[str, tuple[float, float]], rows: int) -> None:
     print(f"\n== {title} ==")
-    print(f"{'':28}{'wall s':>8}{'rows/s':>10}{'CPU s':>8}")
-    for name, (wall, cpu) in figures.items():
-        print(f"{name:28}{wall:8.3f}{rows / wall:10.0f}{cpu:8.3f}")
+    server = any(figure[2] for figure in figures.values())
+    print(f"{'':28}{'wall s':>8}{'rows/s':>10}{'CPU s':>8}{'us/row':>8}"
+          + (f"{'server CPU s':>14}{'us/row':>8}" if server else ""))
+    for name, (wall, cpu, backend) in figures.items():
+        print(f"{name:28}{wall:8.3f}{rows / wall:10.0f}{cpu:8.3f}{1e6 * cpu / rows:8.2f}"
+              + (f"{backend:14.3f}{1e6 * backend / rows:8.2f}" if server else ""))
     base = figures["insert, ignore duplicates"][0]
     print("wall time against the previous path (insert, ignore duplicates): " + ", ".join(
-        f"{name} {wall / base:.2f}x" for name, (wall, _) in figures.items()
+        f"{name} {wall / base:.2f}x" for name, (wall, _, _) in figures.items()
         if name != "insert, ignore duplicates"))
 
 
@@ -261,6 +296,7 @@ def main() -> int:
             def new_database():
                 made.append(postgres.create())
                 return made[-1]
+            new_database.postgresql = True
 
             try:
                 postgres_runs.append(run_paths(new_database, devices, readings, fixed, args.batch))
