@@ -24,6 +24,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 
 import psycopg
+from sqlalchemy.exc import DBAPIError
 
 STAGE = "cimhes_reading_stage"
 # The columns of `reading` that save_meter_readings writes, with their types (engine/store.py:
@@ -49,8 +50,16 @@ _ONE_BY_ONE = (f"INSERT INTO reading ({_NAMES}) VALUES ({', '.join(['%s'] * len(
 
 def copy_readings(connection, rows: Sequence[tuple]) -> None:
     """Upsert `rows` into `reading` within the transaction of `connection` (a SQLAlchemy
-    Connection on psycopg 3)."""
-    driver = connection.connection.driver_connection
+    Connection on psycopg 3). The driver's errors are raised as SQLAlchemy's (DataError,
+    OperationalError, ...), as from the store's other statements."""
+    try:
+        _copy(connection.connection.driver_connection, rows)
+    except psycopg.Error as exc:
+        raise DBAPIError.instance(_COPY, None, exc, psycopg.Error, hide_parameters=True,
+                                  dialect=connection.dialect) from exc
+
+
+def _copy(driver, rows: Sequence[tuple]) -> None:
     with driver.cursor() as cursor:
         cursor.execute(_CREATE)
         with cursor.copy(_COPY) as copy:

@@ -9,6 +9,7 @@ from decimal import Decimal
 import pytest
 from lxml import etree
 from sqlalchemy import select, update
+from sqlalchemy.exc import DataError
 
 from cimhes.cim.meter_readings import DeviceRef, IntervalBlock, IntervalReading, MeterReading, Reading
 from cimhes.drivers import DeviceAddress
@@ -144,6 +145,22 @@ def test_many_meters_in_one_batch_each_keep_their_own_rows(store):
     with store.engine.connect() as connection:
         assert set(connection.execute(select(ReadingRecord.read_at, ReadingRecord.source))) == \
             {(read_at, "push")}
+
+
+def test_a_batch_the_server_refuses_leaves_nothing_and_the_next_batch_is_stored(store):
+    """PostgreSQL refuses a value longer than its column (SQLite does not check lengths): the
+    whole batch is rolled back, staging table included, and the next one is stored."""
+    if store.engine.dialect.name != "postgresql":
+        pytest.skip("SQLite does not enforce the value column's length")
+    with pytest.raises(DataError, match="too long"):
+        store.save_meter_readings([_profile(METERS[0], ["1", "2"]),
+                                   _register(METERS[1], "1" * 41, END)], END)
+    assert store.stored_values(METERS[0].mrid, PROFILE) == []
+    store.save_meter_readings([_profile(METERS[0], ["1", "2"])], END)
+    store.save_meter_readings([_profile(METERS[0], ["1", "3"])], END + timedelta(hours=1))
+    assert [v for _, v in store.stored_values(METERS[0].mrid, PROFILE)] == \
+        [Decimal("1"), Decimal("3")]
+    assert [c[:2] for c in _corrections(store)] == [("2", "3")]
 
 
 def test_readings_of_a_device_not_in_the_inventory_are_refused_and_nothing_is_stored(store):
