@@ -44,6 +44,7 @@ from read_fleet import (  # noqa: E402  (the sibling benchmark's fleet and windo
     window_now,
 )
 
+PROJECT = str(Path(__file__).resolve().parent.parent)
 ISSUE_FAULTS = ["silent", "garbage", "drop-mid-block", "replay", "bad-tag", "refuse-association"]
 EXCHANGES = 17  # AARQ, clock, 4 x (value, scaler_unit), capture objects, buffer + 2 blocks, RLRQ
 # (a first read; with the configuration remembered, 12)
@@ -72,11 +73,17 @@ class Probe:
         self.fds = 0
         self.rss = 0
         self._last = None
+        self.beat = None  # perf_counter of the last tick (StallSampler reads it)
+        # The reactor thread's own CPU between two ticks: the lag its own work makes, whatever
+        # else the machine runs (wall lag adds waiting for a core and for the GIL).
+        self.turn_cpu: list[float] = []
+        self._last_cpu = 0.0
         self._loop = LoopingCall(self._tick)
         # The garbage collector's pauses, by generation: a full collection over a large
         # request's results stops every thread, the reactor's too.
         self.gc_pauses: dict[int, list[float]] = {0: [], 1: [], 2: []}
         self._gc_started = self._gc_started_cpu = 0.0
+        self.gc_cpu_longest = 0.0
         self.gc_cpu = 0.0  # CPU the collections took (their wall time includes waiting for a core)
 
     def _on_gc(self, phase, info):
@@ -85,12 +92,15 @@ class Probe:
             self._gc_started_cpu = time.thread_time()
         else:
             self.gc_pauses[info["generation"]].append(time.perf_counter() - self._gc_started)
-            self.gc_cpu += time.thread_time() - self._gc_started_cpu
+            spent = time.thread_time() - self._gc_started_cpu
+            self.gc_cpu += spent
+            self.gc_cpu_longest = max(self.gc_cpu_longest, spent)
 
     def start(self):
         import gc
         gc.callbacks.append(self._on_gc)
-        self._last = time.perf_counter()
+        self._last = self.beat = time.perf_counter()
+        self._last_cpu = time.thread_time()
         self._loop.start(self.interval, now=False)
 
     def stop(self):
@@ -101,7 +111,10 @@ class Probe:
     def _tick(self):
         now = time.perf_counter()
         self.late.append(max(0.0, now - self._last - self.interval))
-        self._last = now
+        self._last = self.beat = now
+        cpu = time.thread_time()
+        self.turn_cpu.append(cpu - self._last_cpu)
+        self._last_cpu = cpu
         if len(self.late) % 10 == 0:
             self.fds = max(self.fds, open_fds())
             self.rss = max(self.rss, rss_kb())
@@ -112,14 +125,143 @@ class Probe:
         pauses = "; ".join(
             f"gen{generation} {len(times)} x, longest {1000 * max(times):.0f} ms"
             for generation, times in self.gc_pauses.items() if times)
+        busy = sorted(self.turn_cpu) or [0.0]
+        over = sum(1 for cpu in busy if cpu > 0.05)
         return (f"reactor lag (10 ms probe, {len(late)} ticks): max {1000 * late[-1]:.0f} ms, "
                 f"p99 {1000 * p99:.1f} ms, median {1000 * late[len(late) // 2]:.1f} ms; "
                 f"collector pauses: {pauses or 'none'} (wall), {1000 * self.gc_cpu:.0f} ms CPU "
-                "in all")
+                f"in all, longest {1000 * self.gc_cpu_longest:.0f} ms CPU\n  reactor thread CPU between two ticks (its own share of the lag): "
+                f"max {1000 * busy[-1]:.0f} ms, p99 {1000 * busy[int(0.99 * (len(busy) - 1))]:.1f}"
+                f" ms; {over} stretches over 50 ms")
+
+
+class StallSampler:
+    """Where the reactor thread is while it is late: a thread of its own looks every 5 ms and,
+    when the probe's last tick is more than `threshold` s old, takes the reactor thread's stack
+    (each sample stands for ~5 ms of stall). Summarised by the innermost project frames."""
+
+    def __init__(self, probe: "Probe", threshold: float = 0.05, every: float = 0.005):
+        import threading
+        self._probe = probe
+        self._threshold = threshold
+        self._every = every
+        self._main = threading.get_ident()
+        self._stop = threading.Event()
+        self.samples: collections.Counter = collections.Counter()
+        self.leaves: collections.Counter = collections.Counter()
+        self._thread = threading.Thread(target=self._run, name="stall-sampler", daemon=True)
+
+    def start(self):
+        self._thread.start()
+
+    def stop(self):
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self):
+        while not self._stop.wait(self._every):
+            beat = self._probe.beat
+            if beat is None or time.perf_counter() - beat < self._threshold:
+                continue
+            frame = sys._current_frames().get(self._main)
+            ours, leaf = [], None
+            while frame is not None:
+                code = frame.f_code
+                where = f"{Path(code.co_filename).parent.name}/{Path(code.co_filename).name}" \
+                        f":{code.co_name}"
+                leaf = leaf or where
+                if (code.co_filename.startswith(PROJECT) and "/bench/" not in code.co_filename
+                        and "/.venv/" not in code.co_filename):
+                    ours.append(where)
+                frame = frame.f_back
+            self.samples[" < ".join(ours[:3]) or "(outside the project)"] += 1
+            self.leaves[leaf] += 1
+
+    def summary(self, top: int = 12) -> str:
+        total = sum(self.samples.values())
+        if not total:
+            return "  stalls over 50 ms: none sampled"
+        lines = [f"  where the reactor thread was while over {1000 * self._threshold:.0f} ms "
+                 f"late ({total} samples of ~{1000 * self._every:.0f} ms), innermost project "
+                 "frames first:"]
+        lines += [f"    {count:6d}  {100 * count / total:5.1f} %  {key}"
+                  for key, count in self.samples.most_common(top)]
+        lines.append("  innermost frames:")
+        lines += [f"    {count:6d}  {100 * count / total:5.1f} %  {key}"
+                  for key, count in self.leaves.most_common(top // 2)]
+        return "\n".join(lines)
+
+
+class TurnTimer:
+    """The reactor's work, call by call: every timed call, thread call (a store result) and
+    socket event is timed by the reactor thread's CPU clock, and the long ones are counted by
+    what they were (the callable's name, or the protocol that read or wrote)."""
+
+    def __init__(self, reactor, long: float = 0.02):
+        self.long = long
+        self.calls: collections.Counter = collections.Counter()
+        self.spent: collections.Counter = collections.Counter()
+        self.longest: dict[str, float] = {}
+        self._reactor = reactor
+        self._patched = []
+
+    def _timed(self, name, function, *args, **kwargs):
+        started = time.thread_time()
+        try:
+            return function(*args, **kwargs)
+        finally:
+            spent = time.thread_time() - started
+            if spent > self.long:
+                self.calls[name] += 1
+                self.spent[name] += spent
+                self.longest[name] = max(self.longest.get(name, 0.0), spent)
+
+    def start(self):
+        reactor = self._reactor
+        call_later, call_from_thread = reactor.callLater, reactor.callFromThread
+        do_read_or_write = reactor._doReadOrWrite
+
+        def name_of(function):
+            owner = getattr(function, "__self__", None)
+            qualname = getattr(function, "__qualname__", repr(function))
+            return f"{type(owner).__name__}.{function.__name__}" if owner is not None and \
+                "." not in qualname else qualname
+
+        def later(delay, function, *args, **kwargs):
+            return call_later(delay, self._timed, "timer " + name_of(function), function,
+                              *args, **kwargs)
+
+        def from_thread(function, *args, **kwargs):
+            return call_from_thread(self._timed, "thread call " + name_of(function), function,
+                                    *args, **kwargs)
+
+        def read_or_write(selectable, fd, event):
+            protocol = getattr(selectable, "protocol", None)
+            inner = getattr(protocol, "_wrappedProtocol", protocol)
+            return self._timed(f"socket event {type(inner).__name__}", do_read_or_write,
+                               selectable, fd, event)
+        reactor.callLater, reactor.callFromThread = later, from_thread
+        reactor._doReadOrWrite = read_or_write
+        self._patched = [("callLater", call_later), ("callFromThread", call_from_thread),
+                         ("_doReadOrWrite", do_read_or_write)]
+
+    def stop(self):
+        for name, original in self._patched:
+            setattr(self._reactor, name, original)
+
+    def summary(self, top: int = 12) -> str:
+        if not self.calls:
+            return f"  reactor calls over {1000 * self.long:.0f} ms CPU: none"
+        lines = [f"  reactor calls over {1000 * self.long:.0f} ms CPU, by what they were "
+                 "(count, CPU in all, longest):"]
+        for name, spent in self.spent.most_common(top):
+            lines.append(f"    {self.calls[name]:5d} x {1000 * spent:7.0f} ms, longest "
+                         f"{1000 * self.longest[name]:5.0f} ms  {name}")
+        return "\n".join(lines)
 
 
 async def read_all(reactor, inventory, concurrency: int, limits, database: Path,
-                   connections_per_second: float):
+                   connections_per_second: float, stalls: bool = False):
     from cimhes.cim.message import Header
     from cimhes.cim.meter_readings import DeviceRef, GetMeterReadings
     from cimhes.drivers import DeviceAddress
@@ -139,11 +281,21 @@ async def read_all(reactor, inventory, concurrency: int, limits, database: Path,
     probe = Probe(reactor)
     fds_before, rss_before = open_fds(), rss_kb()
     probe.start()
+    sampler = StallSampler(probe) if stalls else None
+    turns = TurnTimer(reactor) if stalls else None
+    if sampler is not None:
+        sampler.start()
+        turns.start()
     cpu, wall = process_cpu(), time.perf_counter()
     try:
         outcome = await service.read(request)
     finally:
         probe.stop()
+        if sampler is not None:
+            sampler.stop()
+            turns.stop()
+            print(sampler.summary(), flush=True)
+            print(turns.summary(), flush=True)
         wall, cpu = time.perf_counter() - wall, process_cpu() - cpu
         runner.stop()
         store.close()
@@ -203,7 +355,8 @@ async def concurrency_run(reactor, args, workdir: Path):
                                session_deadline=max(60.0, 4 * EXCHANGES * args.delay))
         fleet_cpu = fleet.cpu()
         result = await read_all(reactor, inventory, args.sessions, limits,
-                                workdir / "sessions.sqlite", args.connections_per_second)
+                                workdir / "sessions.sqlite", args.connections_per_second,
+                                args.stalls)
         fleet_cpu = fleet.cpu() - fleet_cpu
     finally:
         fleet.stop()
@@ -256,6 +409,12 @@ def main(argv=None) -> int:
     parser.add_argument("--connections-per-second", type=float, default=1000.0,
                         help="connection pacing, as the product default (1000)")
     parser.add_argument("--port", type=int, default=14059)
+    parser.add_argument("--switch-interval", type=float, default=0.0,
+                        help="sys.setswitchinterval for the run (0: the process's own)")
+    parser.add_argument("--events-per-turn", type=int, default=0,
+                        help="ready sockets handled per reactor turn (0: the process's own)")
+    parser.add_argument("--stalls", action="store_true",
+                        help="sample where the reactor thread is while it is over 50 ms late")
     args = parser.parse_args(argv)
     if (args.sessions is None) == (args.faults is None):
         parser.error("give either --sessions N or --faults SHARE")
@@ -266,6 +425,12 @@ def main(argv=None) -> int:
     from cimhes.drivers.limits import raise_descriptor_limit
     from cimhes.engine.garbage_collection import tune_for_throughput
 
+    if args.switch_interval:
+        sys.setswitchinterval(args.switch_interval)
+    if args.events_per_turn:
+        from cimhes.engine.reactor_turns import bound_events_per_turn
+        print(f"events per reactor turn: at most {args.events_per_turn}: "
+              f"{bound_events_per_turn(reactor, args.events_per_turn)}")
     limit = raise_descriptor_limit(args.sessions or args.concurrency)
     tune_for_throughput()
     print(machine())

@@ -22,6 +22,7 @@ from cimhes.engine import redaction
 from cimhes.endpoints.process_log import start_logging
 from cimhes.drivers.limits import SPARE_DESCRIPTORS
 from cimhes.engine.garbage_collection import tune_for_throughput
+from cimhes.engine.reactor_turns import bound_events_per_turn
 from cimhes.engine.rate_limits import DEFAULT_CONTROL_LIMITS, ControlLimit
 from cimhes.engine.users import Role
 from cimhes.endpoints.admin_cli import (
@@ -285,6 +286,7 @@ def _run(reactor, head_end, args, meters: list[str], **extra) -> int:
         head_end.store_runner.stop()  # its thread would keep the process alive
         raise
     tune_for_throughput()
+    bound_events_per_turn(reactor)  # thousands of sessions' answers in bounded turns
     base_url = f"{'https' if args.tls_cert else 'http'}://{host}:{listening.getHost().port}"
     from cimhes.queue.connection import redact
 
