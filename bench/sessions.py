@@ -45,6 +45,7 @@ from read_fleet import (  # noqa: E402  (the sibling benchmark's fleet and windo
 )
 
 PROJECT = str(Path(__file__).resolve().parent.parent)
+EVENTS_PER_TURN = 16  # cimhes.engine.reactor_turns.EVENTS_PER_TURN (imported late, as the rest)
 ISSUE_FAULTS = ["silent", "garbage", "drop-mid-block", "replay", "bad-tag", "refuse-association"]
 EXCHANGES = 17  # AARQ, clock, 4 x (value, scaler_unit), capture objects, buffer + 2 blocks, RLRQ
 # (a first read; with the configuration remembered, 12)
@@ -411,8 +412,11 @@ def main(argv=None) -> int:
     parser.add_argument("--port", type=int, default=14059)
     parser.add_argument("--switch-interval", type=float, default=0.0,
                         help="sys.setswitchinterval for the run (0: the process's own)")
-    parser.add_argument("--events-per-turn", type=int, default=0,
-                        help="ready sockets handled per reactor turn (0: the process's own)")
+    parser.add_argument("--events-per-turn", type=int, default=EVENTS_PER_TURN,
+                        help=f"ready sockets handled per reactor turn ({EVENTS_PER_TURN}, as "
+                        "cimhes serve; 0: all, as Twisted does)")
+    parser.add_argument("--gc-thresholds", help="the collector's thresholds for the run, "
+                        "e.g. 10000,10,200 (default: the product's, engine/garbage_collection.py)")
     parser.add_argument("--stalls", action="store_true",
                         help="sample where the reactor thread is while it is over 50 ms late")
     args = parser.parse_args(argv)
@@ -427,13 +431,21 @@ def main(argv=None) -> int:
 
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
-    if args.events_per_turn:
+    if args.events_per_turn:  # as cimhes serve and demo do
         from cimhes.engine.reactor_turns import bound_events_per_turn
-        print(f"events per reactor turn: at most {args.events_per_turn}: "
-              f"{bound_events_per_turn(reactor, args.events_per_turn)}")
+        bounded = bound_events_per_turn(reactor, args.events_per_turn)
+        print(f"ready sockets per reactor turn: at most {args.events_per_turn}"
+              if bounded else "ready sockets per reactor turn: all (not the epoll reactor)")
+    else:
+        print("ready sockets per reactor turn: all (Twisted as shipped)")
     limit = raise_descriptor_limit(args.sessions or args.concurrency)
     tune_for_throughput()
+    if args.gc_thresholds:
+        import gc
+        gc.set_threshold(*(int(part) for part in args.gc_thresholds.split(",")))
     print(machine())
+    import gc
+    print(f"collector thresholds: {gc.get_threshold()}")
     print(f"command: {shlex.join(sys.orig_argv)}")
     print(limit.explain())
     if not limit.sufficient:

@@ -6,8 +6,14 @@ readings) and almost none of them form cycles: reference counting frees them. Wi
 thresholds (700, 10, 10) the collector ran several times per read and, as a large request's
 results accumulate, kept re-scanning every object still held, about a sixth of a read's CPU
 (bench/read_fleet.py). `tune_for_throughput` freezes what exists at start (modules, the
-inventory: never garbage) and collects the young generation after 50,000 allocations instead
-of 700. Cycles are still collected, later.
+inventory: never garbage) and collects the young generation after 10,000 allocations instead
+of 700, the middle one after 10 of those, and a full collection only after 200 middle ones
+(20 million allocations, as with the thresholds before). Cycles are still collected, later.
+
+Each pass stops the reactor: with 5,000 sessions open, a middle-generation pass over 20 x
+50,000 allocations' survivors (the thresholds before) took up to 0.45-0.54 s of CPU; over
+10 x 10,000 it takes ~0.11-0.14 s, for ~10-20 % more collector CPU in all (bench/sessions.py,
+issue 5).
 
 `release_memory_soon` is called after a large request's answer: a full collection, then glibc's
 `malloc_trim(0)`. Python frees a request's objects by reference counting, but the allocator keeps
@@ -24,8 +30,8 @@ import logging
 
 log = logging.getLogger(__name__)
 
-YOUNG_THRESHOLD = 50_000
-OLDER_THRESHOLDS = (20, 20)
+YOUNG_THRESHOLD = 10_000
+OLDER_THRESHOLDS = (10, 200)
 
 
 def tune_for_throughput() -> None:
