@@ -17,7 +17,9 @@ suite 0, even meters LLS. In this process, on a fresh SQLite store with the coun
 CPU is this process's (getrusage: reactor and store threads). A run where a meter fails or a
 value is wrong is aborted, not reported.
 
-    python bench/read_fleet_security.py [--meters 1000] [--concurrency 200] [--sample 20]
+    python bench/read_fleet_security.py [--meters 1000] [--concurrency 200] [--sample 20] [--gc tuned]
+
+Each phase prints its reactor-thread and store-thread CPU per read and the counter book's share.
 """
 from __future__ import annotations
 
@@ -253,6 +255,12 @@ async def run(reactor, args) -> None:
         service = MeterReadingService(reactor, runner, concurrency=args.concurrency,
                                       timeout=30.0, security=security)
         window = window_now()
+        if args.gc == "tuned":  # as cimhes serve and demo do before serving
+            from cimhes.engine.garbage_collection import tune_for_throughput
+            tune_for_throughput()
+        if args.gc_thresholds:
+            import gc
+            gc.set_threshold(*(int(part) for part in args.gc_thresholds.split(",")))
         rows = []
         split = {}
         for label, group in (("cimhes LLS", lls), ("cimhes HLS-GMAC, counters unknown", hls),
@@ -275,8 +283,9 @@ async def run(reactor, args) -> None:
 
     print(f"# {platform.node()} {platform.machine()} {os.cpu_count()} CPUs, Python "
           f"{platform.python_version()}, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}")
+    import gc
     print(f"# {args.meters} meters (half HLS-GMAC, half LLS), concurrency {args.concurrency}, "
-          "fleet in its own process")
+          f"fleet in its own process; collector {args.gc}, thresholds {gc.get_threshold()}")
     print(f"{'phase':38} {'meters':>6} {'wall s':>7} {'CPU s':>7} {'ms CPU/read':>11} "
           f"{'reads/CPU-s':>11}")
     for label, count, wall, cpu in rows:
@@ -304,6 +313,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--meters", type=int, default=1000)
     parser.add_argument("--concurrency", type=int, default=200)
     parser.add_argument("--sample", type=int, default=20, help="meters the gurux baseline reads")
+    parser.add_argument("--gc", choices=["tuned", "default"], default="tuned",
+                        help="the collector as cimhes serve runs it (tuned, "
+                        "engine/garbage_collection.py) or Python's default thresholds")
+    parser.add_argument("--gc-thresholds", help="other thresholds, e.g. 50000,20,20")
     args = parser.parse_args(argv)
     from twisted.internet import defer, task
 
