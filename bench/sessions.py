@@ -45,7 +45,7 @@ from read_fleet import (  # noqa: E402  (the sibling benchmark's fleet and windo
 )
 
 PROJECT = str(Path(__file__).resolve().parent.parent)
-EVENTS_PER_TURN = 16  # cimhes.engine.reactor_turns.EVENTS_PER_TURN (imported late, as the rest)
+EVENTS_PER_TURN = 16  # cimhes.engine.ready_sockets.EVENTS_PER_TURN (imported late, as the rest)
 ISSUE_FAULTS = ["silent", "garbage", "drop-mid-block", "replay", "bad-tag", "refuse-association"]
 EXCHANGES = 17  # AARQ, clock, 4 x (value, scaler_unit), capture objects, buffer + 2 blocks, RLRQ
 # (a first read; with the configuration remembered, 12)
@@ -432,7 +432,7 @@ def main(argv=None) -> int:
     if args.switch_interval:
         sys.setswitchinterval(args.switch_interval)
     if args.events_per_turn:  # as cimhes serve and demo do
-        from cimhes.engine.reactor_turns import bound_events_per_turn
+        from cimhes.engine.ready_sockets import bound_events_per_turn
         bounded = bound_events_per_turn(reactor, args.events_per_turn)
         print(f"ready sockets per reactor turn: at most {args.events_per_turn}"
               if bounded else "ready sockets per reactor turn: all (not the epoll reactor)")

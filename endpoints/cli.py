@@ -22,7 +22,7 @@ from cimhes.engine import redaction
 from cimhes.endpoints.process_log import start_logging
 from cimhes.drivers.limits import SPARE_DESCRIPTORS
 from cimhes.engine.garbage_collection import tune_for_throughput
-from cimhes.engine.reactor_turns import bound_events_per_turn
+from cimhes.engine.ready_sockets import bound_events_per_turn
 from cimhes.engine.rate_limits import DEFAULT_CONTROL_LIMITS, ControlLimit
 from cimhes.engine.users import Role
 from cimhes.endpoints.admin_cli import (

@@ -15,9 +15,9 @@ served in turn; what changes is that timers and thread results run between every
 16 sockets costs some microseconds; measured at 5,000 sessions, 64 per turn left the reactor's
 own CPU between two 10 ms ticks over 50 ms 18 times, 16 per turn 7 times).
 
-This is the one place that reaches into Twisted's reactor (its `_poller` attribute, an
-`select.epoll`): Twisted has no setting for it. A reactor that is not the epoll one is left as
-it is.
+This is the one place that caps Twisted's poll (the epoll reactor's `_poller` attribute: a
+`select.epoll`, or whatever already wraps it and passes `poll(timeout, maxevents)` on): Twisted
+has no setting for it. A reactor that is not the epoll one is left as it is.
 """
 from __future__ import annotations
 
@@ -28,7 +28,8 @@ EVENTS_PER_TURN = 16
 
 
 class BoundedPoller:
-    """A `select.epoll` whose `poll` returns at most `events` ready descriptors."""
+    """A `select.epoll` (or a wrapper of one) whose `poll` returns at most `events` ready
+    descriptors."""
 
     def __init__(self, poller: Any, events: int) -> None:
         if events < 1:
@@ -54,7 +55,14 @@ def bound_events_per_turn(reactor: Any, events: int = EVENTS_PER_TURN) -> bool:
     if isinstance(poller, BoundedPoller):
         reactor._poller = BoundedPoller(poller.poller, events)
         return True
-    if not hasattr(select, "epoll") or not isinstance(poller, select.epoll):
+    if not _is_epoll_reactor(reactor) or not callable(getattr(poller, "poll", None)):
         return False
     reactor._poller = BoundedPoller(poller, events)
     return True
+
+
+def _is_epoll_reactor(reactor: Any) -> bool:
+    if not hasattr(select, "epoll"):
+        return False
+    from twisted.internet.epollreactor import EPollReactor
+    return isinstance(reactor, EPollReactor)

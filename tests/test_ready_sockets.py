@@ -7,7 +7,7 @@ import socket
 import pytest
 from twisted.internet.epollreactor import EPollReactor
 
-from cimhes.engine.reactor_turns import BoundedPoller, bound_events_per_turn
+from cimhes.engine.ready_sockets import BoundedPoller, bound_events_per_turn
 
 
 class Reader:
@@ -85,6 +85,32 @@ def test_the_bound_can_be_set_again_and_must_be_positive(ready_sockets):
             bound_events_per_turn(reactor, 0)
     finally:
         reactor._poller.close()
+
+
+def test_the_bound_applies_over_a_poller_another_part_already_wraps(ready_sockets):
+    class Watching:
+        """Another part's wrapper of the reactor's epoll (it counts polls, passes them on)."""
+
+        def __init__(self, poller):
+            self.wrapped, self.polls = poller, 0
+
+        def poll(self, *args):
+            self.polls += 1
+            return self.wrapped.poll(*args)
+
+        def __getattr__(self, name):
+            return getattr(self.wrapped, name)
+
+    served: list = []
+    reactor, readers = _reactor_with(ready_sockets, served)
+    watching = Watching(reactor._poller)
+    reactor._poller = watching
+    try:
+        assert bound_events_per_turn(reactor, 4)
+        reactor.doIteration(0)
+        assert len(served) == 4 and watching.polls == 1
+    finally:
+        watching.wrapped.close()
 
 
 def test_a_reactor_that_is_not_epoll_is_left_alone():
