@@ -13,8 +13,9 @@ from cimhes.engine.store import Store, StoreRunner
 
 
 @pytest.fixture
-def store(tmp_path):
-    store = Store(f"sqlite:///{tmp_path / 'counters.sqlite'}")
+def store(database_url):
+    """On SQLite and on PostgreSQL (the statements differ in how they lock)."""
+    store = Store(database_url)
     runner = StoreRunner(reactor, store)
     yield store, runner
     runner.stop()
