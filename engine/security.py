@@ -82,14 +82,18 @@ class CounterStore:
             update(table).where(table.c.device_mrid == bindparam("device"),
                                 table.c.last_server < bindparam("counter"))
             .values(last_server=bindparam("counter")))
-        self._many = {"_reserve": self._reserve_batch, "_seen": self._seen_batch,
-                      "_last_server": self._last_server_batch}
+        self._set_next_many = (
+            update(table).where(table.c.device_mrid == bindparam("device"))
+            .values(next_client=bindparam("next_client")))
+        self._many = {"_reserve": self._reserve_batch, "_start": self._start_batch,
+                      "_seen": self._seen_batch, "_last_server": self._last_server_batch}
 
     def batch(self, operations: list[tuple[Callable, tuple]]) -> list:
         """Run (unit, args) operations in one transaction, each unit one of this class's
         `_reserve`, `_start`, `_seen`, `_last_server`, `_security_event`; their results in
-        order. A batch's `_reserve`s, `_seen`s and `_last_server`s are done together (one
-        executemany or SELECT each), the others one by one; kinds in order of first arrival."""
+        order. A batch's `_reserve`s, `_start`s, `_seen`s and `_last_server`s are done together
+        (an executemany or a SELECT each), security events one by one; kinds in order of
+        first arrival."""
         results: list = [None] * len(operations)
         groups: dict[str, list[tuple[int, Callable, tuple]]] = {}
         for index, (unit, args) in enumerate(operations):
@@ -137,6 +141,40 @@ class CounterStore:
                 continue
             out.append(CounterReservation(first[device], first[device] + count, rows[device][1]))
             first[device] += count
+        return out
+
+    def _start_batch(self, connection, calls: list[tuple[str, int, int]]
+                     ) -> list[CounterReservation]:
+        """Many `_start`s: the missing rows inserted (one executemany), all the rows read and
+        locked (SELECT ... FOR UPDATE on PostgreSQL; on SQLite the insert made this
+        transaction the one writer), each call's range worked out in call order as `_start`
+        would (never below the row's mark nor below its `first`), the marks written back."""
+        table = InvocationCounterRecord.__table__
+        dialect_insert = (postgresql_insert if self._engine.dialect.name == "postgresql"
+                          else sqlite_insert)
+        firsts: dict[str, int] = {}
+        for device, first, _ in calls:
+            firsts.setdefault(device, first)
+        connection.execute(
+            dialect_insert(table).on_conflict_do_nothing(index_elements=["device_mrid"]),
+            [{"device_mrid": device, "next_client": first, "last_server": -1}
+             for device, first in firsts.items()])
+        rows: dict[str, tuple[int, int]] = {}
+        devices = list(firsts)
+        for at in range(0, len(devices), _IN_CHUNK):
+            for row in connection.execute(
+                    select(table.c.device_mrid, table.c.next_client, table.c.last_server)
+                    .where(table.c.device_mrid.in_(devices[at:at + _IN_CHUNK]))
+                    .with_for_update()):
+                rows[row.device_mrid] = (row.next_client, row.last_server)
+        mark = {device: rows[device][0] for device in devices}
+        out = []
+        for device, first, count in calls:
+            begin = max(mark[device], first)
+            mark[device] = begin + count
+            out.append(CounterReservation(begin, begin + count, rows[device][1]))
+        connection.execute(self._set_next_many, [{"device": device, "next_client": value}
+                                                 for device, value in mark.items()])
         return out
 
     def _seen_batch(self, connection, calls: list[tuple[str, int]]) -> list[None]:

@@ -97,3 +97,17 @@ def test_many_devices_reserved_in_one_batch_get_their_own_ranges(store):
 def test_at_least_one_session_per_reservation(store):
     with pytest.raises(ValueError, match="at least 1"):
         StoredCounters(store[1], CounterStore(store[0]), sessions_per_reservation=0)
+
+
+@pytest_twisted.inlineCallbacks
+def test_starts_queued_together_are_each_above_the_mark_and_their_first(store):
+    counters = StoredCounters(store[1], CounterStore(store[0]), sessions_per_reservation=1)
+    yield counters.start("m0", 500, 10)  # m0's mark is 510
+    # Queued at once (one transaction): a new device twice, m0 below and above its mark.
+    answers = yield gatherResults([
+        counters.start("m1", 100, 10), counters.start("m0", 50, 10),
+        counters.start("m1", 300, 10), counters.start("m0", 900, 10)])
+    assert [(r.first, r.limit) for r in answers] == [(100, 110), (510, 520), (300, 310),
+                                                      (900, 910)]
+    assert counters.store.counters("m0") == (910, -1)
+    assert counters.store.counters("m1") == (310, -1)
