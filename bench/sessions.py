@@ -233,7 +233,12 @@ class TurnTimer:
                               *args, **kwargs)
 
         def from_thread(function, *args, **kwargs):
-            return call_from_thread(self._timed, "thread call " + name_of(function), function,
+            name = name_of(function)
+            deferred = getattr(function, "__self__", None)
+            callbacks = getattr(deferred, "callbacks", None)
+            if callbacks:  # a store result: named by what waits for it
+                name += " -> " + name_of(callbacks[0][0][0])
+            return call_from_thread(self._timed, "thread call " + name, function,
                                     *args, **kwargs)
 
         def read_or_write(selectable, fd, event):
