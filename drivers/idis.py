@@ -29,6 +29,7 @@ from cimhes.cim.meter_readings import (
     Reading,
     interval_readings,
 )
+from cimhes.drivers import stepping
 from cimhes.drivers.address import DeviceAddress
 from cimhes.drivers.controls import ControlCommand, ControlOutcome, ControlStatus, checked
 from cimhes.drivers.dlms_session import DataAccessError
@@ -153,7 +154,7 @@ class IdisMeterDriver:
         DeviceError, raised or in the result, names the device by mRID, name and host:port.
         Cancelling the Deferred aborts the connection.
         """
-        return located(Deferred.fromCoroutine(self._read(
+        return located(stepping.run(self._read(
             reactor, device, reading_types, start, end, SessionLimits.of(limits), pacer,
             security)), device)
 
@@ -222,7 +223,8 @@ class IdisMeterDriver:
             return await self._converse(conversation, plan, start, end)
 
         try:
-            answers = await in_association(reactor, device, limits, pacer, converse, security)
+            answers = await in_association(reactor, device, limits, pacer, converse, security,
+                                           stepped=True)
             result = _meter_read_result(device, plan, answers)
         except BaseException:
             self.configurations.forget(device.mrid)  # whatever failed may be what is cached

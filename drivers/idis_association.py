@@ -47,15 +47,18 @@ class Conversation:
     """One open association with one meter, as the driver's operations use it: each method
     sends one request and waits for its answer (block transfer followed inside)."""
 
-    def __init__(self, connection: DlmsConnection, session: ClientSession) -> None:
+    def __init__(self, connection: DlmsConnection, session: ClientSession,
+                 stepped: bool = False) -> None:
         self.connection = connection
         self.session = session
         self.device_mrid = session.device_mrid
+        # In a coroutine stepped by cimhes.drivers.stepping.run: answers without Deferreds.
+        self._request = connection.ask if stepped else connection.request
 
     async def get(self, class_id: int, obis: str, attribute: int) -> Any:
         """AttributeValue, or DataAccessError when the meter refuses."""
-        return await self.connection.request(self.session.get(class_id, obis, attribute),
-                                             f"GET {obis} attribute {attribute}")
+        return await self._request(self.session.get(class_id, obis, attribute),
+                                   f"GET {obis} attribute {attribute}")
 
     async def set(self, class_id: int, obis: str, attribute: int, value: bytes) -> Any:
         """SetResult (`value`: one A-XDR encoded Data)."""
@@ -89,7 +92,7 @@ class Conversation:
             known_captures = captures.value
         else:
             captures = None
-        rows = await self.connection.request(
+        rows = await self._request(
             self.session.get_rows_by_range(profile, start, end),
             f"GET {profile} buffer from {start.isoformat()} to {end.isoformat()}")
         if isinstance(rows, DataAccessError):
@@ -109,7 +112,7 @@ class Conversation:
 async def in_association(reactor: Any, device: DeviceAddress, limits: SessionLimits,
                          pacer: ConnectionPacer | None,
                          work: Callable[[Conversation], Awaitable[T]],
-                         security: HeadEndSecurity | None = None) -> T:
+                         security: HeadEndSecurity | None = None, stepped: bool = False) -> T:
     """Connect, associate (HLS-GMAC when the device's security says so: `security` is the
     head-end's system title and counter book), run `work`, release politely, close: the one
     way every operation on an IDIS meter talks to it.
@@ -117,24 +120,26 @@ async def in_association(reactor: Any, device: DeviceAddress, limits: SessionLim
     A meter that refuses the head-end's invocation counter as already used has a counter ahead
     of the book: it is read as the public client and the book moved past it
     (`resynchronise`); refused at the AARQ (nothing done yet), the association is tried once
-    more, refused later the error stands (the book is right for the next session)."""
+    more, refused later the error stands (the book is right for the next session).
+    `stepped`: the caller runs this coroutine with `cimhes.drivers.stepping.run`, so the
+    exchanges are awaited as Answers, not Deferreds."""
     hls = await session_security(reactor, device, limits, pacer, security)
     resynchronised = False
     while True:
         session = ClientSession(device.mrid, device.client_address, device.server_address,
                                 device.security, device.password, hls, gateway_of(device))
         connection = await connect(reactor, device, session, limits, pacer)
+        request = connection.ask if stepped else connection.request
         failure = None
         associating = True
         try:
-            if isinstance(await connection.request(session.associate(), "AARQ"),
-                          AuthenticationRequired):
-                await connection.request(session.authenticate(),
-                                         "reply_to_HLS_authentication (HLS-GMAC pass 3)")
+            if isinstance(await request(session.associate(), "AARQ"), AuthenticationRequired):
+                await request(session.authenticate(),
+                              "reply_to_HLS_authentication (HLS-GMAC pass 3)")
             associating = False
-            result = await work(Conversation(connection, session))
+            result = await work(Conversation(connection, session, stepped))
             try:
-                await connection.request(session.release(), "RLRQ")
+                await request(session.release(), "RLRQ")
             except DeviceError as error:
                 # Every answer is in; a meter that fumbles the release does not spoil them.
                 log.info("release of {mrid} failed: {failure}", mrid=device.mrid, failure=error)

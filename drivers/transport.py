@@ -45,6 +45,7 @@ from cimhes.drivers.errors import (
     Timeout,
 )
 from cimhes.drivers.limits import ConnectionPacer, SessionLimits
+from cimhes.drivers.stepping import Answer
 
 _OUT_OF_DESCRIPTORS = (errno.EMFILE, errno.ENFILE)
 
@@ -70,9 +71,16 @@ class DlmsConnection(Protocol):
 
     def request(self, data: bytes, what: str) -> Deferred:
         """Send `data`; the Deferred fires with the session's final event for this request."""
+        return self._send_request(Deferred(self._cancel_request), data, what)
+
+    def ask(self, data: bytes, what: str) -> Answer:
+        """As `request`, for a coroutine stepped by `cimhes.drivers.stepping.run`: the same
+        outcome as an awaitable `Answer`, without a Deferred per exchange."""
+        return self._send_request(Answer(self._cancel_request), data, what)
+
+    def _send_request(self, pending, data: bytes, what: str):
         if self._pending is not None:
             raise RuntimeError(f"request {what!r} while {self._what!r} is still waiting")
-        pending = Deferred(self._cancel_request)
         if self._unclaimed is not None:
             error, self._unclaimed = self._unclaimed, None
             pending.errback(error)
@@ -193,8 +201,8 @@ class DlmsConnection(Protocol):
                            f"session deadline of {self.limits.session_deadline:g} s "
                            f"passed{doing}"))
 
-    def _cancel_request(self, pending: Deferred) -> None:
-        # The caller gave up (Deferred.cancel); Twisted fails `pending` with CancelledError.
+    def _cancel_request(self, pending: Deferred | Answer) -> None:
+        # The caller gave up (cancel()); `pending` then fails with CancelledError.
         self._pending = None
         self._abort()
 
