@@ -31,8 +31,7 @@ from typing import Any
 from twisted.internet import error as neterror
 from twisted.internet import tcp
 from twisted.internet.defer import CancelledError, Deferred
-from twisted.internet.endpoints import TCP4ClientEndpoint, connectProtocol
-from twisted.internet.protocol import Protocol, connectionDone
+from twisted.internet.protocol import ClientFactory, Protocol, connectionDone
 from twisted.python.failure import Failure
 
 from cimhes.drivers.address import DeviceAddress
@@ -66,6 +65,7 @@ class DlmsConnection(Protocol):
         # A device error that arrived while no request was waiting: the next request gets it.
         self._unclaimed: DeviceError | None = None
         self._closed = False
+        self.made: Deferred | None = None  # fired by connectionMade, when `connect` set it
 
     # -- used by the driver ----------------------------------------------------------------
 
@@ -107,6 +107,9 @@ class DlmsConnection(Protocol):
     def connectionMade(self) -> None:
         if self._unclaimed is not None:  # the deadline passed while connecting
             self._abort()
+        made, self.made = self.made, None
+        if made is not None:  # connected by `connect`: it waits for this
+            made.callback(self)
 
     def dataReceived(self, data: bytes) -> None:
         if self._closed:
@@ -255,8 +258,9 @@ def connect(reactor: Any, device: DeviceAddress, session: ClientSession,
         connection = DlmsConnection(reactor, session, limits)
         protocol.append(connection)
         timeout = min(limits.connect_timeout, limits.session_deadline)
-        endpoint = TCP4ClientEndpoint(reactor, device.host, device.port, timeout=timeout)
-        return connectProtocol(endpoint, connection)
+        factory = _Connecting(connection)
+        factory.connector = reactor.connectTCP(device.host, device.port, factory, timeout)
+        return connection.made
 
     def failed(failure: Failure) -> Failure:
         for connection in protocol:
@@ -265,6 +269,33 @@ def connect(reactor: Any, device: DeviceAddress, session: ClientSession,
                                min(limits.connect_timeout, limits.session_deadline))
 
     return waiting.addCallback(start).addErrback(failed)
+
+
+class _Connecting(ClientFactory):
+    """One connect of one DlmsConnection by `reactor.connectTCP`: what a TCP4ClientEndpoint
+    and `connectProtocol` do (a Deferred of the connected protocol, cancellable, failing with
+    the connector's reason), without their wrapping protocol (a call more per received chunk)
+    and without the factory's start and stop log events (two per meter read)."""
+
+    noisy = False
+
+    def __init__(self, connection: DlmsConnection) -> None:
+        self._connection = connection
+        self.connector: Any = None
+        connection.made = Deferred(self._cancel)
+
+    def buildProtocol(self, addr: Any) -> DlmsConnection:
+        return self._connection
+
+    def clientConnectionFailed(self, connector: Any, reason: Failure) -> None:
+        made, self._connection.made = self._connection.made, None
+        if made is not None:
+            made.errback(reason)
+
+    def _cancel(self, made: Deferred) -> None:
+        self._connection.made = None
+        made.errback(neterror.ConnectingCancelledError(self.connector.getDestination()))
+        self.connector.stopConnecting()
 
 
 def connect_failure(failure: Failure, device: DeviceAddress, where: str, timeout: float) -> Failure:
