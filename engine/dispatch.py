@@ -689,6 +689,10 @@ def _share(result: MeterReadResult, job: Job) -> MeterReadResult:
     wanted = set(job.reading_types)
     if not wanted and job.window is None:
         return result
+    if (job.window == job.read_window and reading.interval_blocks and not result.errors
+            and (not wanted or all(b.reading_type in wanted for b in reading.interval_blocks)
+                 and all(r.reading_type in wanted for r in reading.readings))):
+        return result  # the session read this job's window and types only: nothing to cut
 
     def asked(reading_type: str) -> bool:
         return not wanted or reading_type in wanted
