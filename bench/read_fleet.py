@@ -232,6 +232,7 @@ class CollectorPauses:
 PARTS = (
     ("/twisted/", "Twisted (reactor, Deferreds, TCP transport)"),
     ("/drivers/transport.py", "driver: transport (timers, request/answer)"),
+    ("/drivers/stepping.py", "driver: stepping (coroutine per read, Answer per exchange)"),
     ("/drivers/dlms_session.py", "driver: DLMS session (requests, frames, APDUs)"),
     ("/drivers/axdr.py", "driver: A-XDR decoding"),
     ("/drivers/ciphering.py", "driver: ciphering (AES-GCM)"),
