@@ -217,6 +217,8 @@ class ErrorCode:
                                 "the control could not start within the allowed delay after its "
                                 "time; nothing was sent to the device")
     INTERNAL_ERROR = ErrorCase("5.3", "internal", "the head-end failed; the request may be retried")
+    INTERRUPTED = ErrorCase("5.3", "interrupted", "the head-end stopped while carrying out the "
+                            "asynchronous request, as often as it re-runs one; not run again")
     DEVICE_TIMEOUT = ErrorCase("5.3", "device-timeout", "the device did not answer in time")
     DEVICE_UNREACHABLE = ErrorCase("5.3", "device-unreachable", "no connection to the device")
     DEVICE_REFUSED = ErrorCase("5.3", "association-refused",

@@ -63,6 +63,7 @@ from cimhes.drivers.errors import (
 from cimhes.endpoints.arrival import ArrivalDesk, within_limit
 from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
 from cimhes.endpoints.meter_readings import caller_of
+from cimhes.endpoints.owed_replies import OwedReplies
 from cimhes.endpoints.auth import SoapGuard
 from cimhes.endpoints.soap_resource import CimFault, SoapResource, soap_application
 from cimhes.engine import pending_replies, request_log
@@ -153,10 +154,12 @@ class EndDeviceControlsDoor:
                  audit=None, now: Callable[[], datetime] | None = None, reactor=None,
                  limits: ControlRequestLimits | None = None, admission: Admission | None = None,
                  replies: ReplySender | None = None,
-                 reply_addresses: ReplyAddressPolicy | None = None):
+                 reply_addresses: ReplyAddressPolicy | None = None,
+                 owed: OwedReplies | None = None):
         """``controls``: engine/controls.py ControlService; ``gate``: the ControlGate;
         ``readings``: the MeterReadingService whose `resolve` finds devices the one way the
-        engine does; ``users``/``audit``: who the AMQP door's callers are, and its audit."""
+        engine does; ``users``/``audit``: who the AMQP door's callers are, and its audit;
+        ``owed``: the process's owed replies (endpoints/owed_replies.py)."""
         self._controls = controls
         self._gate = gate
         self._readings = readings
@@ -170,6 +173,8 @@ class EndDeviceControlsDoor:
         self._replies = replies
         self._reply_addresses = reply_addresses or ReplyAddressPolicy()
         self._arrivals = ArrivalDesk(store, self._admission, replies, self._reply_addresses)
+        self._owed_replies = owed or OwedReplies(self._reactor, store)
+        self._owed_replies.register(codec.NOUN, self._resumed)
 
     # ------------------------------------------------------------------------- the operations
 
@@ -228,16 +233,14 @@ class EndDeviceControlsDoor:
             # What is scheduled is stored before the acknowledgment, which names it (so it
             # can be cancelled before it runs); the rest runs after.
             # The reply owed is stored before the acknowledgment (engine/pending_replies.py):
-            # a restart before the scheduled time carries it on (`resume_replies`).
+            # a restart before the scheduled time carries it on (`_resumed`).
             try:
                 outcome, pending = yield self._admit_and_schedule(request, who)
                 progress = owed_progress(request, outcome, pending, who, devices_asked)
-                reply_id = yield self._store.call(
-                    pending_replies.add, self._store.store, noun=codec.NOUN, request_id=logged,
-                    reply_address=header.reply_address,
+                reply_id = yield self._owed_replies.add(
+                    noun=codec.NOUN, request_id=logged, reply_address=header.reply_address,
                     correlation_id=header.correlation_id or header.message_id,
-                    request_xml=etree.tostring(element, encoding="unicode"), progress=progress,
-                    now=self._now())
+                    request_xml=etree.tostring(element, encoding="unicode"), progress=progress)
             except BaseException:
                 admitted.release()
                 raise
@@ -246,8 +249,9 @@ class EndDeviceControlsDoor:
                 ReplyResult.OK, errors=(_ACK,) + tuple(
                     e for e in outcome.errors if e.code == ErrorCode.ACKNOWLEDGED),
                 ids=_ids(outcome)), outcome.made))
-            self._owed(reply_id, request, logged, outcome, progress, admitted).addErrback(
-                lambda f: log.error("asynchronous control request failed: %s", f.getTraceback()))
+            self._owed_replies.carry(
+                reply_id, header.correlation_id or header.message_id,
+                lambda: self._owed(reply_id, request, logged, outcome, progress, admitted))
             return ack
         else:
             work = self._carry_out(request, who)
@@ -272,8 +276,8 @@ class EndDeviceControlsDoor:
         """The asynchronous half of a Create, from where its `pending_reply` row stands: carry
         out the controls due at once (each stored as a batch in the row's own transaction, or
         already stored: then waited for), wait for the scheduled ones, post the outcome to the
-        ReplyAddress and mark the row sent. Run after the acknowledgment, and by
-        `resume_replies` after a restart."""
+        ReplyAddress; whether it took it (OwedReplies.carry settles the row). Run after the
+        acknowledgment, and by `_resumed` for a row taken over (a restart, a retry round)."""
         header = request.header
         try:
             for position, item in enumerate(progress["immediate"]):
@@ -305,31 +309,17 @@ class EndDeviceControlsDoor:
         element = yield self._finish(request, logged, outcome, progress["devices_asked"])
         delivered = yield self._replies.send(header.reply_address, element,
                                              header.correlation_id or header.message_id)
-        if delivered:
-            yield self._store.call(pending_replies.mark_sent, self._store.store, reply_id,
-                                   self._now())
-        else:
-            log.error("the outcome of asynchronous control request %s stays owed to %s; the "
-                      "next start posts it again", header.correlation_id or header.message_id,
-                      header.reply_address)
+        return delivered
 
-    @inlineCallbacks
-    def resume_replies(self):
-        """Carry on every asynchronous Create reply a previous process left owed (at start)."""
-        owed = yield self._store.call(pending_replies.unsent, self._store.store, codec.NOUN)
-        for reply in owed:
-            try:
-                request, outcome = self._restored(reply)
-            except (CodecError, KeyError, ValueError, IndexError) as exc:
-                log.error("asynchronous reply %d to %s cannot be carried on: %s", reply.id,
-                          reply.reply_address, exc)
-                continue
-            log.info("carrying on the asynchronous reply %s to %s (left owed by the previous "
-                     "process)", reply.correlation_id, reply.reply_address)
-            self._owed(reply.id, request, reply.request_id, outcome, reply.progress).addErrback(
-                lambda f: log.error("a resumed asynchronous control reply failed: %s",
-                                    f.getTraceback()))
-        return len(owed)
+    def _resumed(self, reply):
+        """Carry on a Create's row taken over (OwedReplies.sweep): from its progress, without
+        running again what its batches already hold (engine/controls.py jobs are durable)."""
+        try:
+            request, outcome = self._restored(reply)
+        except (CodecError, KeyError, ValueError, IndexError) as exc:
+            raise ValueError(f"asynchronous reply {reply.id} to {reply.reply_address} cannot "
+                             f"be carried on: {exc}") from exc
+        return self._owed(reply.id, request, reply.request_id, outcome, reply.progress)
 
     def _restored(self, reply) -> tuple:
         _operation, request = codec.decode_request(parse_xml(reply.request_xml.encode()))
@@ -744,11 +734,8 @@ def mount(head_end, reactor, settings, cim) -> EndDeviceControlsDoor:
         admission=head_end.admission,
         replies=ReplySender(reactor, head_end.callback_session, wsdl_file=REPLY_WSDL,
                             operation=REPLY_OPERATION),
-        reply_addresses=ReplyAddressPolicy(settings.reply_addresses))
-    if getattr(head_end, "role", "all") != "engine":  # the doors' processes owe the replies
-        reactor.callWhenRunning(lambda: door.resume_replies().addErrback(
-            lambda f: log.error("resuming asynchronous control replies failed: %s",
-                                f.getTraceback())))
+        reply_addresses=ReplyAddressPolicy(settings.reply_addresses),
+        owed=head_end.owed_replies)
     cim.putChild(WSDL_NAME.encode(), SoapResource(
         end_device_controls_application(door), WSDL_FILE,
         SoapGuard(head_end.doorkeeper, OPERATION_ROLES, codec.encode_fault),

@@ -19,10 +19,11 @@ from collections.abc import Callable
 from dataclasses import replace
 from datetime import datetime, timedelta, timezone
 
+from lxml import etree
 from spyne import AnyXml, ServiceBase, rpc
 from twisted.internet.defer import inlineCallbacks
 
-from cimhes.cim.codec import CodecError
+from cimhes.cim.codec import CodecError, parse_xml
 from cimhes.cim.codec.end_device_events import (
     decode_get_end_device_events,
     encode_end_device_events_response,
@@ -36,7 +37,8 @@ from cimhes.endpoints.arrival import ArrivalDesk, within_limit
 from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
 from cimhes.endpoints.auth import SoapGuard
 from cimhes.endpoints.publisher import EVENTS_OPERATION, EVENTS_WSDL, MdmPublisher
-from cimhes.endpoints.meter_readings import caller_of
+from cimhes.endpoints.meter_readings import caller_of, interrupted_error
+from cimhes.endpoints.owed_replies import OwedReplies
 from cimhes.endpoints.soap_resource import CimFault, SoapResource, soap_application
 from cimhes.engine import publishing, request_log
 from cimhes.engine.admission import Admission
@@ -49,6 +51,7 @@ REPLY_WSDL = "ReplyEndDeviceEvents.wsdl"
 REPLY_OPERATION = "ReplyEndDeviceEvents"
 MESSAGE_NS = "http://iec.ch/TC57/2011/GetEndDeviceEventsMessage"
 SOURCE = "cimhes"
+NOUN = "EndDeviceEvents"
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +62,7 @@ class GetEndDeviceEventsDoor:
     def __init__(self, events: EventRequestService, runner, *, reactor,
                  admission: Admission | None = None, replies: ReplySender | None = None,
                  reply_addresses: ReplyAddressPolicy | None = None,
-                 now: Callable[[], datetime] | None = None):
+                 now: Callable[[], datetime] | None = None, owed: OwedReplies | None = None):
         self._events = events
         self._store = runner
         self._reactor = reactor
@@ -68,6 +71,8 @@ class GetEndDeviceEventsDoor:
         self._reply_addresses = reply_addresses or ReplyAddressPolicy()
         self._arrivals = ArrivalDesk(runner, self._admission, replies, self._reply_addresses)
         self._now = now or (lambda: datetime.now(timezone.utc))
+        self._owed = owed or OwedReplies(reactor, runner)
+        self._owed.register(NOUN, self._resumed)
 
     @property
     def limits(self) -> EventRequestLimits:
@@ -94,9 +99,18 @@ class GetEndDeviceEventsDoor:
         if arrival.refusal is not None:
             outcome = EventOutcome(errors=[arrival.refusal], devices_asked=asked)
         elif request.header.async_reply:
-            self._select_then_reply(request, logged, admitted).addErrback(
-                lambda f: log.error("asynchronous GetEndDeviceEvents failed: %s",
-                                    f.getTraceback()))
+            # Owed before it is acknowledged (pending_reply): a restart re-runs it (`_resumed`).
+            header = request.header
+            try:
+                reply_id = yield self._owed.add(
+                    noun=NOUN, request_id=logged, reply_address=header.reply_address,
+                    correlation_id=header.correlation_id or header.message_id,
+                    request_xml=etree.tostring(element, encoding="unicode"), progress={})
+            except BaseException:
+                admitted.release()
+                raise
+            self._owed.carry(reply_id, header.correlation_id or header.message_id,
+                             lambda: self._select_then_reply(request, logged, admitted))
             ack = Error(code=ErrorCode.ACKNOWLEDGED, level=ErrorLevel.INFORM,
                         reason="request accepted; the outcome will be sent to the ReplyAddress "
                                "with this CorrelationID")
@@ -159,18 +173,40 @@ class GetEndDeviceEventsDoor:
                                 devices_failed=outcome.devices_failed)
 
     @inlineCallbacks
-    def _select_then_reply(self, request, logged, admitted):
-        """The asynchronous half: select (reading logs if asked), then post each part."""
+    def _select_then_reply(self, request, logged, admitted=None):
+        """The asynchronous half: select (reading logs if asked), then post each part; whether
+        the ReplyAddress took every part (a part refused ends the round)."""
         try:
             outcome = yield self._events.select(request)
         finally:
-            admitted.release()
+            if admitted is not None:
+                admitted.release()
+        return (yield self._post(request, logged, outcome))
+
+    @inlineCallbacks
+    def _post(self, request, logged, outcome: EventOutcome):
         header = request.header
+        delivered = True
         for index in range(1, outcome.parts + 1):  # one callback per part, in order
             part = yield self._part(request, outcome, index)
-            yield self._replies.send(header.reply_address, encode_end_device_events_response(part),
-                                     header.correlation_id or header.message_id)
+            delivered = yield self._replies.send(
+                header.reply_address, encode_end_device_events_response(part),
+                header.correlation_id or header.message_id)
+            if not delivered:
+                break
         yield self._record(logged, outcome)
+        return delivered
+
+    def _resumed(self, reply):
+        """A GetEndDeviceEvents reply taken over (its process died, or a delivery round
+        failed): run again as asked (DataSource=meter reads the logs again; the events are
+        stored once), unless interrupted `max_interrupted` times: then FAILED 5.3."""
+        request = decode_get_end_device_events(parse_xml(reply.request_xml.encode()))
+        if reply.interrupted >= self._owed.settings.max_interrupted:
+            return self._post(request, reply.request_id, EventOutcome(
+                errors=[interrupted_error(reply)],
+                devices_asked=len(request.meters) + len(request.end_device_groups)))
+        return self._select_then_reply(request, reply.request_id)
 
 
 def get_end_device_events_application(door: GetEndDeviceEventsDoor):
@@ -205,7 +241,8 @@ def mount(head_end, reactor, settings, cim) -> GetEndDeviceEventsDoor:
         head_end.store_runner, reactor=reactor, admission=head_end.admission,
         replies=ReplySender(reactor, head_end.callback_session, wsdl_file=REPLY_WSDL,
                             operation=REPLY_OPERATION),
-        reply_addresses=ReplyAddressPolicy(settings.reply_addresses))
+        reply_addresses=ReplyAddressPolicy(settings.reply_addresses),
+        owed=head_end.owed_replies)
     cim.putChild(WSDL_NAME.encode(), SoapResource(
         get_end_device_events_application(door), WSDL_FILE,
         SoapGuard(head_end.doorkeeper, {"GetEndDeviceEvents": Role.EVENTS_READER},

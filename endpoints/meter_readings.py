@@ -13,6 +13,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 
+from lxml import etree
 from spyne import AnyXml, ServiceBase, rpc
 from twisted.internet import reactor as default_reactor
 from twisted.internet.defer import inlineCallbacks
@@ -20,6 +21,7 @@ from twisted.internet.threads import deferToThread
 
 from cimhes.cim.codec import (
     CodecError,
+    parse_xml,
     decode_get_meter_readings,
     encode_fault,
     encode_meter_readings_response,
@@ -35,6 +37,7 @@ from cimhes.cim.meter_readings import (
 )
 from cimhes.endpoints.arrival import ArrivalDesk, within_limit
 from cimhes.endpoints.async_replies import ReplyAddressPolicy, ReplySender
+from cimhes.endpoints.owed_replies import OwedReplies
 from cimhes.cim.header_limits import check_header
 from cimhes.endpoints.soap_resource import CimFault, soap_application
 from cimhes.engine.admission import Admission
@@ -48,6 +51,7 @@ WSDL_NAME = "GetMeterReadings"
 WSDL_FILE = "GetMeterReadings.wsdl"
 MESSAGE_NS = "http://iec.ch/TC57/2011/GetMeterReadingsMessage"
 SOURCE = "cimhes"
+NOUN = "MeterReadings"
 
 log = logging.getLogger(__name__)
 
@@ -91,9 +95,11 @@ class GetMeterReadingsDoor:
                  limits: ReadingRequestLimits | None = None,
                  admission: Admission | None = None,
                  replies: ReplySender | None = None,
-                 reply_addresses: ReplyAddressPolicy | None = None):
+                 reply_addresses: ReplyAddressPolicy | None = None,
+                 owed: OwedReplies | None = None):
         """``replies`` posts asynchronous outcomes (None: AsyncReplyFlag is refused), to the
-        addresses ``reply_addresses`` allows."""
+        addresses ``reply_addresses`` allows; ``owed`` keeps each owed until it is taken
+        (endpoints/owed_replies.py)."""
         self._replies = replies
         self._reply_addresses = reply_addresses or ReplyAddressPolicy()
         self._readings = readings
@@ -103,6 +109,8 @@ class GetMeterReadingsDoor:
         self._limits = limits or ReadingRequestLimits()
         self._admission = admission or Admission()
         self._arrivals = ArrivalDesk(store, self._admission, replies, self._reply_addresses)
+        self._owed = owed or OwedReplies(self._reactor, store)
+        self._owed.register(NOUN, self._resumed)
 
     @inlineCallbacks
     def get_meter_readings(self, element, caller: str | None = None):
@@ -129,8 +137,18 @@ class GetMeterReadingsDoor:
         if arrival.refusal is not None:
             outcome = ReadOutcome(errors=[arrival.refusal], devices_asked=asked)
         elif request.header.async_reply:
-            self._read_then_reply(request, logged, admitted).addErrback(
-                lambda f: log.error("asynchronous reading failed: %s", f.getTraceback()))
+            # Owed before it is acknowledged (pending_reply): a restart re-runs it (`_resumed`).
+            header = request.header
+            try:
+                reply_id = yield self._owed.add(
+                    noun=NOUN, request_id=logged, reply_address=header.reply_address,
+                    correlation_id=header.correlation_id or header.message_id,
+                    request_xml=etree.tostring(element, encoding="unicode"), progress={})
+            except BaseException:
+                admitted.release()
+                raise
+            self._owed.carry(reply_id, header.correlation_id or header.message_id,
+                             lambda: self._read_then_reply(request, logged, admitted))
             ack = Error(code=ErrorCode.ACKNOWLEDGED, level=ErrorLevel.INFORM,
                         reason="request accepted; the outcome will be sent to the ReplyAddress "
                                "with this CorrelationID")
@@ -213,21 +231,55 @@ class GetMeterReadingsDoor:
                                 devices_failed=outcome.devices_failed)
 
     @inlineCallbacks
-    def _read_then_reply(self, request, logged, admitted):
-        """The asynchronous half: read, then post the outcome to the ReplyAddress."""
+    def _read_then_reply(self, request, logged, admitted=None):
+        """The asynchronous half: read, then post the outcome to the ReplyAddress, part by part;
+        whether the ReplyAddress took every part (a part refused ends the round: the next
+        round posts them all again)."""
         try:
             outcome = yield self._readings.read(request, self._limits.stream_above_meters)
         finally:
-            admitted.release()
+            if admitted is not None:
+                admitted.release()
+        return (yield self._post(request, logged, outcome))
+
+    @inlineCallbacks
+    def _post(self, request, logged, outcome):
         header = request.header
-        for part in self._parts(request, outcome):  # one callback per part, in order
-            element = yield encode_off_the_reactor((yield self._filled(outcome, part)))
-            yield self._replies.send(header.reply_address, element,
-                                     header.correlation_id or header.message_id)
-            del element
-        yield self._record(logged, outcome)
-        if outcome.in_store is not None:
-            release_memory_soon(self._reactor)
+        delivered = True
+        try:
+            for part in self._parts(request, outcome):  # one callback per part, in order
+                element = yield encode_off_the_reactor((yield self._filled(outcome, part)))
+                delivered = yield self._replies.send(header.reply_address, element,
+                                                     header.correlation_id or header.message_id)
+                del element
+                if not delivered:
+                    break
+            yield self._record(logged, outcome)
+        finally:
+            if outcome.in_store is not None:
+                release_memory_soon(self._reactor)
+        return delivered
+
+    def _resumed(self, reply):
+        """A GetMeterReadings reply taken over (its process died, or a delivery round failed):
+        the request is run again as it was asked (a read changes nothing; with the default
+        DataSource what an interrupted run stored comes from the store, and only what is
+        missing is read), unless its runs were interrupted `max_interrupted` times: then it is
+        answered FAILED 5.3 "interrupted" rather than risk a request that stops the process."""
+        request = decode_get_meter_readings(parse_xml(reply.request_xml.encode()))
+        if reply.interrupted >= self._owed.settings.max_interrupted:
+            outcome = ReadOutcome(errors=[interrupted_error(reply)], devices_asked=(
+                len(request.end_devices) + len(request.usage_points)
+                + len(request.end_device_groups)))
+            return self._post(request, reply.request_id, outcome)
+        return self._read_then_reply(request, reply.request_id)
+
+
+def interrupted_error(reply) -> Error:
+    """The Error of an asynchronous request not run again after interrupted runs."""
+    return Error(code=ErrorCode.INTERRUPTED, reason=(
+        f"the head-end stopped {reply.interrupted} time(s) while carrying out this request; "
+        "it is not run again: send it again if its outcome is still wanted"))
 
 
 def get_meter_readings_application(door: GetMeterReadingsDoor):

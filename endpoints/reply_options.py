@@ -1,11 +1,13 @@
 """Command-line options for GetMeterReadings replies (`serve` and `demo`): the synchronous time
 limit, the values in one reply message, and the size beyond which a request's reply is built
-from the store part by part. Each sets a `ReadingRequestLimits` field (README, "Limits")."""
+from the store part by part (each a `ReadingRequestLimits` field); and how every noun's owed
+asynchronous replies are held and retried (`OwedReplySettings`). README, "Limits"."""
 from __future__ import annotations
 
 import argparse
 
 from cimhes.endpoints.meter_readings import ReadingRequestLimits
+from cimhes.endpoints.owed_replies import OwedReplySettings
 
 
 def add_reply_options(parser: argparse.ArgumentParser) -> None:
@@ -22,6 +24,24 @@ def add_reply_options(parser: argparse.ArgumentParser) -> None:
                        help="meters of a request answered from memory; beyond, each reply part "
                             f"is built from the store (default {defaults.stream_above_meters})")
 
+    owed = OwedReplySettings()
+    group = parser.add_argument_group("asynchronous replies owed (every noun)")
+    group.add_argument("--reply-lease", type=float, default=owed.lease,
+                       help="seconds a process holds an owed reply between renewals; another "
+                            "process (or the next start) takes over one whose holder died once "
+                            f"it runs out (default {owed.lease:g})")
+    group.add_argument("--reply-first-retry", type=float, default=owed.first_retry,
+                       help="seconds after a delivery round that failed before the next; "
+                            f"doubled each round up to {owed.max_retry:g} s "
+                            f"(default {owed.first_retry:g})")
+    group.add_argument("--reply-give-up-after", type=float, default=owed.give_up_after,
+                       help="seconds after the acknowledgment past which a failed round is the "
+                            "last; the reply stays recorded (default "
+                            f"{owed.give_up_after:g})")
+    group.add_argument("--reply-max-interrupted", type=int, default=owed.max_interrupted,
+                       help="interrupted runs after which a read request is answered FAILED "
+                            f"5.3 instead of run again (default {owed.max_interrupted})")
+
 
 def reply_settings(args: argparse.Namespace) -> dict:
     """HeadEndSettings keyword arguments; ValueError naming a value that is not positive."""
@@ -31,7 +51,14 @@ def reply_settings(args: argparse.Namespace) -> dict:
         raise ValueError("--max-values-per-message must be at least 1")
     if args.stream_above_meters < 0:
         raise ValueError("--stream-above-meters must be 0 or more")
-    return {"reading_requests": ReadingRequestLimits(
+    owed = OwedReplySettings(lease=args.reply_lease, first_retry=args.reply_first_retry,
+                             max_retry=max(OwedReplySettings.max_retry, args.reply_first_retry),
+                             give_up_after=args.reply_give_up_after,
+                             max_interrupted=args.reply_max_interrupted,
+                             sweep_interval=min(OwedReplySettings.sweep_interval,
+                                                args.reply_lease / 2)
+                             if args.reply_lease > 0 else OwedReplySettings.sweep_interval)
+    return {"owed_replies": owed, "reading_requests": ReadingRequestLimits(
         sync_time_limit=args.sync_time_limit,
         max_values_per_message=args.max_values_per_message,
         stream_above_meters=args.stream_above_meters)}

@@ -36,6 +36,7 @@ from cimhes.endpoints.meter_readings import (
     get_meter_readings_application,
 )
 from cimhes.endpoints.operations import Operations
+from cimhes.endpoints.owed_replies import OwedReplies, OwedReplySettings
 from cimhes.endpoints.reading_types import ReadingTypesResource
 from cimhes.endpoints.publisher import MdmPublisher
 from cimhes.endpoints.scale import ScaleSettings, engine_dispatcher, start_role
@@ -97,6 +98,8 @@ class HeadEndSettings:
     event_requests: EventRequestLimits = field(default_factory=EventRequestLimits)
     # ReplyAddresses asynchronous requests may name (URL prefixes); empty: async is refused.
     reply_addresses: tuple[str, ...] = ()
+    # How owed asynchronous replies are held (lease) and retried (endpoints/owed_replies.py).
+    owed_replies: OwedReplySettings = field(default_factory=OwedReplySettings)
     # MDM endpoints (name, ReceiveMeterReadings URL) every new reading is published to.
     subscribers: tuple[tuple[str, str], ...] = ()
     # MDM endpoints (name, ReceiveEndDeviceEvents URL) every new end-device event is published to.
@@ -207,12 +210,19 @@ class HeadEnd:
             first_retry=timedelta(seconds=settings.publish_first_retry))
         if self.role != "engine":  # one publisher per destination
             reactor.callWhenRunning(self.publisher.start)  # and delivers what a last run left
+        # Asynchronous replies owed, kept until taken and carried on by one process at a time
+        # (endpoints/owed_replies.py); shared by the three doors.
+        self.owed_replies = OwedReplies(reactor, self.store_runner, settings.owed_replies,
+                                        reply_addresses=ReplyAddressPolicy(settings.reply_addresses))
+        if self.role != "engine":  # the doors' processes owe the replies
+            reactor.callWhenRunning(self.owed_replies.start)
         door = GetMeterReadingsDoor(ReadingRequestService(self.readings, self.store_runner,
                                                           on_read=self.publisher.publish),
                                     self.store_runner, reactor=reactor, admission=self.admission,
                                     limits=settings.reading_requests,
                                     replies=ReplySender(reactor, self.callback_session),
-                                    reply_addresses=ReplyAddressPolicy(settings.reply_addresses))
+                                    reply_addresses=ReplyAddressPolicy(settings.reply_addresses),
+                                    owed=self.owed_replies)
         self.meter_readings_door = door
         cim = CimFolder()
         # GetEndDeviceEvents (endpoints/end_device_events.py) at /cim/GetEndDeviceEvents.

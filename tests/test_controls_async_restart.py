@@ -57,7 +57,9 @@ async def test_an_async_reply_owed_for_a_scheduled_control_is_sent_once_after_a_
             str(CIMHES), "user", "add", USER, "--role", "switch-operator", "--password-stdin",
             "--db", str(db)], input=PASSWORD + "\n", text=True, check=True, capture_output=True)
         serve = ("serve", "--inventory", str(inventory), "--db", str(db), "--port", "0",
-                 "--push-port", "0", "--reply-address", f"{mdm.base}/mdm/")
+                 "--push-port", "0", "--reply-address", f"{mdm.base}/mdm/",
+                 # The killed process's reply is taken over once its lease has run out.
+                 "--reply-lease", "4")
         first, ready = await deferToThread(_start, *serve)
         processes.append(first)
         client = await deferToThread(zeep_client, ready["services"]["ExecuteEndDeviceControls"]
