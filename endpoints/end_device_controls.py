@@ -731,7 +731,7 @@ def mount(head_end, reactor, settings, cim) -> EndDeviceControlsDoor:
     door = EndDeviceControlsDoor(
         head_end.controls, head_end.control_gate, head_end.readings, head_end.store_runner,
         users=head_end.users, audit=head_end.audit, reactor=reactor,
-        admission=head_end.admission,
+        admission=head_end.admission, limits=settings.control_requests,
         replies=ReplySender(reactor, head_end.callback_session, wsdl_file=REPLY_WSDL,
                             operation=REPLY_OPERATION),
         reply_addresses=ReplyAddressPolicy(settings.reply_addresses),

@@ -98,6 +98,9 @@ class HeadEndSettings:
     event_requests: EventRequestLimits = field(default_factory=EventRequestLimits)
     # ReplyAddresses asynchronous requests may name (URL prefixes); empty: async is refused.
     reply_addresses: tuple[str, ...] = ()
+    # Bounds on EndDeviceControls requests: the synchronous time limit (4.1), the polling.
+    control_requests: "controls_door.ControlRequestLimits" = field(
+        default_factory=lambda: controls_door.ControlRequestLimits())
     # How owed asynchronous replies are held (lease) and retried (endpoints/owed_replies.py).
     owed_replies: OwedReplySettings = field(default_factory=OwedReplySettings)
     # MDM endpoints (name, ReceiveMeterReadings URL) every new reading is published to.
