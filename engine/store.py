@@ -42,6 +42,7 @@ from cimhes.cim.meter_readings import MeterReading
 from cimhes.drivers import DRIVERS, DeviceAddress
 from cimhes.engine import schema
 from cimhes.engine.inventory import Inventory, ServedPeriod
+from cimhes.engine.reactor_turns import GIVE_WAY, ReactorTurns
 from cimhes.engine.sealed import Sealed, SecretBox, attach_secret_box, private_database_file
 
 
@@ -715,6 +716,9 @@ class StoreRunner:
         self._reactor = reactor
         self._lanes: tuple[deque, deque] = (deque(), deque())  # first, bulk
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="cimhes-store")
+        # Each unit of work waits for the reactor's turn in progress to end (at most
+        # GIVE_WAY s): engine/reactor_turns.py says why.
+        self._turns = ReactorTurns.of(reactor)
         self._pool.start()
         reactor.addSystemEventTrigger("during", "shutdown", self.stop)
 
@@ -744,6 +748,8 @@ class StoreRunner:
         if not lane:
             return  # its unit went with an earlier one's batch (`batched_unit`)
         done, function, args, kwargs = lane.popleft()
+        if self._turns is not None:
+            self._turns.give_way(GIVE_WAY)
         batch = getattr(function, "store_batch", None)
         if batch is not None:
             self._run_batch(lane, batch, function, [(done, args, kwargs)])
