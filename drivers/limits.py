@@ -19,12 +19,15 @@ defaults and `DEFAULT_CONNECTIONS_PER_SECOND`.
 from __future__ import annotations
 
 import resource
+from collections import deque
 from dataclasses import dataclass
 from typing import Any
 
 from twisted.internet.defer import Deferred
 
 DEFAULT_CONNECTIONS_PER_SECOND = 1000.0
+# New connections begun in one reactor turn at most (ConnectionPacer).
+CONNECTIONS_PER_TURN = 8
 # Descriptors kept free for what is not a meter socket: the database, listening sockets, HTTP
 # callers, log files.
 SPARE_DESCRIPTORS = 256
@@ -58,18 +61,31 @@ class SessionLimits:
 
 
 class ConnectionPacer:
-    """At most `rate` connection attempts per second, spaced 1/rate apart (rate 0: no pacing).
+    """At most `rate` connection attempts per second, spaced 1/rate apart (rate 0: no pacing),
+    and at most `per_turn` of them begun by one timer call (one reactor turn).
 
     `slot()` gives a Deferred that fires when the caller may connect: at once when the last slot
     is at least 1/rate ago, otherwise at the next free instant. Cancelling a waiting slot frees
-    its timer (the instant it held is not given back: pacing errs on the slow side)."""
+    it (the instant it held is not given back: pacing errs on the slow side).
 
-    def __init__(self, reactor: Any, rate: float = DEFAULT_CONNECTIONS_PER_SECOND) -> None:
+    The slots due are released by one timer, `per_turn` at a time: when a reactor turn ran
+    long, the slots that fell due meanwhile (a 50 ms turn at 1,000 a second: 50) would all
+    connect in the next turn (a socket, a connect and an epoll change each, every syscall also
+    handing the interpreter lock away) and make it longer still; the rest wait for the turns
+    after it, `callLater(0)` apart, so a turn never begins more than `per_turn` connections."""
+
+    def __init__(self, reactor: Any, rate: float = DEFAULT_CONNECTIONS_PER_SECOND,
+                 per_turn: int = CONNECTIONS_PER_TURN) -> None:
         if rate < 0:
             raise ValueError(f"connection rate must be 0 (unpaced) or positive, got {rate!r}")
+        if per_turn < 1:
+            raise ValueError(f"connections per turn must be at least 1, got {per_turn!r}")
         self._reactor = reactor
         self._spacing = 1.0 / rate if rate else 0.0
+        self._per_turn = per_turn
         self._next = 0.0
+        self._waiting: deque[tuple[float, Deferred]] = deque()  # by instant
+        self._timer: Any = None
 
     def slot(self) -> Deferred:
         if not self._spacing:
@@ -79,13 +95,36 @@ class ConnectionPacer:
         now = self._reactor.seconds()
         at = max(now, self._next)
         self._next = at + self._spacing
-        if at <= now:
+        if at <= now and not self._waiting:
             waiting = Deferred()
             waiting.callback(None)
             return waiting
-        call = self._reactor.callLater(at - now, lambda: waiting.callback(None))
-        waiting = Deferred(lambda _: call.cancel() if call.active() else None)
+        waiting = Deferred(self._cancelled)
+        self._waiting.append((at, waiting))
+        if self._timer is None:
+            self._timer = self._reactor.callLater(at - now, self._release)
         return waiting
+
+    def _release(self) -> None:
+        self._timer = None
+        now = self._reactor.seconds()
+        released = 0
+        while self._waiting and self._waiting[0][0] <= now and released < self._per_turn:
+            _, waiting = self._waiting.popleft()
+            released += 1
+            waiting.callback(None)
+        if self._waiting:
+            self._timer = self._reactor.callLater(max(0.0, self._waiting[0][0] - now),
+                                                  self._release)
+
+    def _cancelled(self, waiting: Deferred) -> None:
+        for entry in self._waiting:
+            if entry[1] is waiting:
+                self._waiting.remove(entry)
+                break
+        if not self._waiting and self._timer is not None and self._timer.active():
+            self._timer.cancel()
+            self._timer = None
 
 
 @dataclass(frozen=True)

@@ -70,6 +70,109 @@ def test_a_cancelled_slot_leaves_no_timer():
     waiting.addErrback(lambda failure: failure.trap(CancelledError))
 
 
+class TurnByTurn:
+    """A reactor clock that runs timed calls as Twisted's reactor does, one turn at a time:
+    `turn()` runs the calls due when it starts, and a call scheduled meanwhile (even
+    callLater(0)) waits for the next turn."""
+
+    def __init__(self):
+        self.now = 0.0
+        self._calls = []  # [time, function, args, cancelled]
+
+    def seconds(self):
+        return self.now
+
+    def callLater(self, delay, function, *args):
+        call = _Call(self.now + delay, function, args)
+        self._calls.append(call)
+        return call
+
+    def turn(self) -> None:
+        due = sorted((c for c in self._calls if c.time <= self.now and c.active()),
+                     key=lambda c: c.time)
+        for call in due:
+            self._calls.remove(call)
+            if call.active():
+                call.called = True
+                call.function(*call.args)
+        self._calls = [c for c in self._calls if c.active()]
+
+    @property
+    def pending(self):
+        return [c for c in self._calls if c.active()]
+
+
+class _Call:
+    def __init__(self, time, function, args):
+        self.time, self.function, self.args = time, function, args
+        self.called = self.cancelled = False
+
+    def active(self):
+        return not (self.called or self.cancelled)
+
+    def cancel(self):
+        self.cancelled = True
+
+    def getTime(self):
+        return self.time
+
+
+def test_a_long_turn_does_not_release_every_slot_that_fell_due_at_once():
+    # 1,000 a second: after a 50 ms turn, 49 slots are due; each turn begins at most 8.
+    reactor = TurnByTurn()
+    pacer = ConnectionPacer(reactor, rate=1000, per_turn=8)
+    fired = []
+    for n in range(50):
+        pacer.slot().addCallback(lambda _, n=n: fired.append(n))
+    assert fired == [0]
+    reactor.now = 0.050
+    per_turn = []
+    while reactor.pending:
+        before = len(fired)
+        reactor.turn()
+        per_turn.append(len(fired) - before)
+    assert per_turn == [8, 8, 8, 8, 8, 8, 1]
+    assert fired == list(range(50))  # in the order asked
+
+
+def test_slots_still_keep_the_rate_when_turns_are_short():
+    reactor = TurnByTurn()
+    pacer = ConnectionPacer(reactor, rate=100, per_turn=8)
+    fired = []
+    for n in range(5):
+        pacer.slot().addCallback(lambda _, n=n: fired.append((n, reactor.now)))
+    for step in range(1, 5):
+        reactor.now = step * 0.01 - 0.001
+        reactor.turn()
+        assert len(fired) == step  # not yet the next one
+        reactor.now = step * 0.01
+        reactor.turn()
+    assert [n for n, _ in fired] == [0, 1, 2, 3, 4]
+    assert [at for _, at in fired] == pytest.approx([0, 0.01, 0.02, 0.03, 0.04])
+    assert reactor.pending == []
+
+
+def test_a_cancelled_waiting_slot_is_not_released_and_others_keep_their_turn():
+    reactor = TurnByTurn()
+    pacer = ConnectionPacer(reactor, rate=1000, per_turn=2)
+    fired = []
+    slots = [pacer.slot() for _ in range(5)]
+    for n, slot in enumerate(slots):
+        slot.addCallback(lambda _, n=n: fired.append(n))
+    slots[1].addErrback(lambda failure: failure.trap(CancelledError))
+    slots[1].cancel()
+    reactor.now = 1.0
+    reactor.turn()
+    assert fired == [0, 2, 3]
+    reactor.turn()
+    assert fired == [0, 2, 3, 4] and reactor.pending == []
+
+
+def test_connections_per_turn_must_be_positive():
+    with pytest.raises(ValueError, match="per turn"):
+        ConnectionPacer(task.Clock(), rate=10, per_turn=0)
+
+
 def test_rate_zero_does_not_pace():
     clock = task.Clock()
     pacer = ConnectionPacer(clock, rate=0)
