@@ -7,6 +7,7 @@ thread keeps writes ordered without lock contention.
 """
 from __future__ import annotations
 
+import time
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -42,7 +43,7 @@ from cimhes.cim.meter_readings import MeterReading
 from cimhes.drivers import DRIVERS, DeviceAddress
 from cimhes.engine import schema
 from cimhes.engine.inventory import Inventory, ServedPeriod
-from cimhes.engine.reactor_turns import GIVE_WAY, ReactorTurns
+from cimhes.engine.reactor_turns import ReactorTurns
 from cimhes.engine.sealed import Sealed, SecretBox, attach_secret_box, private_database_file
 
 
@@ -716,8 +717,7 @@ class StoreRunner:
         self._reactor = reactor
         self._lanes: tuple[deque, deque] = (deque(), deque())  # first, bulk
         self._pool = ThreadPool(minthreads=1, maxthreads=1, name="cimhes-store")
-        # Each unit of work waits for the reactor's turn in progress to end (at most
-        # GIVE_WAY s): engine/reactor_turns.py says why.
+        # Units of work give way to the reactor's turn in progress: engine/reactor_turns.py.
         self._turns = ReactorTurns.of(reactor)
         self._pool.start()
         reactor.addSystemEventTrigger("during", "shutdown", self.stop)
@@ -748,8 +748,21 @@ class StoreRunner:
         if not lane:
             return  # its unit went with an earlier one's batch (`batched_unit`)
         done, function, args, kwargs = lane.popleft()
-        if self._turns is not None:
-            self._turns.give_way(GIVE_WAY)
+        if self._turns is None:
+            self._run(lane, done, function, args, kwargs)
+            return
+        bulk = lane is self._lanes[1]
+        self._turns.before_work(bulk)
+        if bulk:
+            self._run(lane, done, function, args, kwargs)
+            return
+        turn, started = self._turns.turn, time.perf_counter()
+        try:
+            self._run(lane, done, function, args, kwargs)
+        finally:
+            self._turns.after_work(turn, time.perf_counter() - started)
+
+    def _run(self, lane: deque, done: Deferred, function, args, kwargs) -> None:
         batch = getattr(function, "store_batch", None)
         if batch is not None:
             self._run_batch(lane, batch, function, [(done, args, kwargs)])
