@@ -238,6 +238,8 @@ class Dispatcher:
         self._writer = ReadingWriter(runner, self._now)
         self._settling: list[tuple[Completion, JobOutcome]] = []
         self._settle_running = False
+        self._few_settle_running = False  # a small request's own settle (`_settle_few`)
+        self._settling_keys: set[str] = set()  # the requests of the batch being settled
         self._claiming = False
         self._wanted_claim = False
         self._timer = None
@@ -337,11 +339,22 @@ class Dispatcher:
                                         self._now(), only=list(job_ids))
 
             def got(result):
-                for job in result[0]:
+                jobs, next_due = result
+                for job in jobs:
                     self._queue.push(job)
+                if next_due is not None and next_due > self._now():  # one of them is due later
+                    self._wake_at((next_due - self._now()).total_seconds())
                 self._dispatch()
-            claimed.addCallback(got).addErrback(
-                lambda f: log.error("claiming jobs failed: %s", redaction.log_line(f)))
+                self._claim()
+
+            def failed(failure):
+                log.error("claiming jobs failed: %s", redaction.log_line(failure))
+                self._claim(force=True)
+            claimed.addCallbacks(got, failed)
+            # Its jobs are claimed by id: a claim of everything due now (a large request's
+            # jobs, 250 at a time) would only stand in the store's way of its next steps.
+            self._dispatch()
+            return
         self._dispatch()
         self._claim(force=True)
 
@@ -390,8 +403,10 @@ class Dispatcher:
         """Deferred[(jobs, next due)]: the store's claim (a fed engine claims what it was handed).
         Only the kinds this process can run: a dispatcher without a control service (a
         `collect` process) must leave controls to one that has it."""
-        return self._runner.call(self.jobs.claim, self.engine_id, room, self._now(),
-                                 kinds=("read", *self.runners, *self.session_runners))
+        # In the bulk lane: a claim of up to CLAIM_BATCH jobs takes tens of ms, and the
+        # prefetch (claims start once half of it is free) leaves seconds of work meanwhile.
+        return self._runner.call_bulk(self.jobs.claim, self.engine_id, room, self._now(),
+                                      kinds=("read", *self.runners, *self.session_runners))
 
     def sessions_of(self, request_key: str) -> int:
         """Sessions open now for request `request_key`."""
@@ -546,8 +561,29 @@ class Dispatcher:
     def _queue_settle(self, items) -> None:
         self._in_session -= len(items)
         self._settling.extend(items)
+        if not self._few_settle_running:
+            self._settle_few()
         if not self._settle_running:
             self._settle_next()
+
+    def _settle_few(self) -> None:
+        # A request with at most ReadingWriter.FEW jobs waiting to be settled, beside one with
+        # more (waiting or being settled), is settled in a transaction of its own in the store's first lane: its caller
+        # waits for its own rows, not for a large request's batch of SETTLE_BATCH behind the
+        # bulk lane's readings.
+        waiting = Counter(item[0].request_key for item in self._settling)
+        few = {key for key, count in waiting.items()
+               if count <= ReadingWriter.FEW and key not in self._settling_keys}
+        if not few or not (set(waiting) - few or self._settling_keys):
+            return  # no larger request's batch waiting or being written: the usual way
+        batch = [item for item in self._settling if item[0].request_key in few]
+        self._settling = [item for item in self._settling if item[0].request_key not in few]
+        self._few_settle_running = True
+
+        def next_few():
+            self._few_settle_running = False
+            self._settle_few()
+        self._settle(batch, self._runner.call, next_few)
 
     def _settle_next(self) -> None:
         # At most SETTLE_BATCH jobs a transaction, taken round-robin between requests: a small
@@ -566,9 +602,14 @@ class Dispatcher:
         taken = {id(item) for item in batch}
         self._settling = [item for item in self._settling if id(item) not in taken]
         self._settle_running = bool(batch)
+        self._settling_keys = {item[0].request_key for item in batch}
         if not batch:
             return
-        settled = self._runner.call_bulk(self._decide_and_settle, batch, self._now())
+        self._settle(batch, self._runner.call_bulk, self._settle_next)
+
+    def _settle(self, batch, lane, then: Callable[[], None]) -> None:
+        """Settle `batch` in one transaction on the store's `lane`, tell the waiters, `then`."""
+        settled = lane(self._decide_and_settle, batch, self._now())
 
         def apply(result):
             if isinstance(result, Failure):
@@ -588,7 +629,7 @@ class Dispatcher:
                 for waiter in self._waiters.pop(outcome.job.id, []):
                     waiter.callback(outcome)
             self._claim()
-            self._settle_next()
+            then()
             if self.on_settled is not None:
                 self.on_settled()
         settled.addBoth(apply)

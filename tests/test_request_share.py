@@ -233,3 +233,50 @@ def test_a_small_requests_readings_are_written_in_a_batch_of_their_own_beside_a_
     assert sorted(order) == sorted([m.mrid for m in meters[:10]] + ["small"])
     assert len(store.stored_values("meter-11", PLUS_A)) == 1
     store.close()
+
+
+# -- the jobs' outcomes ------------------------------------------------------------------------
+
+@pytest_twisted.inlineCallbacks
+def test_a_small_requests_outcome_is_settled_on_its_own_ahead_of_a_large_batch(tmp_path):
+    import threading
+
+    from cimhes.engine.dispatch import RunResult
+
+    store = Store(f"sqlite:///{tmp_path / 'store.sqlite'}")
+    runner = StoreRunner(reactor, store)
+    meters = [DeviceAddress(mrid=f"meter-{i}", name=f"m{i}", device_type="idis-meter",
+                            host="127.0.21.1") for i in range(11)]
+    store.load_inventory(meters)
+    dispatcher = Dispatcher(reactor, runner, EngineSettings(), max_sessions=20,
+                            now=lambda: METER_CLOCK)
+    order: list[str] = []
+    gate = threading.Event()
+    try:
+        for key, some in (("large", meters[:10]), ("small", meters[10:])):
+            dispatcher.jobs.create_request(key, "on-demand", [NewJob(m.mrid, (PLUS_A,))
+                                                              for m in some],
+                                           priority=Priority.ON_DEMAND, max_attempts=1,
+                                           now=METER_CLOCK)
+        claimed, _ = dispatcher.jobs.claim(dispatcher.engine_id, 20, METER_CLOCK)
+        large = [job for job in claimed if job.request_key == "large"]
+        small = [job for job in claimed if job.request_key == "small"]
+        waiters = [dispatcher.wait(job.id).addCallback(
+            lambda outcome: order.append(outcome.job.request_key)) for job in claimed]
+        # The store's thread is busy, as under a large request's writes: the large request's
+        # sessions end and their batch is queued; then the small request's session ends.
+        busy = runner.call(gate.wait, 30)
+        dispatcher._in_session = len(claimed)
+        dispatcher._queue_settle([(job, RunResult(JobState.DONE), None) for job in large])
+        dispatcher._queue_settle([(job, RunResult(JobState.DONE), None) for job in small])
+        gate.set()
+        yield busy
+        yield gatherResults(waiters)
+    finally:
+        dispatcher.stop()
+        runner.stop()
+    # Without its own transaction it would have waited for the large batch written before it.
+    assert order == ["small"] + ["large"] * 10
+    states = dispatcher.jobs.states([job.id for job in claimed])
+    assert {state for state, _, _ in states.values()} == {JobState.DONE.value}
+    store.close()
