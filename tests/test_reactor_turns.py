@@ -171,3 +171,26 @@ def test_the_watch_and_the_ready_socket_bound_compose_in_either_order(watched_fi
         for pair in pairs:
             for sock in pair:
                 sock.close()
+
+
+def test_a_poll_that_returns_at_once_does_not_end_the_wait():
+    # Sockets ready: the reactor's poll returns at once (16 of them a turn, engine/ready_sockets.py)
+    # and the next turn begins; the store's thread waits on for a poll that waits.
+    fake = PollingReactor()
+    poller = fake._poller
+    turns = _in_a_turn(fake)
+    gave_way = threading.Event()
+    store = threading.Thread(target=lambda: (turns.give_way(10), gave_way.set()))
+    store.start()
+    store.join(0.2)
+    for _ in range(3):  # three turns back to back, each poll returning at once
+        poller.release.set()
+        fake._poller.poll()
+        store.join(0.1)
+        assert not gave_way.is_set()
+    waiting = threading.Thread(target=fake._poller.poll)  # this poll waits: the reactor is idle
+    waiting.start()
+    store.join(10)
+    assert gave_way.is_set()
+    poller.release.set()
+    waiting.join(10)
