@@ -39,7 +39,6 @@ from cimhes.endpoints.engine_cli import (
 )
 from cimhes.endpoints.amqp_options import add_amqp_options, amqp_settings
 from cimhes.endpoints.facade_options import add_facade_options, facade_settings
-from cimhes.endpoints.http_door import listen_http
 from cimhes.endpoints.limit_options import add_limit_options, limit_settings
 from cimhes.endpoints.push_options import (
     DEMO_PUSH_PORT,
@@ -277,10 +276,11 @@ def _run(reactor, head_end, args, meters: list[str], **extra) -> int:
         if args.tls_cert:
             from cimhes.endpoints.tls import server_options
 
-            listening = listen_http(reactor, args.port, head_end.site, host,
-                                    server_options(args.tls_cert, args.tls_key))
+            listening = reactor.listenSSL(args.port, head_end.site,
+                                          server_options(args.tls_cert, args.tls_key),
+                                          interface=host)
         else:
-            listening = listen_http(reactor, args.port, head_end.site, host)
+            listening = reactor.listenTCP(args.port, head_end.site, interface=host)
         push = listen_for_pushes(reactor, head_end, args)
     except (CannotListenError, OSError, ValueError):
         head_end.store_runner.stop()  # its thread would keep the process alive

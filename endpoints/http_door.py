@@ -208,19 +208,3 @@ class LimitedSite(Site):
         if getattr(channel, "counted", False):
             channel.counted = False
             self.open_connections -= 1
-
-
-# Connections the kernel completes and queues before the reactor accepts them. Twisted's
-# default of 50 drops the SYNs of a burst beyond it (200 callers connecting at once), and a
-# dropped SYN is sent again only after the client's 1 s retransmission timeout: a WSDL fetch
-# caught in such a burst took ~1 s (bench/README.md, "concurrent_calls.py"). The kernel caps it
-# at net.core.somaxconn (4096 on current Linux).
-HTTP_BACKLOG = 1024
-
-
-def listen_http(reactor, port: int, site, interface: str, tls_options=None):
-    """The HTTP (or, with `tls_options`, HTTPS) listening port of `site`, with HTTP_BACKLOG."""
-    if tls_options is not None:
-        return reactor.listenSSL(port, site, tls_options, backlog=HTTP_BACKLOG,
-                                 interface=interface)
-    return reactor.listenTCP(port, site, backlog=HTTP_BACKLOG, interface=interface)
