@@ -138,17 +138,9 @@ class GetMeterReadingsDoor:
             outcome = ReadOutcome(errors=[arrival.refusal], devices_asked=asked)
         elif request.header.async_reply:
             # Owed before it is acknowledged (pending_reply): a restart re-runs it (`_resumed`).
-            header = request.header
-            try:
-                reply_id = yield self._owed.add(
-                    noun=NOUN, request_id=logged, reply_address=header.reply_address,
-                    correlation_id=header.correlation_id or header.message_id,
-                    request_xml=etree.tostring(element, encoding="unicode"), progress={})
-            except BaseException:
-                admitted.release()
-                raise
-            self._owed.carry(reply_id, header.correlation_id or header.message_id,
-                             lambda: self._read_then_reply(request, logged, admitted))
+            yield self._owed.owe(NOUN, request.header, logged, admitted,
+                                 etree.tostring(element, encoding="unicode"),
+                                 lambda: self._read_then_reply(request, logged, admitted))
             ack = Error(code=ErrorCode.ACKNOWLEDGED, level=ErrorLevel.INFORM,
                         reason="request accepted; the outcome will be sent to the ReplyAddress "
                                "with this CorrelationID")

@@ -122,6 +122,23 @@ class OwedReplies:
         return self._runner.call(pending_replies.add, self._runner.store, now=self._now(),
                                  owner=self.owner, lease=self._lease, **row)
 
+    @inlineCallbacks
+    def owe(self, noun: str, header, logged: int, admitted, request_xml: str,
+            work: Callable[[], Deferred]):
+        """An asynchronous request's reply, owed before it is acknowledged: its row is added
+        (`admitted` released if that fails), `work` carried for it (a restart re-runs the
+        request from `request_xml`), and the Deferred fires once the row is stored."""
+        correlation_id = header.correlation_id or header.message_id
+        try:
+            reply_id = yield self.add(noun=noun, request_id=logged,
+                                      reply_address=header.reply_address,
+                                      correlation_id=correlation_id, request_xml=request_xml,
+                                      progress={})
+        except BaseException:
+            admitted.release()
+            raise
+        self.carry(reply_id, correlation_id, work)
+
     def carry(self, reply_id: int, correlation_id: str | None, work: Callable[[], Deferred]):
         """Run ``work()`` (Deferred[bool]: the outcome built and posted, whether the
         ReplyAddress took it) for row `reply_id`, then settle the row: sent, or a failed round

@@ -13,6 +13,8 @@ from cimhes.engine.reactor_turns import FIRST_LANE_BUDGET, ReactorTurns
 from cimhes.engine.ready_sockets import bound_events_per_turn
 from cimhes.engine.store import Store, StoreRunner
 
+from .test_ready_sockets import Reader
+
 
 class Poller:
     """A reactor's poller whose poll returns when the test lets it."""
@@ -123,26 +125,6 @@ def test_the_budget_is_per_turn():
     fake._poller.poll()  # the reactor polled and began another turn
     turns.before_work(bulk=False)
     assert turns.waits == 0
-
-
-class Reader:
-    """A socket with data waiting: doRead drains it and says so."""
-
-    def __init__(self, served: list, sock: socket.socket) -> None:
-        self.served, self.sock = served, sock
-
-    def fileno(self) -> int:
-        return self.sock.fileno()
-
-    def doRead(self) -> None:
-        self.sock.recv(100)
-        self.served.append(self)
-
-    def logPrefix(self) -> str:
-        return "Reader"
-
-    def connectionLost(self, reason) -> None:
-        pass
 
 
 @pytest.mark.parametrize("watched_first", [True, False])
