@@ -340,6 +340,9 @@ class Dispatcher:
 
             def got(result):
                 jobs, next_due = result
+                if self._stopped:
+                    self._give_back(jobs)
+                    return
                 for job in jobs:
                     self._queue.push(job)
                 if next_due is not None and next_due > self._now():  # one of them is due later
@@ -380,6 +383,9 @@ class Dispatcher:
 
         def got(result):
             jobs, next_due = result
+            if self._stopped:
+                self._give_back(jobs)
+                return False
             for job in jobs:
                 self._queue.push(job)
             # A job due later sets the timer; one due now that did not fit is claimed once
@@ -398,6 +404,15 @@ class Dispatcher:
                 self._claim(force=self._wanted_claim)
             return None
         claimed.addCallback(got).addBoth(done)
+
+    def _give_back(self, jobs) -> None:
+        """Jobs a claim brought after `stop`: queued again for whichever engine runs next
+        (the claim was in the store's queue when the dispatcher stopped)."""
+        if not jobs:
+            return
+        released = self._runner.call(self.jobs.release, self.engine_id, [j.id for j in jobs])
+        released.addErrback(lambda f: log.error("giving back %d jobs claimed after the stop "
+                                                "failed: %s", len(jobs), redaction.log_line(f)))
 
     def _claim_call(self, room: int) -> Deferred:
         """Deferred[(jobs, next due)]: the store's claim (a fed engine claims what it was handed).

@@ -253,6 +253,16 @@ class JobStore:
             result = session.execute(query.values(state=JobState.QUEUED.value, claimed_by=None))
             return result.rowcount
 
+    def release(self, engine_id: str, job_ids: Iterable[int]) -> int:
+        """Jobs `job_ids`, claimed by `engine_id` and not begun, back to queued; how many (a
+        claim whose answer reached a dispatcher that had stopped meanwhile)."""
+        with self._session.begin() as session:
+            result = session.execute(update(JobRecord).where(
+                JobRecord.id.in_(list(job_ids)), JobRecord.claimed_by == engine_id,
+                JobRecord.state == JobState.RUNNING.value).values(
+                state=JobState.QUEUED.value, claimed_by=None))
+            return result.rowcount
+
     def claim(self, engine_id: str, limit: int, now: datetime,
               only: Iterable[int] | None = None,
               kinds: Iterable[str] | None = None,

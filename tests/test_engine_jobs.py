@@ -367,3 +367,34 @@ def test_a_collection_reads_only_what_the_meters_did_not_push(engine):
             pushed[gappy.mrid])
         assert len(store.stored_values(silent.mrid, reading_type)) == 96
         assert {v for _, v in store.stored_values(whole.mrid, reading_type)} == {Decimal(7)}
+
+
+@pytest_twisted.inlineCallbacks
+def test_a_claim_answered_after_the_stop_gives_its_jobs_back(engine):
+    fleet, make_dispatcher, store, runner = engine
+    _, devices = fleet(3)
+    dispatcher = make_dispatcher()
+    dispatcher.stop()  # not claiming on its own any more (its poll and timers are off)
+    dispatcher._stopped = False  # noqa: SLF001  (as if the stop came while a claim was out)
+    now = datetime.now(timezone.utc)
+    ids, _ = yield runner.call(dispatcher.jobs.create_request, "late", "schedule",
+                               [NewJob(d.mrid, (PLUS_A,)) for d in devices],
+                               priority=Priority.SCHEDULED, max_attempts=1, now=now)
+    dispatcher.wake()  # the claim goes to the store's queue ...
+    dispatcher.stop()  # ... and the dispatcher stops before its answer comes
+
+    def states():
+        from sqlalchemy import select
+        with store._session.begin() as session:  # noqa: SLF001
+            return [(state, by, started is not None) for state, by, started in session.execute(
+                select(JobRecord.state, JobRecord.claimed_by, JobRecord.started_at)
+                .where(JobRecord.id.in_(ids))).all()]
+    # Claimed (started_at set by the claim), then queued again with nobody holding them.
+    queued = [(JobState.QUEUED.value, None, True)] * len(ids)
+    for _ in range(300):
+        found = yield runner.call(states)
+        if sorted(found) == queued:
+            break
+        yield task.deferLater(reactor, 0.01, lambda: None)
+    assert sorted(found) == queued  # not left running for an engine that has stopped
+    assert dispatcher.sessions_started == 0
