@@ -9,8 +9,6 @@ CorrelationID. A request whose runs were interrupted as often as `--reply-max-in
 allows is answered FAILED 5.3 "interrupted" instead of being run again."""
 from __future__ import annotations
 
-import signal
-import sqlite3
 import subprocess
 from datetime import datetime, timedelta, timezone
 
@@ -38,6 +36,7 @@ from cimhes.fixtures.fleet import start_fleet, write_inventory
 from .credentials import zeep_client
 from .schemas import assert_valid_everywhere
 from .test_cli import CIMHES, _start, _stop
+from .test_controls_async_restart import _killed, _rows
 
 PLUS_A = "0.0.0.1.1.1.12.0.0.0.0.0.0.0.0.3.72.0"
 METER = 5335 + 70
@@ -92,17 +91,6 @@ def mdm():
     receiver.base = f"http://127.0.7.1:{port.getHost().port}"
     yield receiver
     pytest_twisted.blockon(port.stopListening())
-
-
-def _rows(db, query):
-    with sqlite3.connect(db) as connection:
-        return connection.execute(query).fetchall()
-
-
-def _killed(process) -> str:
-    process.send_signal(signal.SIGKILL)
-    process.wait(timeout=10)
-    return process.stderr.read()
 
 
 def _header(mdm, noun, correlation, reply):
