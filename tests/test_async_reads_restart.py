@@ -132,7 +132,10 @@ async def test_async_readings_and_events_owed_at_a_sigkill_reach_the_mdm_after_t
         tmp_path, mdm):
     # Every DLMS answer of the meter takes 1.5 s: a read is still under way at the kill.
     fleet = start_fleet(reactor, 1, clock=now, base_index=METER, port=0, response_delay=1.5)
-    power_down_at = (now() - timedelta(hours=2)).replace(microsecond=0)
+    # At half past a minute, and asked for over 20 s around it: the simulated meters' own
+    # history (fixtures/meter_model.py: whole minutes, e.g. power quality at 18:00 + k min on
+    # some days) never falls in, whatever the time of day the test runs.
+    power_down_at = (now() - timedelta(hours=2)).replace(second=30, microsecond=0)
     fleet.state(METER).record(EVENT_LOGS["standard"].obis, power_down_at, 1)
     processes = []
     try:
@@ -151,7 +154,8 @@ async def test_async_readings_and_events_owed_at_a_sigkill_reach_the_mdm_after_t
         ack = await deferToThread(_ask_readings, ready["base_url"], mdm, mrid, "corr-readings")
         assert ack.Reply.Result == "OK" and [e.code for e in ack.Reply.Error] == ["0.3"]
         ack = await deferToThread(_ask_events, ready["base_url"], mdm, mrid, "corr-events",
-                                  now() - timedelta(days=1), now())
+                                  power_down_at - timedelta(seconds=10),
+                                  power_down_at + timedelta(seconds=10))
         assert ack.Reply.Result == "OK" and [e.code for e in ack.Reply.Error] == ["0.3"]
 
         # Killed while the meter is being read: nothing posted, both replies owed.
